@@ -1,0 +1,3 @@
+from minpro_cli.cli import main
+
+main()

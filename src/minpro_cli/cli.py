@@ -1,0 +1,139 @@
+"""The `minpro` command: parse arguments, load the recipe, call a stage. Nothing else."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.table import Table
+
+from minpro_cli.config import Recipe, load_recipe
+from minpro_cli.console import console
+from minpro_cli.errors import MinproError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="RL post-training with the MinPRO objective.")
+
+RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/quickstart.yaml")]
+OverridesArg = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. optim.lr=3e-5")]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def user_errors(fn: F) -> F:
+    """Turn MinproError into one red line and exit code 2; Ctrl-C into a resume hint."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except MinproError as exc:
+            console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True, markup=False if "[" in str(exc) else True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("interrupted: finished outputs and checkpoints are intact; rerun the same command to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _recipe(path: Path, overrides: list[str] | None) -> Recipe:
+    return load_recipe(path, overrides or [])
+
+
+@app.command()
+@user_errors
+def rollout(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Sample responses to training problems, score them, write a rollouts parquet file."""
+    from minpro_cli.collect import run_rollout
+
+    run_rollout(_recipe(recipe, overrides))
+
+
+@app.command()
+@user_errors
+def train(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Update the policy: an online rollout → update loop, or on stored rollouts (train.rollouts)."""
+    from minpro_cli.train import run_train
+
+    run_train(_recipe(recipe, overrides))
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    policy: Annotated[str | None, typer.Option(help="checkpoint directory (default: eval.policy / model.path)")] = None,
+    output: Annotated[Path | None, typer.Option(help="JSON output path")] = None,
+) -> None:
+    """pass@1 and pass@k of a checkpoint on the eval split."""
+    from minpro_cli.eval import run_eval
+
+    loaded = _recipe(recipe, overrides)
+    if policy is not None:
+        loaded.eval.policy = policy
+    run_eval(loaded, output)
+
+
+@app.command("inspect-ratios")
+@user_errors
+def inspect_ratios(
+    rollouts: Annotated[str, typer.Argument(help="parquet file, directory of them, or glob")],
+    policy: Annotated[str, typer.Option(help="checkpoint to score the rollouts with")],
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 64,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="run model code shipped with the checkpoint")] = False,
+) -> None:
+    """Statistics of ρ_t, ρ̲_t, ρ̲_t·ρ_t and ρ_1:t of saved rollouts against a policy."""
+    from minpro_cli.modeling import load_policy
+    from minpro_cli.ratios import inspect_ratios as run
+
+    run(rollouts, load_policy(policy, trust_remote_code=trust_remote_code), batch_size, json_path)
+
+
+@app.command()
+@user_errors
+def plugins() -> None:
+    """List installed objectives, verifiers and samplers and the package providing each."""
+    from minpro_cli.registry import KINDS, discover
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = {kind: discover(kind) for kind in KINDS}
+    for kind in KINDS:
+        table = Table(title=f"minpro.{kind}")
+        for column in ("name", "package", "status", "target"):
+            table.add_column(column)
+        for name, entry in sorted(found[kind].items()):
+            try:
+                entry.load()
+                status = "[green]ok[/green]"
+            except MinproError as exc:
+                status = f"[red]broken: {exc}[/red]"
+            table.add_row(name, entry.package, status, entry.value)
+        console.print(table)
+    for w in caught:
+        console.print(f"[yellow]warning:[/yellow] {w.message}")
+
+
+def main() -> None:
+    app(prog_name="minpro")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

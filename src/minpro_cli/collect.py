@@ -1,0 +1,140 @@
+"""`minpro rollout`: problems × group size → responses → rewards → rollouts parquet."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from minpro_cli.config import Recipe, dump_recipe
+from minpro_cli.console import console, progress_bar
+from minpro_cli.fileio import write_yaml_atomic
+from minpro_cli.modeling import Policy, load_policy, model_fingerprint, tokenizer_fingerprint
+from minpro_cli.rollouts import write_rollouts
+from minpro_cli.samplers import Sampler
+from minpro_cli.tasks import Problem, load_problems, render_prompt
+from minpro_cli.verifiers import Verifier
+
+PROMPTS_PER_CHUNK = 64  # progress granularity; each chunk gets its own derived seed
+
+
+@dataclass
+class SamplingJob:
+    """Everything needed to sample and score one rollout batch, whatever stage asks."""
+
+    policy: Policy
+    sampler: Sampler
+    sampler_name: str
+    verifier: Verifier
+    verifier_name: str
+    prompt_template: str
+    policy_version: int = 0
+
+
+def sample_rows(
+    job: SamplingJob, problems: list[Problem], group_size: int, seed: int, label: str = "sampling"
+) -> tuple[list[dict[str, Any]], float]:
+    """Rows in the rollout schema for `group_size` responses per problem, and tokens/s."""
+    tok = job.policy.tokenizer
+    fingerprints = (model_fingerprint(job.policy.model), tokenizer_fingerprint(tok))
+    prompt_ids = [tok.encode(render_prompt(job.prompt_template, p), add_special_tokens=False) for p in problems]
+    rows: list[dict[str, Any]] = []
+    n_tokens, started = 0, time.perf_counter()
+    with progress_bar(label, total=len(problems) * group_size) as bar:
+        for chunk_index, start in enumerate(range(0, len(problems), PROMPTS_PER_CHUNK)):
+            chunk = list(range(start, min(start + PROMPTS_PER_CHUNK, len(problems))))
+            chunk_seed = seed * 1_000_003 + chunk_index
+            expanded = [prompt_ids[i] for i in chunk for _ in range(group_size)]
+            generations = job.sampler.generate(job.policy, expanded, seed=chunk_seed)
+            for offset, gen in enumerate(generations):
+                problem = problems[chunk[offset // group_size]]
+                response = tok.decode(gen.token_ids, skip_special_tokens=True)
+                result = job.verifier(response, problem.answer)
+                n_tokens += len(gen.token_ids)
+                rows.append(
+                    {
+                        "prompt_id": problem.id,
+                        "sample_index": offset % group_size,
+                        "prompt": render_prompt(job.prompt_template, problem),
+                        "response": response,
+                        "prompt_token_ids": expanded[offset],
+                        "response_token_ids": gen.token_ids,
+                        "behavior_logprobs": gen.logprobs,
+                        "reference_answer": problem.answer,
+                        "reward": result.reward,
+                        "verifier": job.verifier_name,
+                        "verifier_details": json.dumps(result.details),
+                        "finish_reason": gen.finish_reason,
+                        "policy_version": job.policy_version,
+                        "model_fingerprint": fingerprints[0],
+                        "tokenizer_fingerprint": fingerprints[1],
+                        "sampler": job.sampler_name,
+                        "temperature": job.sampler.temperature,
+                        "top_p": job.sampler.top_p,
+                        "top_k": job.sampler.top_k,
+                        "seed": chunk_seed,
+                    }
+                )
+            bar.advance(len(generations))
+    return rows, n_tokens / max(time.perf_counter() - started, 1e-9)
+
+
+def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean reward, response length, truncation and the share of groups with no signal."""
+    groups: dict[str, set[float]] = {}
+    for r in rows:
+        groups.setdefault(r["prompt_id"], set()).add(r["reward"])
+    n = max(len(rows), 1)
+    return {
+        "reward_mean": sum(r["reward"] for r in rows) / n,
+        "response_length_mean": sum(len(r["response_token_ids"]) for r in rows) / n,
+        "truncated_frac": sum(r["finish_reason"] == "length" for r in rows) / n,
+        "zero_advantage_group_frac": sum(len(v) == 1 for v in groups.values()) / max(len(groups), 1),
+    }
+
+
+def sampling_job(recipe: Recipe, policy: Policy) -> SamplingJob:
+    return SamplingJob(
+        policy=policy,
+        sampler=recipe.plugin("samplers"),
+        sampler_name=recipe.sampler.name,
+        verifier=recipe.plugin("verifiers"),
+        verifier_name=recipe.verifier.name,
+        prompt_template=recipe.data.prompt_template,
+    )
+
+
+def load_recipe_policy(recipe: Recipe, path: str | None = None) -> Policy:
+    return load_policy(
+        path or recipe.model.path,
+        dtype=recipe.model.dtype,
+        trust_remote_code=recipe.model.trust_remote_code,
+        device=recipe.model.device,
+    )
+
+
+def load_split(recipe: Recipe, split: str) -> list[Problem]:
+    d = recipe.data
+    return load_problems(getattr(d, split), d.question_field, d.answer_field, d.id_field)
+
+
+def run_rollout(recipe: Recipe) -> Path:
+    policy = load_recipe_policy(recipe)
+    problems = load_split(recipe, "train")[: recipe.rollout.num_prompts]
+    rows, tokens_per_s = sample_rows(sampling_job(recipe, policy), problems, recipe.rollout.group_size, recipe.seed)
+    out = recipe.run_path(recipe.rollout.output)
+    write_rollouts(out, rows, dump_recipe(recipe))
+    write_yaml_atomic(out.with_suffix(".config.yaml"), dump_recipe(recipe))
+    stats = summarize_rows(rows) | {"tokens_per_s": tokens_per_s}
+    table = Table(title=f"rollout → {out}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("responses", str(len(rows)))
+    for key, value in stats.items():
+        table.add_row(key, f"{value:.3f}" if key != "tokens_per_s" else f"{value:.0f}")
+    console.print(table)
+    return out

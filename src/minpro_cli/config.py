@@ -1,0 +1,162 @@
+"""Pydantic models shared by every stage, YAML recipes and dotted command-line overrides.
+
+One recipe file configures all stages; each stage reads the sections it needs. Unknown
+keys and wrong types are errors that name the key and the recipe file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from minpro_cli.errors import ConfigError, PluginError
+from minpro_cli.registry import Kind, format_validation_error, load_plugin
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field("embedded", description="local checkpoint directory, or 'embedded'")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = Field(False, description="run model code shipped with the checkpoint")
+
+
+class DataConfig(Section):
+    train: str = "embedded:arith-train"
+    eval: str = "embedded:arith-test"
+    prompt_template: str = Field("{question}\n", description="'{question}' is replaced by the problem")
+    id_field: str = "id"
+    question_field: str = "question"
+    answer_field: str = "answer"
+
+
+class PluginRef(Section):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RolloutConfig(Section):
+    num_prompts: int = Field(64, ge=1, description="problems taken from data.train")
+    group_size: int = Field(8, ge=1, description="responses per problem")
+    output: str = Field("rollouts.parquet", description="relative to run_dir unless absolute")
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-4, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class TrainConfig(Section):
+    iterations: int = Field(20, ge=1, description="rounds of rollout → update")
+    staleness: int = Field(0, ge=0, description="round r samples with the weights of round r − staleness")
+    prompts_per_iteration: int = Field(32, ge=1)
+    group_size: int = Field(8, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over each round's rollouts")
+    minibatches: int = Field(1, ge=1, description="optimizer steps per pass")
+    rollouts: str | None = Field(None, description="train on stored rollouts instead of sampling")
+    normalize_advantage_std: bool = True
+    checkpoint_every: int = Field(5, ge=1, description="rounds between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class EvalConfig(Section):
+    policy: str | None = Field(None, description="checkpoint to evaluate; default model.path")
+    n_samples: int = Field(4, ge=1, description="samples per problem")
+    k: list[int] = Field(default_factory=lambda: [1], description="pass@k values to report")
+    max_problems: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> EvalConfig:
+        bad = [k for k in self.k if not 1 <= k <= self.n_samples]
+        if bad:
+            raise ValueError(f"every k must be in [1, n_samples={self.n_samples}], got {bad}")
+        return self
+
+
+class Recipe(Section):
+    run_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampler: PluginRef = Field(default_factory=lambda: PluginRef(name="hf"))
+    verifier: PluginRef = Field(default_factory=lambda: PluginRef(name="math"))
+    objective: PluginRef = Field(default_factory=lambda: PluginRef(name="minpro"))
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def plugin(self, kind: Kind) -> Any:
+        ref: PluginRef = getattr(self, kind[:-1])
+        return load_plugin(kind, ref.name, ref.options)
+
+    def run_path(self, relative: str) -> Path:
+        path = Path(relative)
+        return path if path.is_absolute() else Path(self.run_dir) / path
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`optim.lr=3e-5` → ("optim.lr", 3e-5); the value is read as YAML (numbers, bools, lists)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' is not KEY=VALUE (for example optim.lr=3e-5)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_recipe(path: Path | None, overrides: list[str] | None = None) -> Recipe:
+    source = str(path) if path is not None else "defaults"
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"recipe not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    overridden = []
+    for text in overrides or []:
+        key, value = parse_override(text)
+        set_dotted(data, key, value)
+        overridden.append(key)
+    where = source + (f" (with overrides {', '.join(overridden)})" if overridden else "")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {format_validation_error(exc)}") from None
+    for kind in ("objectives", "verifiers", "samplers"):
+        try:
+            recipe.plugin(kind)  # validates the plugin's own options now, not mid-run
+        except PluginError as exc:
+            raise ConfigError(f"{where}: {kind[:-1]}: {exc}") from None
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> dict[str, Any]:
+    return recipe.model_dump(mode="json")

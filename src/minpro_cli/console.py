@@ -1,0 +1,61 @@
+"""Terminal output: one rich console, nestable progress bars and warnings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+_active: list[Progress] = []  # rich allows one live display: nested bars join the outer one
+
+
+@dataclass
+class Bar:
+    progress: Progress
+    task: TaskID
+
+    def advance(self, n: int = 1, info: str | None = None) -> None:
+        self.progress.update(self.task, advance=n, **({"info": info} if info is not None else {}))
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator[Bar]:
+    if _active:
+        progress = _active[-1]
+        task = progress.add_task(description, total=total, info="")
+        try:
+            yield Bar(progress, task)
+        finally:
+            progress.remove_task(task)
+        return
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+    )
+    with progress:
+        _active.append(progress)
+        try:
+            yield Bar(progress, progress.add_task(description, total=total, info=""))
+        finally:
+            _active.pop()
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {message}")

@@ -1,0 +1,28 @@
+"""User-facing errors: the CLI prints their message on one line and exits non-zero."""
+
+
+class MinproError(Exception):
+    """An error caused by the user's input (config, files, checkpoints), not a bug.
+
+    The message must name the culprit (key, file, row) and say what to do.
+    """
+
+
+class ConfigError(MinproError):
+    pass
+
+
+class RolloutFileError(MinproError):
+    pass
+
+
+class CheckpointError(MinproError):
+    pass
+
+
+class PluginError(MinproError):
+    pass
+
+
+class TrainingDivergedError(MinproError):
+    pass

@@ -1,0 +1,109 @@
+"""Plugin discovery through entry points, for built-ins and third-party packages alike.
+
+Groups: `minpro.objectives`, `minpro.verifiers`, `minpro.samplers`. Each entry point names
+a Pydantic model class: its fields are the plugin's options, and an instance is the
+configured plugin (callable objective / verifier, sampler with `generate`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from minpro_cli.errors import PluginError
+
+Kind = Literal["objectives", "verifiers", "samplers"]
+KINDS: tuple[Kind, ...] = ("objectives", "verifiers", "samplers")
+OWN_PACKAGE = "minpro"
+
+
+@dataclass(frozen=True)
+class PluginEntry:
+    kind: Kind
+    name: str
+    value: str  # "module:attr"
+    package: str
+
+    def load(self) -> type[BaseModel]:
+        try:
+            cls = _entry_point(self).load()
+        except Exception as exc:  # any import-time failure of a plugin is the plugin's, not ours
+            raise PluginError(
+                f"{self.kind[:-1]} plugin '{self.name}' from package '{self.package}' failed to import "
+                f"({type(exc).__name__}: {exc}); reinstall or uninstall that package"
+            ) from exc
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            raise PluginError(
+                f"{self.kind[:-1]} plugin '{self.name}' from package '{self.package}' points at "
+                f"{self.value}, which is not a Pydantic model class"
+            )
+        return cls
+
+
+def _entry_point(entry: PluginEntry) -> EntryPoint:
+    return EntryPoint(name=entry.name, value=entry.value, group=f"minpro.{entry.kind}")
+
+
+def discover(kind: Kind) -> dict[str, PluginEntry]:
+    """Installed plugins of one kind. A name registered twice keeps the built-in (or the first
+    package seen) and warns, naming both packages: a plugin never silently replaces another."""
+    found: dict[str, PluginEntry] = {}
+    eps = sorted(entry_points(group=f"minpro.{kind}"), key=lambda ep: _package(ep) != OWN_PACKAGE)
+    for ep in eps:
+        entry = PluginEntry(kind=kind, name=ep.name, value=ep.value, package=_package(ep))
+        if ep.name in found:
+            if found[ep.name].value != entry.value:
+                warnings.warn(
+                    f"{kind[:-1]} '{ep.name}' from package '{entry.package}' is ignored: the name "
+                    f"is already provided by '{found[ep.name].package}'",
+                    stacklevel=2,
+                )
+            continue
+        found[ep.name] = entry
+    return found
+
+
+def _package(ep: EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.name if dist is not None else "?"
+
+
+def load_plugin(kind: Kind, name: str, options: dict[str, Any] | None = None) -> Any:
+    """Instantiate plugin `name` with validated options; errors name the plugin and option."""
+    available = discover(kind)
+    if name not in available:
+        known = ", ".join(sorted(available)) or "none installed"
+        raise PluginError(f"unknown {kind[:-1]} '{name}'; installed: {known}")
+    cls = available[name].load()
+    try:
+        return cls(**(options or {}))
+    except ValidationError as exc:
+        raise PluginError(f"bad options for {kind[:-1]} '{name}': {format_validation_error(exc)}") from None
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line per problem: `dotted.key: message`."""
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'")
+        else:
+            parts.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(parts)
+
+
+def load_objective(name: str, **options: Any) -> Any:
+    return load_plugin("objectives", name, options)
+
+
+def load_verifier(name: str, **options: Any) -> Any:
+    return load_plugin("verifiers", name, options)
+
+
+def load_sampler(name: str, **options: Any) -> Any:
+    return load_plugin("samplers", name, options)

@@ -1,0 +1,304 @@
+"""`minpro train`: rounds of (rollout → GRPO advantages → policy updates with the objective).
+
+The update step (`update_policy`) is a function of a model, an optimizer, an objective and a
+batch: no global state and no I/O, so it can be wrapped for torchrun/FSDP unchanged. All
+file I/O of the loop lives in `run_train`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minpro_cli.advantages import grpo_advantages, group_indices
+from minpro_cli.checkpoints import LoopState, StateDict, latest_checkpoint, load_checkpoint_state, save_checkpoint
+from minpro_cli.collect import load_recipe_policy, load_split, sample_rows, sampling_job, summarize_rows
+from minpro_cli.config import Recipe, dump_recipe
+from minpro_cli.console import console, progress_bar, warn
+from minpro_cli.errors import RolloutFileError, TrainingDivergedError
+from minpro_cli.fileio import append_jsonl, read_jsonl, write_directory_atomic, write_jsonl_atomic, write_yaml_atomic
+from minpro_cli.modeling import Policy, pack, response_logprobs, save_policy, tokenizer_fingerprint
+from minpro_cli.objectives import ObjectiveInputs, ObjectiveOptions
+from minpro_cli.rollouts import read_rollouts, write_rollouts
+from minpro_cli.tasks import Problem
+
+PREFIX_OBJECTIVES = {"minpro", "prefix"}
+
+
+@dataclass
+class RolloutBatch:
+    """One round's training data: token ids, behaviour log-probs and advantages."""
+
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    old_logprobs: list[list[float]]
+    advantages: torch.Tensor  # (B,)
+    temperature: float
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]], normalize_std: bool) -> RolloutBatch:
+        temperatures = {round(float(r["temperature"]), 6) for r in rows}
+        if len(temperatures) != 1:
+            raise RolloutFileError(f"a training batch mixes sampling temperatures {sorted(temperatures)}")
+        rewards = torch.tensor([float(r["reward"]) for r in rows])
+        return cls(
+            prompts=[list(r["prompt_token_ids"]) for r in rows],
+            responses=[list(r["response_token_ids"]) for r in rows],
+            old_logprobs=[list(r["behavior_logprobs"]) for r in rows],
+            advantages=grpo_advantages(rewards, group_indices([r["prompt_id"] for r in rows]), normalize_std),
+            temperature=temperatures.pop(),
+        )
+
+    def select(self, index: list[int]) -> RolloutBatch:
+        return RolloutBatch(
+            prompts=[self.prompts[i] for i in index],
+            responses=[self.responses[i] for i in index],
+            old_logprobs=[self.old_logprobs[i] for i in index],
+            advantages=self.advantages[index],
+            temperature=self.temperature,
+        )
+
+
+def update_step(
+    policy: Policy,
+    optimizer: torch.optim.Optimizer,
+    objective: ObjectiveOptions,
+    batch: RolloutBatch,
+    grad_clip: float,
+) -> dict[str, float]:
+    """One optimizer step on one minibatch; raises before stepping if anything is not finite."""
+    packed = pack(batch.prompts, batch.responses, policy.pad_token_id)
+    device = next(policy.model.parameters()).device
+    logprobs, entropy = response_logprobs(policy.model, packed, batch.temperature, with_entropy=True)
+    old = torch.zeros_like(logprobs)
+    for i, lp in enumerate(batch.old_logprobs):
+        old[i, : len(lp)] = torch.tensor(lp, dtype=old.dtype)
+    mask = packed.response_mask.to(device)
+    out = objective(ObjectiveInputs(logprobs, old, batch.advantages.to(device), mask))
+    if not torch.isfinite(out.loss):
+        raise TrainingDivergedError(f"loss is {out.loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), grad_clip)
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDivergedError(f"gradient norm is {grad_norm.item()}")
+    optimizer.step()
+    assert entropy is not None
+    return {
+        "loss": out.loss.item(),
+        "grad_norm": grad_norm.item(),
+        "entropy": float(entropy[mask].mean()),
+        **out.metrics,
+    }
+
+
+def update_policy(
+    policy: Policy,
+    optimizer: torch.optim.Optimizer,
+    objective: ObjectiveOptions,
+    batch: RolloutBatch,
+    epochs: int,
+    minibatches: int,
+    grad_clip: float,
+    seed: int,
+    before_step: Callable[[], None] = lambda: None,
+) -> list[dict[str, float]]:
+    """`epochs` shuffled passes over the batch, `minibatches` optimizer steps per pass."""
+    generator = torch.Generator().manual_seed(seed)
+    n = len(batch.prompts)
+    step_metrics = []
+    policy.model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).tolist()
+        for k in range(minibatches):
+            index = order[k * n // minibatches : (k + 1) * n // minibatches]
+            if index:
+                before_step()
+                step_metrics.append(update_step(policy, optimizer, objective, batch.select(index), grad_clip))
+    policy.model.eval()
+    return step_metrics
+
+
+def reduce_metrics(step_metrics: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over the round's steps; `*_min` metrics take the minimum, `*_max` the maximum."""
+    out: dict[str, float] = {}
+    for key in step_metrics[0]:
+        values = [m[key] for m in step_metrics if not math.isnan(m[key])]
+        if not values:
+            out[key] = float("nan")
+        elif key.endswith("_min"):
+            out[key] = min(values)
+        elif key.endswith("_max"):
+            out[key] = max(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+class OnlineRounds:
+    """Round r samples `prompts_per_iteration` training problems with the weights of round
+    r − staleness (the paper's off-policy knob) and stores them as parquet in the run dir."""
+
+    def __init__(self, recipe: Recipe, policy: Policy, run_dir: Path) -> None:
+        self.recipe, self.policy, self.run_dir = recipe, policy, run_dir
+        self.problems = load_split(recipe, "train")
+        self.stale_policy = (
+            Policy(copy.deepcopy(policy.model), policy.tokenizer, policy.path) if recipe.train.staleness else policy
+        )
+        self.job = sampling_job(recipe, self.stale_policy)
+
+    def problems_for(self, round_: int) -> list[Problem]:
+        """Deterministic passes over the training split, reshuffled each pass."""
+        per_round = self.recipe.train.prompts_per_iteration
+        start, out = round_ * per_round, []
+        while len(out) < per_round:
+            pass_index, offset = divmod(start + len(out), len(self.problems))
+            order = list(range(len(self.problems)))
+            random.Random(self.recipe.seed * 7919 + pass_index).shuffle(order)
+            take = order[offset : offset + per_round - len(out)]
+            out.extend(self.problems[i] for i in take)
+        return out
+
+    def rows(self, round_: int, weights: StateDict | None, version: int) -> list[dict[str, Any]]:
+        path = self.run_dir / "rollouts" / f"round_{round_:05d}.parquet"
+        if path.exists():  # written before an interruption: same weights and seed, reuse it
+            return read_rollouts(path).to_pylist()
+        if weights is not None:
+            self.stale_policy.model.load_state_dict(weights)
+        self.job.policy_version = version
+        rows, _ = sample_rows(
+            self.job,
+            self.problems_for(round_),
+            self.recipe.train.group_size,
+            seed=self.recipe.seed * 100_003 + round_,
+            label=f"round {round_} sampling",
+        )
+        write_rollouts(path, rows, dump_recipe(self.recipe))
+        return rows
+
+
+class StoredRounds:
+    """Round r trains on the r-th chunk (cycling) of prompt groups of a stored rollout set."""
+
+    def __init__(self, recipe: Recipe, policy: Policy, spec: str) -> None:
+        table = read_rollouts(spec)
+        expected = tokenizer_fingerprint(policy.tokenizer)
+        found = set(table["tokenizer_fingerprint"].to_pylist())
+        if found != {expected}:
+            raise RolloutFileError(
+                f"{spec}: rollouts were tokenized with tokenizer {sorted(found)}, the policy's is {expected}; "
+                "train with the model that sampled them (model.path)"
+            )
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for row in table.to_pylist():
+            groups.setdefault(row["prompt_id"], []).append(row)
+        per_round = recipe.train.prompts_per_iteration
+        ordered = list(groups.values())
+        self.chunks = [sum(ordered[i : i + per_round], []) for i in range(0, len(ordered), per_round)]
+
+    def rows(self, round_: int, weights: StateDict | None, version: int) -> list[dict[str, Any]]:
+        return self.chunks[round_ % len(self.chunks)]
+
+
+def warn_truncated_sampling(rows: list[dict[str, Any]], objective: str) -> None:
+    truncated = any(float(r["top_p"]) < 1.0 or int(r["top_k"]) > 0 for r in rows)
+    if truncated and objective in PREFIX_OBJECTIVES:
+        warn(
+            f"rollouts were sampled with top-p < 1 or top-k > 0: μ is renormalised, so π_θ/μ < 1 on "
+            f"sampled tokens even on-policy, and the '{objective}' prefix weight compounds that bias; "
+            "prefer top_p=1, top_k=0"
+        )
+
+
+def run_train(recipe: Recipe) -> Path:
+    cfg, run_dir = recipe.train, Path(recipe.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_yaml_atomic(run_dir / "config.yaml", dump_recipe(recipe))
+    resume_from = latest_checkpoint(run_dir)
+    policy = load_recipe_policy(recipe, str(resume_from) if resume_from else None)
+    optimizer = torch.optim.AdamW(
+        policy.model.parameters(),
+        lr=recipe.optim.lr,
+        betas=recipe.optim.betas,
+        weight_decay=recipe.optim.weight_decay,
+    )
+    state, snapshots = LoopState(), {}
+    if resume_from is not None:
+        state, snapshots = load_checkpoint_state(resume_from, optimizer)
+        console.print(f"resuming from {resume_from} (round {state.round}, step {state.step})")
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.exists():  # drop lines of rounds after the checkpoint: they will be redone
+        write_jsonl_atomic(metrics_path, [m for m in read_jsonl(metrics_path) if m["round"] < state.round])
+
+    objective = recipe.plugin("objectives")
+    source = StoredRounds(recipe, policy, cfg.rollouts) if cfg.rollouts else OnlineRounds(recipe, policy, run_dir)
+    policy.model.eval()
+
+    def set_lr() -> None:
+        warm = min(1.0, (state.step + 1) / recipe.optim.warmup_steps) if recipe.optim.warmup_steps else 1.0
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.optim.lr * warm
+
+    def count_step() -> None:
+        set_lr()
+        state.step += 1
+
+    with progress_bar("training", total=cfg.iterations) as bar:
+        bar.advance(state.round)
+        for round_ in range(state.round, cfg.iterations):
+            started = time.perf_counter()
+            if cfg.staleness:
+                snapshots[round_] = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
+                state.snapshot_steps[round_] = state.step
+            sample_round = max(0, round_ - cfg.staleness)
+            weights = snapshots.get(sample_round) if cfg.staleness else None
+            version = state.snapshot_steps.get(sample_round, state.step) if cfg.staleness else state.step
+            rows = source.rows(round_, weights, version)
+            if round_ == state.round:
+                warn_truncated_sampling(rows, recipe.objective.name)
+            batch = RolloutBatch.from_rows(rows, cfg.normalize_advantage_std)
+            try:
+                step_metrics = update_policy(
+                    policy, optimizer, objective, batch, cfg.epochs, cfg.minibatches,
+                    recipe.optim.grad_clip, seed=recipe.seed * 100_003 + round_, before_step=count_step,
+                )
+            except TrainingDivergedError as exc:
+                last = latest_checkpoint(run_dir)
+                raise TrainingDivergedError(
+                    f"round {round_}, step {state.step}: {exc} (objective '{recipe.objective.name}', "
+                    f"lr {recipe.optim.lr}); last good checkpoint: {last or 'none'}; "
+                    "lower optim.lr or raise the objective's clipping, then rerun to resume"
+                ) from None
+            for old in [r for r in snapshots if r < round_ + 1 - cfg.staleness]:  # next round needs r+1−s
+                snapshots.pop(old)
+                state.snapshot_steps.pop(old, None)
+            state.round = round_ + 1
+            record = {
+                "round": round_,
+                "step": state.step,
+                "policy_version": min(int(r["policy_version"]) for r in rows),
+                "staleness_steps": state.step - len(step_metrics) - min(int(r["policy_version"]) for r in rows),
+                "lr": optimizer.param_groups[0]["lr"],
+                **summarize_rows(rows),
+                **reduce_metrics(step_metrics),
+                "time_s": time.perf_counter() - started,
+            }
+            append_jsonl(metrics_path, record)
+            bar.advance(1, info=f"reward {record['reward_mean']:.3f}  loss {record['loss']:+.4f}")
+            if state.round % cfg.checkpoint_every == 0 or state.round == cfg.iterations:
+                save_checkpoint(run_dir, policy, optimizer, state, snapshots, cfg.keep_checkpoints)
+
+    final = run_dir / "final"
+    write_directory_atomic(final, lambda tmp: save_policy(policy, tmp))
+    console.print(f"final weights: {final}")
+    return final
+

@@ -1,0 +1,80 @@
+"""`math` verifier: the last \\boxed{} answer, compared with the reference as mathematics.
+
+Extraction is ours (a brace-matching scan, bounded in length) so that a hostile response
+cannot feed an unbounded string to the parser; comparison is math-verify's, bounded by its
+own timeout (`signal.alarm`, which works in the main thread of a process).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from fractions import Fraction
+
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from pydantic import BaseModel, ConfigDict, Field
+
+from minpro_cli.verifiers import VerifyResult
+
+BOXED = "\\boxed{"
+PLAIN_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+
+
+def last_boxed(text: str, max_chars: int) -> str | None:
+    """Content of the last well-formed \\boxed{...}, or None; too long counts as none."""
+    start = text.rfind(BOXED)
+    while start != -1:
+        depth, i = 1, start + len(BOXED)
+        while i < len(text) and depth and i - start <= max_chars:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start + len(BOXED) : i - 1]
+        start = text.rfind(BOXED, 0, start)
+    return None
+
+
+class MathVerifier(BaseModel):
+    """Options of the `math` verifier."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: int = Field(5, ge=1, description="bound on parsing and on comparing, each")
+    max_answer_chars: int = Field(512, ge=1, description="longer boxed answers score 0")
+
+    def __call__(self, response: str, reference: str) -> VerifyResult:
+        answer = last_boxed(response, self.max_answer_chars)
+        if answer is None:
+            return VerifyResult(0.0, {"extracted": None, "failure": "no \\boxed{} answer"})
+        try:
+            correct = self._equal(answer.strip(), reference.strip())
+        except _Unparsable as exc:
+            return VerifyResult(0.0, {"extracted": answer, "failure": str(exc)})
+        except Exception as exc:  # math-verify raises many types; a bad answer must never stop a run
+            return VerifyResult(0.0, {"extracted": answer, "failure": f"verifier error: {type(exc).__name__}"})
+        details = {"extracted": answer} | ({} if correct else {"failure": "not equal to reference"})
+        return VerifyResult(1.0 if correct else 0.0, details)
+
+    def _equal(self, answer: str, reference: str) -> bool:
+        if PLAIN_NUMBER.fullmatch(answer) and PLAIN_NUMBER.fullmatch(reference):
+            # exact rational comparison: math-verify's verdict without sympy's ~40 ms per call
+            return Fraction(answer) == Fraction(reference)
+        # math-verify logs (not raises) its timeouts; keep them out of the user's terminal
+        logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+        predicted = parse(
+            f"\\boxed{{{answer}}}", extraction_config=[LatexExtractionConfig()], parsing_timeout=self.timeout_s
+        )
+        if not predicted:
+            raise _Unparsable("answer does not parse as math (or parsing timed out)")
+        gold = parse(
+            reference if BOXED in reference else f"${reference}$",
+            extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+            parsing_timeout=self.timeout_s,
+        )
+        if not gold:
+            raise _Unparsable("reference does not parse as math")
+        return bool(verify(gold, predicted, timeout_seconds=self.timeout_s))
+
+
+class _Unparsable(Exception):
+    pass
