@@ -21,16 +21,19 @@ PLAIN_NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
 def last_boxed(text: str, max_chars: int) -> str | None:
-    """Content of the last well-formed \\boxed{...}, or None; too long counts as none."""
+    """Content of the last \\boxed{...}, or None if it is unclosed or longer than max_chars.
+
+    Only the last one counts: it is the final answer, and scanning a single candidate keeps
+    the cost linear in max_chars whatever the response holds.
+    """
     start = text.rfind(BOXED)
-    while start != -1:
-        depth, i = 1, start + len(BOXED)
-        while i < len(text) and depth and i - start <= max_chars:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
+    if start == -1:
+        return None
+    depth, begin = 1, start + len(BOXED)
+    for i in range(begin, min(len(text), begin + max_chars + 1)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
         if depth == 0:
-            return text[start + len(BOXED) : i - 1]
-        start = text.rfind(BOXED, 0, start)
+            return text[begin:i]
     return None
 
 

@@ -1,0 +1,89 @@
+"""Rollout parquet files: round trip, atomic writes and clear errors on bad files."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from minpro_cli.errors import RolloutFileError
+from minpro_cli.rollouts import SCHEMA, read_rollouts, write_rollouts
+
+
+def make_row(prompt_id="p0", index=0, n=3):
+    return {
+        "prompt_id": prompt_id, "sample_index": index, "prompt": "Compute 1+1.\n", "response": "2",
+        "prompt_token_ids": [5, 6, 7], "response_token_ids": list(range(10, 10 + n)),
+        "behavior_logprobs": [-0.5] * n, "reference_answer": "2", "reward": 1.0, "verifier": "math",
+        "verifier_details": "{}", "finish_reason": "stop", "policy_version": 0, "model_fingerprint": "m",
+        "tokenizer_fingerprint": "t", "sampler": "hf", "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": 1,
+    }
+
+
+def test_round_trip_keeps_every_design_column(tmp_path):
+    path = tmp_path / "r.parquet"
+    write_rollouts(path, [make_row(), make_row(index=1, n=5)], {"seed": 3})
+    table = pq.read_table(path)  # plain pyarrow opens it
+    assert table.schema.names == SCHEMA.names
+    assert table.schema.metadata[b"minpro.schema_version"] == b"1"
+    back = read_rollouts(path).to_pylist()
+    assert back[1]["response_token_ids"] == [10, 11, 12, 13, 14]
+    assert back[1]["behavior_logprobs"] == [-0.5] * 5
+
+
+def test_directory_of_files_is_read_in_order_and_extra_columns_ignored(tmp_path):
+    write_rollouts(tmp_path / "b.parquet", [make_row("pb")], {})
+    table = pa.Table.from_pylist([make_row("pa")], schema=SCHEMA).append_column("target_logprobs", pa.array([[0.0]]))
+    pq.write_table(table.replace_schema_metadata({b"minpro.schema_version": b"1"}), tmp_path / "a.parquet")
+    rows = read_rollouts(tmp_path).to_pylist()
+    assert [r["prompt_id"] for r in rows] == ["pa", "pb"]
+    assert "target_logprobs" not in rows[0]
+
+
+def test_failed_write_leaves_nothing_at_the_final_path(tmp_path):
+    path = tmp_path / "r.parquet"
+    bad = make_row()
+    bad["reward"] = "not a number"
+    with pytest.raises(Exception):
+        write_rollouts(path, [bad], {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(RolloutFileError, match="not found.*nope.parquet"):
+        read_rollouts(tmp_path / "nope.parquet")
+
+
+def test_foreign_parquet_is_rejected(tmp_path):
+    path = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"x": [1, 2]}), path)
+    with pytest.raises(RolloutFileError, match="foreign.parquet.*not written by minpro"):
+        read_rollouts(path)
+
+
+def test_corrupt_file_is_rejected(tmp_path):
+    path = tmp_path / "r.parquet"
+    write_rollouts(path, [make_row()], {})
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(RolloutFileError, match="r.parquet.*corrupt"):
+        read_rollouts(path)
+
+
+def test_unknown_version_and_missing_column(tmp_path):
+    table = pa.Table.from_pylist([make_row()], schema=SCHEMA)
+    pq.write_table(table.replace_schema_metadata({b"minpro.schema_version": b"99"}), tmp_path / "v.parquet")
+    with pytest.raises(RolloutFileError, match="version 99"):
+        read_rollouts(tmp_path / "v.parquet")
+    dropped = table.drop_columns(["behavior_logprobs"]).replace_schema_metadata({b"minpro.schema_version": b"1"})
+    pq.write_table(dropped, tmp_path / "m.parquet")
+    with pytest.raises(RolloutFileError, match="missing column.*behavior_logprobs"):
+        read_rollouts(tmp_path / "m.parquet")
+
+
+def test_ragged_logprobs_name_the_row(tmp_path):
+    rows = [make_row(), make_row(index=1)]
+    rows[1]["behavior_logprobs"] = [-0.1]
+    table = pa.Table.from_pylist(rows, schema=SCHEMA).replace_schema_metadata({b"minpro.schema_version": b"1"})
+    pq.write_table(table, tmp_path / "r.parquet")
+    with pytest.raises(RolloutFileError, match=r"row 1 .*sample_index=1.* 1 behavior_logprobs for 3"):
+        read_rollouts(tmp_path / "r.parquet")
