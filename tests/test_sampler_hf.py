@@ -24,9 +24,11 @@ def test_logprobs_match_a_forward_pass_of_the_same_weights(policy, temperature):
     packed = pack(prompts, [g.token_ids for g in gens], policy.pad_token_id)
     with torch.no_grad():
         recomputed, _ = response_logprobs(policy.model, packed, temperature)
+    # fp32 logit noise between the cached and the full forward is scaled by 1/T
+    tolerance = 1e-4 / min(temperature, 1.0)
     for i, g in enumerate(gens):
         assert len(g.logprobs) == len(g.token_ids)
-        torch.testing.assert_close(recomputed[i, : len(g.token_ids)], torch.tensor(g.logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(recomputed[i, : len(g.token_ids)], torch.tensor(g.logprobs), atol=tolerance, rtol=0)
 
 
 def test_response_ends_at_the_first_eos(policy):

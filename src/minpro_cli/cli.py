@@ -42,7 +42,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except MinproError as exc:
-            console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True, markup=False if "[" in str(exc) else True)
+            console.print(f"error: {exc}", soft_wrap=True, markup=False, style="bold red")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("interrupted: finished outputs and checkpoints are intact; rerun the same command to resume")
@@ -115,6 +115,7 @@ def plugins() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         found = {kind: discover(kind) for kind in KINDS}
+    problems: list[str] = []
     for kind in KINDS:
         table = Table(title=f"minpro.{kind}")
         for column in ("name", "package", "status", "target"):
@@ -124,11 +125,12 @@ def plugins() -> None:
                 entry.load()
                 status = "[green]ok[/green]"
             except MinproError as exc:
-                status = f"[red]broken: {exc}[/red]"
+                status = "[red]broken[/red]"
+                problems.append(str(exc))
             table.add_row(name, entry.package, status, entry.value)
         console.print(table)
-    for w in caught:
-        console.print(f"[yellow]warning:[/yellow] {w.message}")
+    for message in [*problems, *(str(w.message) for w in caught)]:
+        console.print(f"warning: {message}", soft_wrap=True, markup=False)
 
 
 def main() -> None:

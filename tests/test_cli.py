@@ -1,0 +1,114 @@
+"""The command line: bad input gives one line naming the culprit and exit code 2."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from minpro_cli.cli import app
+from minpro_cli.registry import discover, load_objective
+
+QUICKSTART = str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    error_lines = [line for line in lines if line.startswith("error:")]
+    assert len(error_lines) == 1, result.output
+    joined = " ".join(lines)
+    for fragment in fragments:
+        assert fragment in joined, (fragment, result.output)
+
+
+def test_unknown_config_key(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("train:\n  iteratons: 3\n")
+    assert_one_line_error(invoke("train", str(recipe)), "bad.yaml", "train.iteratons")
+
+
+def test_wrong_type_in_override():
+    assert_one_line_error(invoke("rollout", QUICKSTART, "rollout.group_size=lots"), "rollout.group_size", "lots")
+
+
+def test_missing_rollout_file(tmp_path):
+    assert_one_line_error(
+        invoke("inspect-ratios", str(tmp_path / "none.parquet"), "--policy", "embedded"), "none.parquet"
+    )
+
+
+def test_foreign_parquet_in_training(tmp_path):
+    foreign = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"a": [1]}), foreign)
+    result = invoke("train", QUICKSTART, f"run_dir={tmp_path / 'run'}", f"train.rollouts={foreign}")
+    assert_one_line_error(result, "foreign.parquet", "not written by minpro")
+
+
+def test_missing_checkpoint(tmp_path):
+    result = invoke("eval", QUICKSTART, f"run_dir={tmp_path}", "--policy", str(tmp_path / "no-such-ckpt"))
+    assert_one_line_error(result, "no-such-ckpt", "checkpoint not found")
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path):
+    ckpt = tmp_path / "pickled"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "pytorch_model.bin").write_bytes(b"not loaded")
+    assert_one_line_error(invoke("eval", QUICKSTART, f"run_dir={tmp_path}", "--policy", str(ckpt)), "safetensors only")
+
+
+def test_plugins_lists_builtins_with_their_package():
+    result = invoke("plugins")
+    assert result.exit_code == 0
+    for name in ("minpro.objectives", "minpro.verifiers", "minpro.samplers", "MinPRO", "MathVerifier", "HFSampler"):
+        assert name in result.output
+
+
+def fake_distribution(root: Path, name: str, entry_points: str, module: str, source: str) -> None:
+    dist = root / f"{name}-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(entry_points)
+    (root / f"{module}.py").write_text(source)
+
+
+@pytest.fixture
+def broken_and_duplicate_plugins(tmp_path, monkeypatch):
+    fake_distribution(
+        tmp_path, "broken-plugin", "[minpro.objectives]\nexploding = broken_mod:Thing\n",
+        "broken_mod", "raise RuntimeError('kaboom at import')\n",
+    )
+    fake_distribution(
+        tmp_path, "squatter-plugin", "[minpro.objectives]\nminpro = squat_mod:Squat\n",
+        "squat_mod", "from pydantic import BaseModel\nclass Squat(BaseModel):\n    pass\n",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_broken_plugin_is_named_and_others_keep_working(broken_and_duplicate_plugins):
+    result = invoke("plugins")
+    assert result.exit_code == 0
+    assert "broken-plugin" in result.output and "kaboom at import" in result.output
+    assert "MathVerifier" in result.output and "ok" in result.output
+    result = invoke("train", QUICKSTART, "objective.name=exploding")
+    assert_one_line_error(result, "exploding", "broken-plugin", "failed to import")
+
+
+def test_duplicate_name_never_replaces_a_builtin(broken_and_duplicate_plugins):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        entries = discover("objectives")
+    assert entries["minpro"].package == "minpro"
+    assert any("squatter-plugin" in str(w.message) for w in caught)
+    assert type(load_objective("minpro")).__name__ == "MinPRO"

@@ -1,0 +1,152 @@
+"""rollout → train → eval → inspect-ratios on the embedded model, in small sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import minpro_cli.train as train_module
+from minpro_cli.collect import run_rollout
+from minpro_cli.config import load_recipe
+from minpro_cli.errors import TrainingDivergedError
+from minpro_cli.eval import pass_at_k, run_eval
+from minpro_cli.modeling import load_policy, pack, response_logprobs
+from minpro_cli.objectives import ObjectiveOptions, ObjectiveOutput
+from minpro_cli.objectives.minpro import MinPRO
+from minpro_cli.ratios import inspect_ratios
+from minpro_cli.rollouts import SCHEMA, read_rollouts
+from minpro_cli.train import RolloutBatch, run_train, update_step
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+SMALL = [
+    "rollout.num_prompts=4", "rollout.group_size=2", "sampler.options.max_new_tokens=40",
+    "train.prompts_per_iteration=4", "train.group_size=4", "train.iterations=3", "train.checkpoint_every=1",
+    "train.staleness=1", "optim.lr=1e-4", "eval.n_samples=3", "eval.k=[1,3]", "eval.max_problems=5",
+]
+
+
+def recipe(tmp_path: Path, *extra: str):
+    return load_recipe(QUICKSTART, [f"run_dir={tmp_path}", *SMALL, *extra])
+
+
+def test_rollout_file_has_design_columns_and_true_behaviour_logprobs(tmp_path, policy):
+    out = run_rollout(recipe(tmp_path))
+    table = pq.read_table(out)
+    assert set(SCHEMA.names) <= set(table.schema.names) and table.num_rows == 8
+    rows = table.to_pylist()
+    assert sorted((r["prompt_id"], r["sample_index"]) for r in rows)[:2] == [("arith-train-00000", 0), ("arith-train-00000", 1)]
+    assert all(r["top_p"] == 1.0 and r["top_k"] == 0 and r["temperature"] == 1.0 for r in rows)
+    assert all(0.0 <= r["reward"] <= 1.0 and "extracted" in json.loads(r["verifier_details"]) for r in rows)
+    packed = pack([r["prompt_token_ids"] for r in rows], [r["response_token_ids"] for r in rows], policy.pad_token_id)
+    with torch.no_grad():
+        recomputed, _ = response_logprobs(policy.model, packed)
+    for i, r in enumerate(rows):
+        torch.testing.assert_close(recomputed[i, : len(r["behavior_logprobs"])], torch.tensor(r["behavior_logprobs"]),
+                                   atol=1e-4, rtol=0)
+    assert (tmp_path / "rollouts.config.yaml").is_file()
+
+
+def test_online_loop_with_staleness_writes_everything(tmp_path):
+    final = run_train(recipe(tmp_path))
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    for key in ("loss", "reward_mean", "entropy", "grad_norm", "clip_frac", "ratio_mean", "ratio_min",
+                "min_prefix_ratio_mean", "min_prefix_ratio_min", "zero_advantage_group_frac"):
+        assert all(isinstance(m[key], float) for m in metrics), key
+    # staleness 1: round r samples with the weights of round r−1 (two optimizer steps per round)
+    versions = [read_rollouts(tmp_path / "rollouts" / f"round_{r:05d}.parquet")["policy_version"][0].as_py()
+                for r in range(3)]
+    assert versions == [0, 0, 2]
+    assert [m["staleness_steps"] for m in metrics] == [0, 2, 2]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round_00002", "round_00003"]
+    assert (tmp_path / "config.yaml").is_file()
+    plain = AutoModelForCausalLM.from_pretrained(final, use_safetensors=True)  # plain transformers loads it
+    assert sum(p.numel() for p in plain.parameters()) > 500_000
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    reference = run_train(recipe(tmp_path / "straight"))
+    real_update = train_module.update_policy
+    calls = {"n": 0}
+
+    def interrupt_on_third_round(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "update_policy", interrupt_on_third_round)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(recipe(tmp_path / "cut"))
+    assert not (tmp_path / "cut" / "final").exists()
+    monkeypatch.setattr(train_module, "update_policy", real_update)
+    resumed = run_train(recipe(tmp_path / "cut"))
+    metrics = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    a, b = load_file(str(reference / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_offline_training_on_stored_rollouts(tmp_path):
+    rollouts = run_rollout(recipe(tmp_path))
+    before = load_policy("embedded").model.state_dict()
+    final = run_train(recipe(tmp_path / "offline", f"train.rollouts={rollouts}", "train.iterations=2",
+                             "train.staleness=0"))
+    after = load_file(str(final / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+    assert not (tmp_path / "offline" / "rollouts").exists()  # nothing was sampled
+
+
+def test_eval_reports_consistent_pass_at_k(tmp_path):
+    result = run_eval(recipe(tmp_path))
+    samples = read_rollouts(tmp_path / "eval" / "embedded.samples.parquet").to_pylist()
+    assert result["n_problems"] == 5 and len(samples) == 15
+    correct: dict[str, int] = {}
+    for s in samples:
+        correct[s["prompt_id"]] = correct.get(s["prompt_id"], 0) + int(s["reward"] == 1.0)
+    expected = sum(pass_at_k(3, c, 3) for c in correct.values()) / 5
+    assert result["pass@3"] == pytest.approx(expected)
+    assert result["pass@1"] == pytest.approx(sum(s["reward"] for s in samples) / 15)
+    saved = json.loads((tmp_path / "eval" / "embedded.json").read_text())
+    assert saved["pass@1"] == result["pass@1"] and "config" in saved
+
+
+def test_inspect_ratios_on_policy_is_one_and_off_policy_is_not(tmp_path, policy):
+    rollouts = run_rollout(recipe(tmp_path))
+    on = inspect_ratios(str(rollouts), policy, json_path=tmp_path / "r.json")
+    assert on["token_ratio"]["mean"] == pytest.approx(1.0, abs=1e-4)
+    assert on["min_prefix_ratio"]["min"] == pytest.approx(1.0, abs=1e-3)
+    assert on["kl_k3"] == pytest.approx(0.0, abs=1e-6)
+    assert json.loads((tmp_path / "r.json").read_text())["n_tokens"] == on["n_tokens"]
+    drifted = load_policy("embedded")
+    with torch.no_grad():
+        for p in drifted.model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    off = inspect_ratios(str(rollouts), drifted)
+    assert off["min_prefix_ratio"]["mean"] < on["min_prefix_ratio"]["mean"] - 0.01
+    assert off["kl_k3"] > 1e-4
+
+
+class NanObjective(ObjectiveOptions):
+    def __call__(self, inputs):
+        return ObjectiveOutput(loss=(inputs.logprobs * float("nan")).sum())
+
+
+def test_nan_loss_stops_before_touching_the_weights(tmp_path):
+    policy = load_policy("embedded")
+    rows = read_rollouts(run_rollout(recipe(tmp_path))).to_pylist()
+    batch = RolloutBatch.from_rows(rows, normalize_std=True)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    with pytest.raises(TrainingDivergedError, match="loss is nan"):
+        update_step(policy, optimizer, NanObjective(), batch, grad_clip=1.0)
+    assert all(torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
+    update_step(policy, optimizer, MinPRO(), batch, grad_clip=1.0)  # a finite loss still trains
+    assert any(not torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
