@@ -1,0 +1,94 @@
+"""Rollout and training throughput of minpro on the embedded model, with peak memory.
+
+Side by side in one run:
+  * sampling: minpro's `hf` sampler (own KV-cache loop) vs transformers `model.generate`
+    with the same settings (T = 1, top-k 0, top-p 1, logits returned for log-probs);
+  * training: one forward + backward + AdamW step of the MinPRO objective over the batch.
+
+    .venv/bin/python benchmarks/throughput.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS, measure, timed  # noqa: E402
+
+from minpro_cli.modeling import load_policy, pack  # noqa: E402
+from minpro_cli.objectives.minpro import MinPRO  # noqa: E402
+from minpro_cli.samplers.hf import HFSampler  # noqa: E402
+from minpro_cli.tasks import load_problems, render_prompt  # noqa: E402
+from minpro_cli.train import RolloutBatch, update_step  # noqa: E402
+
+
+def prompts(policy) -> list[list[int]]:
+    problems = load_problems("embedded:arith-train")[:N_PROMPTS]
+    ids = [policy.tokenizer.encode(render_prompt("{question}\n", p), add_special_tokens=False) for p in problems]
+    return [p for p in ids for _ in range(GROUP_SIZE)]
+
+
+def minpro_sampling() -> tuple[float, int]:
+    policy = load_policy("embedded")
+    batch = prompts(policy)
+    sampler = HFSampler(max_new_tokens=MAX_NEW_TOKENS, batch_size=len(batch))
+    return timed(lambda: sum(len(g.token_ids) for g in sampler.generate(policy, batch, seed=0)))
+
+
+def hf_generate_sampling() -> tuple[float, int]:
+    policy = load_policy("embedded")
+    batch = prompts(policy)
+    packed = pack(batch, [[policy.pad_token_id]] * len(batch), policy.pad_token_id)
+    width = max(len(p) for p in batch)
+    ids, mask = packed.input_ids[:, :width], packed.attention_mask[:, :width]
+
+    def run() -> int:
+        torch.manual_seed(0)
+        out = policy.model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            max_new_tokens=MAX_NEW_TOKENS, output_logits=True, return_dict_in_generate=True,
+            pad_token_id=policy.pad_token_id, eos_token_id=policy.eos_token_id,
+        )
+        logits = torch.stack(out.logits, dim=1)  # what a trainer needs for behaviour log-probs
+        torch.log_softmax(logits.float(), dim=-1)
+        new = out.sequences[:, width:]
+        ended = (new == policy.eos_token_id).int().cumsum(-1)
+        return int(((ended == 0) | ((ended == 1) & (new == policy.eos_token_id))).sum())
+
+    return timed(run)
+
+
+def minpro_training() -> tuple[float, int]:
+    policy = load_policy("embedded")
+    batch = prompts(policy)
+    gens = HFSampler(max_new_tokens=MAX_NEW_TOKENS, batch_size=len(batch)).generate(policy, batch, seed=0)
+    rows = [
+        {"prompt_token_ids": p, "response_token_ids": g.token_ids, "behavior_logprobs": g.logprobs,
+         "reward": float(i % 3 == 0), "prompt_id": str(i // GROUP_SIZE), "temperature": 1.0}
+        for i, (p, g) in enumerate(zip(batch, gens))
+    ]
+    rollout = RolloutBatch.from_rows(rows, normalize_std=True)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-5)
+    policy.model.train()
+    return timed(lambda: update_step(policy, optimizer, MinPRO(), rollout, 1.0) and sum(len(g.token_ids) for g in gens))
+
+
+def main() -> None:
+    print(f"embedded model, {N_PROMPTS} prompts x {GROUP_SIZE} samples, max {MAX_NEW_TOKENS} new tokens, "
+          f"{torch.get_num_threads()} threads")
+    rows = [
+        ("sampling: minpro hf sampler", measure(minpro_sampling)),
+        ("sampling: transformers generate", measure(hf_generate_sampling)),
+        ("training: MinPRO fwd+bwd+AdamW", measure(minpro_training)),
+    ]
+    print(f"{'phase':36s} {'seconds':>8s} {'tokens':>8s} {'tokens/s':>10s} {'peak MB':>9s}")
+    for name, m in rows:
+        print(f"{name:36s} {m.seconds:8.2f} {m.tokens:8d} {m.tokens_per_s:10.0f} {m.peak_mb:9.0f}")
+    print(f"minpro sampler speed-up over generate: {rows[0][1].tokens_per_s / rows[1][1].tokens_per_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
