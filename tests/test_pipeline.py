@@ -27,7 +27,7 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 SMALL = [
     "rollout.num_prompts=4", "rollout.group_size=2", "sampler.options.max_new_tokens=40",
     "train.prompts_per_iteration=4", "train.group_size=4", "train.iterations=3", "train.checkpoint_every=1",
-    "train.staleness=1", "optim.lr=1e-4", "eval.n_samples=3", "eval.k=[1,3]", "eval.max_problems=5",
+    "train.staleness=1", "train.minibatches=2", "optim.lr=1e-4", "optim.warmup_steps=0", "eval.n_samples=3", "eval.k=[1,3]", "eval.max_problems=5",
 ]
 
 
