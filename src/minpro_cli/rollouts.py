@@ -129,8 +129,3 @@ def read_rollouts(spec: str | Path) -> pa.Table:
     """All rows of a rollout set, restricted to the known columns, in file order."""
     tables = [read_rollout_file(p).select(SCHEMA.names) for p in rollout_files(spec)]
     return pa.concat_tables(tables)
-
-
-def read_config_metadata(path: Path) -> dict[str, Any]:
-    meta = pq.ParquetFile(path).schema_arrow.metadata or {}
-    return json.loads(meta.get(CONFIG_KEY, b"{}"))

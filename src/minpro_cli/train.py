@@ -221,6 +221,7 @@ def warn_truncated_sampling(rows: list[dict[str, Any]], objective: str) -> None:
 
 def run_train(recipe: Recipe) -> Path:
     cfg, run_dir = recipe.train, Path(recipe.run_dir)
+    staleness = 0 if cfg.rollouts else cfg.staleness  # stored rollouts carry their own staleness
     run_dir.mkdir(parents=True, exist_ok=True)
     write_yaml_atomic(run_dir / "config.yaml", dump_recipe(recipe))
     resume_from = latest_checkpoint(run_dir)
@@ -256,12 +257,12 @@ def run_train(recipe: Recipe) -> Path:
         bar.advance(state.round)
         for round_ in range(state.round, cfg.iterations):
             started = time.perf_counter()
-            if cfg.staleness:
+            if staleness:
                 snapshots[round_] = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
                 state.snapshot_steps[round_] = state.step
-            sample_round = max(0, round_ - cfg.staleness)
-            weights = snapshots.get(sample_round) if cfg.staleness else None
-            version = state.snapshot_steps.get(sample_round, state.step) if cfg.staleness else state.step
+            sample_round = max(0, round_ - staleness)
+            weights = snapshots.get(sample_round) if staleness else None
+            version = state.snapshot_steps.get(sample_round, state.step) if staleness else state.step
             rows = source.rows(round_, weights, version)
             if round_ == state.round:
                 warn_truncated_sampling(rows, recipe.objective.name)
@@ -278,7 +279,7 @@ def run_train(recipe: Recipe) -> Path:
                     f"lr {recipe.optim.lr}); last good checkpoint: {last or 'none'}; "
                     "lower optim.lr or raise the objective's clipping, then rerun to resume"
                 ) from None
-            for old in [r for r in snapshots if r < round_ + 1 - cfg.staleness]:  # next round needs r+1−s
+            for old in [r for r in snapshots if r < round_ + 1 - staleness]:  # next round needs r+1−s
                 snapshots.pop(old)
                 state.snapshot_steps.pop(old, None)
             state.round = round_ + 1
