@@ -78,9 +78,14 @@ def write_directory_atomic(final: Path, fill: Callable[[Path], None]) -> None:
     try:
         fill(tmp)
         directory_done_marker(tmp).write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # move the old one aside first: a crash here still leaves one complete copy
+            retired = final.with_name(f".{final.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(final, retired)
+            os.replace(tmp, final)
+            shutil.rmtree(retired)
+        else:
+            os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -1,0 +1,23 @@
+"""Atomic directory writes: a failed write leaves the previous complete copy in place."""
+
+from __future__ import annotations
+
+import pytest
+
+from minpro_cli.fileio import directory_done_marker, write_directory_atomic
+
+
+def test_rewrite_replaces_and_failure_keeps_the_old_copy(tmp_path):
+    final = tmp_path / "final"
+    write_directory_atomic(final, lambda d: (d / "w.txt").write_text("one"))
+    write_directory_atomic(final, lambda d: (d / "w.txt").write_text("two"))
+    assert (final / "w.txt").read_text() == "two" and directory_done_marker(final).exists()
+
+    def crash(d):
+        (d / "w.txt").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_directory_atomic(final, crash)
+    assert (final / "w.txt").read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no temporary leftovers
