@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import resource
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +46,12 @@ def measure(fn: Callable[[], tuple[float, int]]) -> Measurement:
     return Measurement(*result)
 
 
-def timed(fn: Callable[[], int]) -> tuple[float, int]:
-    started = time.perf_counter()
+def timed(fn: Callable[[], int], repeats: int = 3) -> tuple[float, int]:
+    """Median seconds of `repeats` calls after one warm-up call, and the tokens of one call."""
     tokens = fn()
-    return time.perf_counter() - started, tokens
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), tokens

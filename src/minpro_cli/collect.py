@@ -8,10 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
 from minpro_cli.config import Recipe, dump_recipe
-from minpro_cli.console import console, progress_bar
+from minpro_cli.console import print_metrics, progress_bar
 from minpro_cli.fileio import write_yaml_atomic
 from minpro_cli.modeling import Policy, load_policy, model_fingerprint, tokenizer_fingerprint
 from minpro_cli.rollouts import write_rollouts
@@ -130,11 +128,6 @@ def run_rollout(recipe: Recipe) -> Path:
     write_rollouts(out, rows, dump_recipe(recipe))
     write_yaml_atomic(out.with_suffix(".config.yaml"), dump_recipe(recipe))
     stats = summarize_rows(rows) | {"tokens_per_s": tokens_per_s}
-    table = Table(title=f"rollout → {out}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("responses", str(len(rows)))
-    for key, value in stats.items():
-        table.add_row(key, f"{value:.3f}" if key != "tokens_per_s" else f"{value:.0f}")
-    console.print(table)
+    formatted = {k: f"{v:.0f}" if k == "tokens_per_s" else f"{v:.3f}" for k, v in stats.items()}
+    print_metrics(f"rollout → {out}", {"responses": str(len(rows)), **formatted})
     return out

@@ -16,6 +16,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 
 console = Console(stderr=True)
 _active: list[Progress] = []  # rich allows one live display: nested bars join the outer one
@@ -55,6 +56,16 @@ def progress_bar(description: str, total: int) -> Iterator[Bar]:
             yield Bar(progress, progress.add_task(description, total=total, info=""))
         finally:
             _active.pop()
+
+
+def print_metrics(title: str, metrics: dict[str, str]) -> None:
+    """A two-column metric / value table, values already formatted."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, value)
+    console.print(table)
 
 
 def warn(message: str) -> None:

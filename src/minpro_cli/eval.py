@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
 from minpro_cli.collect import load_recipe_policy, load_split, sample_rows, sampling_job
 from minpro_cli.config import Recipe, dump_recipe
-from minpro_cli.console import console
+from minpro_cli.console import print_metrics
 from minpro_cli.fileio import write_json_atomic
 from minpro_cli.modeling import EMBEDDED_MODEL
 from minpro_cli.rollouts import write_rollouts
@@ -56,11 +54,9 @@ def run_eval(recipe: Recipe, output: Path | None = None) -> dict[str, Any]:
     out = output or Path(recipe.run_dir) / "eval" / f"{policy_label(policy_path)}.json"
     write_json_atomic(out, {**result, "config": dump_recipe(recipe)})
     write_rollouts(out.with_suffix(".samples.parquet"), rows, dump_recipe(recipe))
-    table = Table(title=f"eval of {policy_path} on {recipe.data.eval} → {out}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in ["n_problems", "n_samples", "avg@n", *[f"pass@{k}" for k in cfg.k]]:
-        value = result[key]
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    console.print(table)
+    shown = ["n_problems", "n_samples", "avg@n", *[f"pass@{k}" for k in cfg.k]]
+    print_metrics(
+        f"eval of {policy_path} on {recipe.data.eval} → {out}",
+        {k: f"{result[k]:.4f}" if isinstance(result[k], float) else str(result[k]) for k in shown},
+    )
     return result

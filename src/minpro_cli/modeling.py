@@ -134,6 +134,14 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> P
     )
 
 
+def pad_rows(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
+    """Per-row lists right-padded with zeros into a tensor of the shape, dtype and device of `like`."""
+    out = torch.zeros_like(like)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=out.dtype)
+    return out
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Left padding must not shift positions: the first real token is position 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from minpro_cli.console import console, progress_bar, warn
 from minpro_cli.fileio import write_json_atomic
-from minpro_cli.modeling import Policy, pack, response_logprobs, tokenizer_fingerprint
+from minpro_cli.modeling import Policy, pack, pad_rows, response_logprobs, tokenizer_fingerprint
 from minpro_cli.objectives.prefix import log_min_prefix_ratio, log_prefix_ratio, log_token_ratio
 from minpro_cli.rollouts import read_rollouts
 
@@ -29,10 +29,8 @@ def log_ratios(policy: Policy, rows: list[dict[str, Any]]) -> dict[str, torch.Te
     packed = pack([r["prompt_token_ids"] for r in rows], [r["response_token_ids"] for r in rows], policy.pad_token_id)
     temperature = float(rows[0]["temperature"])
     logprobs, _ = response_logprobs(policy.model, packed, temperature)
-    old = torch.zeros_like(logprobs)
-    for i, r in enumerate(rows):
-        old[i, : len(r["behavior_logprobs"])] = torch.tensor(r["behavior_logprobs"])
-    mask = packed.response_mask
+    old = pad_rows([r["behavior_logprobs"] for r in rows], logprobs)
+    mask = packed.response_mask.to(logprobs.device)
     log_rho = log_token_ratio(logprobs, old)
     log_min = log_min_prefix_ratio(log_rho, mask)
     return {

@@ -25,7 +25,7 @@ from minpro_cli.config import Recipe, dump_recipe
 from minpro_cli.console import console, progress_bar, warn
 from minpro_cli.errors import RolloutFileError, TrainingDivergedError
 from minpro_cli.fileio import append_jsonl, read_jsonl, write_directory_atomic, write_jsonl_atomic, write_yaml_atomic
-from minpro_cli.modeling import Policy, pack, response_logprobs, save_policy, tokenizer_fingerprint
+from minpro_cli.modeling import Policy, pack, pad_rows, response_logprobs, save_policy, tokenizer_fingerprint
 from minpro_cli.objectives import ObjectiveInputs, ObjectiveOptions
 from minpro_cli.rollouts import read_rollouts, write_rollouts
 from minpro_cli.tasks import Problem
@@ -78,9 +78,7 @@ def update_step(
     packed = pack(batch.prompts, batch.responses, policy.pad_token_id)
     device = next(policy.model.parameters()).device
     logprobs, entropy = response_logprobs(policy.model, packed, batch.temperature, with_entropy=True)
-    old = torch.zeros_like(logprobs)
-    for i, lp in enumerate(batch.old_logprobs):
-        old[i, : len(lp)] = torch.tensor(lp, dtype=old.dtype)
+    old = pad_rows(batch.old_logprobs, logprobs)
     mask = packed.response_mask.to(device)
     out = objective(ObjectiveInputs(logprobs, old, batch.advantages.to(device), mask))
     if not torch.isfinite(out.loss):
@@ -283,11 +281,12 @@ def run_train(recipe: Recipe) -> Path:
                 snapshots.pop(old)
                 state.snapshot_steps.pop(old, None)
             state.round = round_ + 1
+            sampled_version = min(int(r["policy_version"]) for r in rows)
             record = {
                 "round": round_,
                 "step": state.step,
-                "policy_version": min(int(r["policy_version"]) for r in rows),
-                "staleness_steps": state.step - len(step_metrics) - min(int(r["policy_version"]) for r in rows),
+                "policy_version": sampled_version,
+                "staleness_steps": state.step - len(step_metrics) - sampled_version,
                 "lr": optimizer.param_groups[0]["lr"],
                 **summarize_rows(rows),
                 **reduce_metrics(step_metrics),

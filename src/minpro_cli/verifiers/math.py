@@ -18,6 +18,8 @@ from minpro_cli.verifiers import VerifyResult
 
 BOXED = "\\boxed{"
 PLAIN_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+# math-verify logs (not raises) its timeouts; the failure reason is in the result instead
+logging.getLogger("math_verify").setLevel(logging.CRITICAL)
 
 
 def last_boxed(text: str, max_chars: int) -> str | None:
@@ -62,8 +64,6 @@ class MathVerifier(BaseModel):
         if PLAIN_NUMBER.fullmatch(answer) and PLAIN_NUMBER.fullmatch(reference):
             # exact rational comparison: math-verify's verdict without sympy's ~40 ms per call
             return Fraction(answer) == Fraction(reference)
-        # math-verify logs (not raises) its timeouts; keep them out of the user's terminal
-        logging.getLogger("math_verify").setLevel(logging.CRITICAL)
         predicted = parse(
             f"\\boxed{{{answer}}}", extraction_config=[LatexExtractionConfig()], parsing_timeout=self.timeout_s
         )
