@@ -1,4 +1,4 @@
-"""GRPO advantages and the unbiased pass@k estimator against independent computations."""
+"""Advantage estimators and the unbiased pass@k estimator against independent computations."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import statistics
 import pytest
 import torch
 
-from minpro_cli.advantages import grpo_advantages, group_indices
+from minpro_cli.advantages import (
+    compute_advantages,
+    dr_grpo_advantages,
+    grpo_advantages,
+    group_indices,
+    rloo_advantages,
+    zero_variance_groups,
+)
 from minpro_cli.eval import pass_at_k
 
 
@@ -25,8 +32,29 @@ def test_grpo_advantages_match_per_group_statistics():
 
 
 def test_dr_grpo_advantages_are_only_centered():
-    adv = grpo_advantages(torch.tensor([1.0, 0.0, 0.0]), group_indices(["a"] * 3), normalize_std=False)
+    adv = dr_grpo_advantages(torch.tensor([1.0, 0.0, 0.0]), group_indices(["a"] * 3))
     assert adv.tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3])
+
+
+def test_rloo_subtracts_the_mean_of_the_other_responses():
+    rewards = [1.0, 0.0, 0.5, 0.25, 3.0, 1.0, 7.0]
+    prompts = ["a", "a", "a", "a", "b", "b", "c"]
+    adv = rloo_advantages(torch.tensor(rewards, dtype=torch.float64), group_indices(prompts)).tolist()
+    expected = []
+    for i, (r, p) in enumerate(zip(rewards, prompts)):
+        others = [rewards[j] for j in range(len(rewards)) if prompts[j] == p and j != i]
+        expected.append(r - statistics.mean(others) if others else 0.0)
+    assert adv == pytest.approx(expected)  # a group of one (c) has no baseline: 0
+
+
+def test_estimators_by_name_and_zero_variance_groups():
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    group = group_indices(["a", "a", "b", "b", "c", "c"])
+    assert zero_variance_groups(rewards, group).tolist() == [True, False, True]
+    for name, fn in [("grpo", grpo_advantages), ("dr_grpo", dr_grpo_advantages), ("rloo", rloo_advantages)]:
+        adv = compute_advantages(name, rewards, group)
+        assert torch.equal(adv, fn(rewards, group))
+        assert adv[[0, 1, 4, 5]].abs().max() == 0.0  # equal rewards: no signal under any estimator
 
 
 def test_group_indices_follow_first_appearance():

@@ -21,7 +21,7 @@ from minpro_cli.objectives import ObjectiveOptions, ObjectiveOutput
 from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.ratios import inspect_ratios
 from minpro_cli.rollouts import SCHEMA, read_rollouts
-from minpro_cli.train import RolloutBatch, run_train, update_step
+from minpro_cli.train import run_train, training_batch, update_step
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 SMALL = [
@@ -57,7 +57,7 @@ def test_online_loop_with_staleness_writes_everything(tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [0, 1, 2]
     for key in ("loss", "reward_mean", "entropy", "grad_norm", "clip_frac", "ratio_mean", "ratio_min",
-                "min_prefix_ratio_mean", "min_prefix_ratio_min", "zero_advantage_group_frac"):
+                "min_prefix_ratio_mean", "min_prefix_ratio_min", "zero_variance_group_frac"):
         assert all(isinstance(m[key], float) for m in metrics), key
     # staleness 1: round r samples with the weights of round r−1 (two optimizer steps per round)
     versions = [read_rollouts(tmp_path / "rollouts" / f"round_{r:05d}.parquet")["policy_version"][0].as_py()
@@ -142,7 +142,7 @@ class NanObjective(ObjectiveOptions):
 def test_nan_loss_stops_before_touching_the_weights(tmp_path):
     policy = load_policy("embedded")
     rows = read_rollouts(run_rollout(recipe(tmp_path))).to_pylist()
-    batch = RolloutBatch.from_rows(rows, normalize_std=True)
+    batch = training_batch(rows, "grpo", drop_zero_variance=False)
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
     with pytest.raises(TrainingDivergedError, match="loss is nan"):

@@ -91,7 +91,7 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
         "reward_mean": sum(r["reward"] for r in rows) / n,
         "response_length_mean": sum(len(r["response_token_ids"]) for r in rows) / n,
         "truncated_frac": sum(r["finish_reason"] == "length" for r in rows) / n,
-        "zero_advantage_group_frac": sum(len(v) == 1 for v in groups.values()) / max(len(groups), 1),
+        "zero_variance_group_frac": sum(len(v) == 1 for v in groups.values()) / max(len(groups), 1),
     }
 
 

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from minpro_cli.errors import ConfigError, PluginError
+from minpro_cli.objectives import AdvantageEstimator
 from minpro_cli.registry import Kind, format_validation_error, load_plugin
 
 
@@ -63,7 +64,12 @@ class TrainConfig(Section):
     epochs: int = Field(1, ge=1, description="passes over each round's rollouts")
     minibatches: int = Field(1, ge=1, description="optimizer steps per pass")
     rollouts: str | None = Field(None, description="train on stored rollouts instead of sampling")
-    normalize_advantage_std: bool = True
+    advantage: AdvantageEstimator | None = Field(
+        None, description="grpo | dr_grpo | rloo; default: the objective's own (dr_grpo for dr_grpo, else grpo)"
+    )
+    drop_zero_variance_groups: bool = Field(
+        False, description="leave out groups whose responses all got the same reward (they carry no signal)"
+    )
     checkpoint_every: int = Field(5, ge=1, description="rounds between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
 

@@ -11,7 +11,7 @@ from rich.table import Table
 from minpro_cli.console import console, progress_bar, warn
 from minpro_cli.fileio import write_json_atomic
 from minpro_cli.modeling import Policy, pack, pad_rows, response_logprobs, tokenizer_fingerprint
-from minpro_cli.objectives.prefix import log_min_prefix_ratio, log_prefix_ratio, log_token_ratio
+from minpro_cli.objectives.logratios import log_min_prefix_ratio, log_prefix_ratio, log_token_ratio
 from minpro_cli.rollouts import read_rollouts
 
 QUANTITIES = {

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from minpro_cli.advantages import grpo_advantages, group_indices
+from minpro_cli.advantages import compute_advantages, group_indices, zero_variance_groups
 from minpro_cli.checkpoints import LoopState, StateDict, latest_checkpoint, load_checkpoint_state, save_checkpoint
 from minpro_cli.collect import load_recipe_policy, load_split, sample_rows, sampling_job, summarize_rows
 from minpro_cli.config import Recipe, dump_recipe
@@ -26,12 +26,9 @@ from minpro_cli.console import console, progress_bar, warn
 from minpro_cli.errors import RolloutFileError, TrainingDivergedError
 from minpro_cli.fileio import append_jsonl, read_jsonl, write_directory_atomic, write_jsonl_atomic, write_yaml_atomic
 from minpro_cli.modeling import Policy, pack, pad_rows, response_logprobs, save_policy, tokenizer_fingerprint
-from minpro_cli.objectives import ObjectiveInputs, ObjectiveOptions
+from minpro_cli.objectives import AdvantageEstimator, ObjectiveInputs, ObjectiveOptions
 from minpro_cli.rollouts import read_rollouts, write_rollouts
 from minpro_cli.tasks import Problem
-
-PREFIX_OBJECTIVES = {"minpro", "prefix"}
-
 
 @dataclass
 class RolloutBatch:
@@ -44,16 +41,15 @@ class RolloutBatch:
     temperature: float
 
     @classmethod
-    def from_rows(cls, rows: list[dict[str, Any]], normalize_std: bool) -> RolloutBatch:
+    def from_rows(cls, rows: list[dict[str, Any]], advantages: torch.Tensor) -> RolloutBatch:
         temperatures = {round(float(r["temperature"]), 6) for r in rows}
         if len(temperatures) != 1:
             raise RolloutFileError(f"a training batch mixes sampling temperatures {sorted(temperatures)}")
-        rewards = torch.tensor([float(r["reward"]) for r in rows])
         return cls(
             prompts=[list(r["prompt_token_ids"]) for r in rows],
             responses=[list(r["response_token_ids"]) for r in rows],
             old_logprobs=[list(r["behavior_logprobs"]) for r in rows],
-            advantages=grpo_advantages(rewards, group_indices([r["prompt_id"] for r in rows]), normalize_std),
+            advantages=advantages,
             temperature=temperatures.pop(),
         )
 
@@ -65,6 +61,21 @@ class RolloutBatch:
             advantages=self.advantages[index],
             temperature=self.temperature,
         )
+
+
+def training_batch(
+    rows: list[dict[str, Any]], estimator: AdvantageEstimator, drop_zero_variance: bool
+) -> RolloutBatch | None:
+    """Advantages per response; with `drop_zero_variance`, groups whose rewards are all equal
+    are left out (None when nothing is left)."""
+    rewards = torch.tensor([float(r["reward"]) for r in rows], dtype=torch.float64)
+    group = group_indices([r["prompt_id"] for r in rows])
+    advantages = compute_advantages(estimator, rewards, group).float()
+    if drop_zero_variance:
+        keep = ~zero_variance_groups(rewards, group)[group]
+        rows = [r for r, k in zip(rows, keep.tolist()) if k]
+        advantages = advantages[keep]
+    return RolloutBatch.from_rows(rows, advantages) if rows else None
 
 
 def update_step(
@@ -129,7 +140,7 @@ def update_policy(
 def reduce_metrics(step_metrics: list[dict[str, float]]) -> dict[str, float]:
     """Mean over the round's steps; `*_min` metrics take the minimum, `*_max` the maximum."""
     out: dict[str, float] = {}
-    for key in step_metrics[0]:
+    for key in step_metrics[0] if step_metrics else []:
         values = [m[key] for m in step_metrics if not math.isnan(m[key])]
         if not values:
             out[key] = float("nan")
@@ -207,14 +218,25 @@ class StoredRounds:
         return self.chunks[round_ % len(self.chunks)]
 
 
-def warn_truncated_sampling(rows: list[dict[str, Any]], objective: str) -> None:
+def warn_truncated_sampling(rows: list[dict[str, Any]], objective: ObjectiveOptions, name: str) -> None:
     truncated = any(float(r["top_p"]) < 1.0 or int(r["top_k"]) > 0 for r in rows)
-    if truncated and objective in PREFIX_OBJECTIVES:
+    if truncated and objective.uses_prefix_weight:
         warn(
             f"rollouts were sampled with top-p < 1 or top-k > 0: μ is renormalised, so π_θ/μ < 1 on "
-            f"sampled tokens even on-policy, and the '{objective}' prefix weight compounds that bias; "
+            f"sampled tokens even on-policy, and the '{name}' prefix weight compounds that bias; "
             "prefer top_p=1, top_k=0"
         )
+
+
+def recipe_objective(recipe: Recipe) -> ObjectiveOptions:
+    """The recipe's objective; a constant-normaliser objective without a length gets the
+    sampler's max_new_tokens (Dr.GRPO's L_max), not the padded width of each batch."""
+    objective: ObjectiveOptions = recipe.plugin("objectives")
+    if objective.loss_agg == "seq-mean-token-sum-norm" and objective.max_response_length is None:
+        length = getattr(recipe.plugin("samplers"), "max_new_tokens", None)
+        if isinstance(length, int):
+            objective = objective.model_copy(update={"max_response_length": length})
+    return objective
 
 
 def run_train(recipe: Recipe) -> Path:
@@ -238,7 +260,8 @@ def run_train(recipe: Recipe) -> Path:
     if metrics_path.exists():  # drop lines of rounds after the checkpoint: they will be redone
         write_jsonl_atomic(metrics_path, [m for m in read_jsonl(metrics_path) if m["round"] < state.round])
 
-    objective = recipe.plugin("objectives")
+    objective = recipe_objective(recipe)
+    estimator = cfg.advantage or objective.default_advantage
     source = StoredRounds(recipe, policy, cfg.rollouts) if cfg.rollouts else OnlineRounds(recipe, policy, run_dir)
     policy.model.eval()
 
@@ -263,10 +286,12 @@ def run_train(recipe: Recipe) -> Path:
             version = state.snapshot_steps.get(sample_round, state.step) if staleness else state.step
             rows = source.rows(round_, weights, version)
             if round_ == state.round:
-                warn_truncated_sampling(rows, recipe.objective.name)
-            batch = RolloutBatch.from_rows(rows, cfg.normalize_advantage_std)
+                warn_truncated_sampling(rows, objective, recipe.objective.name)
+            batch = training_batch(rows, estimator, cfg.drop_zero_variance_groups)
+            if batch is None:
+                warn(f"round {round_}: every group's responses got the same reward; no update this round")
             try:
-                step_metrics = update_policy(
+                step_metrics = [] if batch is None else update_policy(
                     policy, optimizer, objective, batch, cfg.epochs, cfg.minibatches,
                     recipe.optim.grad_clip, seed=recipe.seed * 100_003 + round_, before_step=count_step,
                 )
@@ -289,11 +314,12 @@ def run_train(recipe: Recipe) -> Path:
                 "staleness_steps": state.step - len(step_metrics) - sampled_version,
                 "lr": optimizer.param_groups[0]["lr"],
                 **summarize_rows(rows),
+                "responses_trained": 0 if batch is None else len(batch.prompts),
                 **reduce_metrics(step_metrics),
                 "time_s": time.perf_counter() - started,
             }
             append_jsonl(metrics_path, record)
-            bar.advance(1, info=f"reward {record['reward_mean']:.3f}  loss {record['loss']:+.4f}")
+            bar.advance(1, info=f"reward {record['reward_mean']:.3f}  loss {record.get('loss', math.nan):+.4f}")
             if state.round % cfg.checkpoint_every == 0 or state.round == cfg.iterations:
                 save_checkpoint(run_dir, policy, optimizer, state, snapshots, cfg.keep_checkpoints)
 

@@ -7,18 +7,20 @@ Public API for plugin authors::
 An objective plugin is a subclass of `ObjectiveOptions` (a Pydantic model: its fields are
 the objective's options, validated on load) whose `__call__` maps `ObjectiveInputs` to
 `ObjectiveOutput`. No model and no optimizer inside: only tensors in, loss and metrics out.
-Register it under the `minpro.objectives` entry-point group.
+It reduces its per-token losses with `self.aggregate`, so `loss_agg` means the same thing
+for every objective. Register it under the `minpro.objectives` entry-point group.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+AdvantageEstimator = Literal["grpo", "dr_grpo", "rloo"]
 LOG_RATIO_CLAMP = 20.0  # exp(±20) stays finite in fp32; beyond it a ratio is meaningless anyway
 
 
@@ -42,39 +44,78 @@ class ObjectiveOutput:
 
 
 class ObjectiveOptions(BaseModel):
-    """Base of every objective's options; unknown options are errors."""
+    """Base of every objective's options; unknown options are errors.
+
+    Class attributes a plugin may override: `uses_prefix_weight` (the objective weights a
+    token by its prefix, so `minpro train` warns about truncated sampling) and
+    `default_advantage` (the advantage estimator used when the recipe names none).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    uses_prefix_weight: ClassVar[bool] = False
+    default_advantage: ClassVar[AdvantageEstimator] = "grpo"
+
     loss_agg: LossAgg = Field("token-mean", description="how per-token losses become one scalar")
+    max_response_length: int | None = Field(
+        None, ge=1, description="constant normaliser L of seq-mean-token-sum-norm (default: padded width)"
+    )
+
+    @model_validator(mode="after")
+    def _normaliser_only_where_used(self) -> ObjectiveOptions:
+        if self.max_response_length is not None and self.loss_agg != "seq-mean-token-sum-norm":
+            raise ValueError(
+                f"max_response_length is only used by loss_agg=seq-mean-token-sum-norm, not {self.loss_agg}"
+            )
+        return self
 
     def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
         raise NotImplementedError
 
+    def aggregate(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return aggregate_loss(per_token, mask, self.loss_agg, self.max_response_length)
 
-def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: LossAgg) -> torch.Tensor:
-    """Reduce (B, T) per-token losses over the response tokens.
 
-    token-mean:           Σ_{i,t} ℓ_it / Σ_i |o_i|
-    seq-mean-token-mean:  (1/B) Σ_i (1/|o_i|) Σ_t ℓ_it
-    seq-mean-token-sum:   (1/B) Σ_i Σ_t ℓ_it
+def aggregate_loss(
+    per_token: torch.Tensor, mask: torch.Tensor, mode: LossAgg, max_response_length: int | None = None
+) -> torch.Tensor:
+    """Reduce (B, T) per-token losses ℓ_it over the trained tokens (mask_it = 1).
+
+    token-mean:               Σ_{i,t} ℓ_it / Σ_i |o_i|
+    seq-mean-token-mean:      (1/B') Σ_i (1/|o_i|) Σ_t ℓ_it
+    seq-mean-token-sum:       (1/B') Σ_i Σ_t ℓ_it
+    seq-mean-token-sum-norm:  Σ_{i,t} ℓ_it / (B · L)      (Dr.GRPO; L = max_response_length, else T)
+
+    |o_i| counts row i's trained tokens, B is the number of rows and B' the number of rows
+    with at least one trained token (a fully masked row is not a sequence of the batch). The
+    constant normaliser B·L is TRL's `dr_grpo`; verl's `seq-mean-token-sum-norm` divides by
+    L only, a constant factor B apart. An empty batch gives 0.
     """
     maskf = mask.to(per_token.dtype)
     masked = per_token * maskf
     if mode == "token-mean":
         return masked.sum() / maskf.sum().clamp(min=1.0)
-    seq_sum = masked.sum(-1)
+    if mode == "seq-mean-token-sum-norm":
+        length = max_response_length if max_response_length is not None else per_token.shape[-1]
+        return masked.sum() / (per_token.shape[0] * length)
+    lengths = maskf.sum(-1)
+    seq_loss = masked.sum(-1)
     if mode == "seq-mean-token-mean":
-        return (seq_sum / maskf.sum(-1).clamp(min=1.0)).mean()
-    if mode == "seq-mean-token-sum":
-        return seq_sum.mean()
-    raise ValueError(f"unknown loss_agg {mode!r}")
+        seq_loss = seq_loss / lengths.clamp(min=1.0)
+    elif mode != "seq-mean-token-sum":
+        raise ValueError(f"unknown loss_agg {mode!r}")
+    return seq_loss.sum() / (lengths > 0).sum().clamp(min=1)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     n = int(mask.sum())
-    return float(values[mask].float().sum() / n) if n else float("nan")
+    return float(values[mask].double().sum() / n) if n else float("nan")
 
 
 def masked_min(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float(values[mask].min()) if bool(mask.any()) else float("nan")
+
+
+def masked_fraction(condition: torch.Tensor, mask: torch.Tensor) -> float:
+    """Fraction of the trained tokens where `condition` holds (0 for an empty batch)."""
+    return int((condition & mask).sum()) / max(int(mask.sum()), 1)

@@ -1,29 +1,41 @@
-"""Token, minimum-prefix and cumulative-prefix ratios in log space (shared by objectives
-and `inspect-ratios`). All functions ignore positions where `mask` is False."""
+"""The exact off-policy correction: the full cumulative prefix ratio."""
 
 from __future__ import annotations
 
-import torch
+from pydantic import Field
 
-from minpro_cli.objectives import LOG_RATIO_CLAMP
-
-
-def log_token_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
-    """log ρ_t = log π_θ − log μ, clamped to ±20 (keeps grad through logprobs)."""
-    return (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+from minpro_cli.objectives import LOG_RATIO_CLAMP, ObjectiveInputs, ObjectiveOutput, masked_fraction, masked_mean
+from minpro_cli.objectives.logratios import log_prefix_ratio, log_token_ratio
+from minpro_cli.objectives.surrogates import ClippedObjective, detached_weight_surrogate, ratio_metrics
 
 
-def log_min_prefix_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log ρ̲_t = min_{i<t, mask_i} log ρ_i — strict: preceding tokens only, 0 for an empty prefix.
+class PrefixRatio(ClippedObjective):
+    """Token weighted by the cumulative prefix ratio (exact for deterministic transitions).
 
-    Masked positions are +inf before the running minimum so they never win it.
+        ρ_{1:t} = ∏_{i≤t, i trained} ρ_i
+        L = − Σ_{i,t} sg[clip(ρ_{1:t}, 1 − ε_low, 1 + ε_high)] · Â_{i,t} · log π_θ(o_t | …)  /  Σ_i |o_i|
+    (token-mean shown). This is the correction MinPRO replaces: a product of T ratios has
+    variance that grows with T, which the paper reports does not help. Here so the
+    comparison can be run. log ρ_{1:t} is clamped to ±20 before exp; defaults as MinPRO.
     """
-    masked = log_ratio.detach().masked_fill(~mask, float("inf"))
-    running_min = torch.cummin(masked, dim=-1).values
-    shifted = torch.cat([torch.full_like(running_min[:, :1], float("inf")), running_min[:, :-1]], dim=-1)
-    return torch.where(torch.isinf(shifted), torch.zeros_like(shifted), shifted)
 
+    uses_prefix_weight = True
 
-def log_prefix_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log ρ_{1:t} = Σ_{i≤t, mask_i} log ρ_i (inclusive cumulative product of token ratios)."""
-    return (log_ratio.detach() * mask.to(log_ratio.dtype)).cumsum(dim=-1)
+    eps_low: float = Field(1.0, ge=0.0, description="lower clip bound 1 − eps_low (≥ 1: none)")
+    eps_high: float = Field(0.2, ge=0.0, description="upper clip bound 1 + eps_high")
+
+    def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
+        mask = inputs.response_mask.bool()
+        log_rho = log_token_ratio(inputs.logprobs, inputs.old_logprobs)
+        log_prefix = log_prefix_ratio(log_rho, mask).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        per_token, weight, clipping = detached_weight_surrogate(
+            log_prefix.exp(), inputs.token_advantages(), inputs.logprobs, self.clip_low, self.clip_high
+        )
+        metrics = {
+            **ratio_metrics(log_rho, mask),
+            **ratio_metrics(log_prefix, mask, "prefix_ratio"),
+            "weight_mean": masked_mean(weight, mask),
+            "weight_below_half_frac": masked_fraction(log_prefix.exp() < 0.5, mask),
+            **clipping.metrics(mask),
+        }
+        return ObjectiveOutput(loss=self.aggregate(per_token, mask), metrics=metrics)
