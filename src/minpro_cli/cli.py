@@ -118,16 +118,16 @@ def plugins() -> None:
     problems: list[str] = []
     for kind in KINDS:
         table = Table(title=f"minpro.{kind}")
-        for column in ("name", "package", "status", "target"):
+        for column in ("name", "package", "status", "summary"):
             table.add_column(column)
         for name, entry in sorted(found[kind].items()):
             try:
-                entry.load()
+                summary = (entry.load().__doc__ or "").strip().split("\n")[0]
                 status = "[green]ok[/green]"
             except MinproError as exc:
-                status = "[red]broken[/red]"
+                summary, status = entry.value, "[red]broken[/red]"
                 problems.append(str(exc))
-            table.add_row(name, entry.package, status, entry.value)
+            table.add_row(name, entry.package, status, summary)
         console.print(table)
     for message in [*problems, *(str(w.message) for w in caught)]:
         console.print(f"warning: {message}", soft_wrap=True, markup=False)

@@ -34,8 +34,9 @@ class GRPO(ClippedObjective):
 
 
 class DAPO(GRPO):
-    """GRPO with clip-higher (ε_high = 0.28) and token-mean aggregation (DAPO, eq. 8):
+    """GRPO with clip-higher (ε_high = 0.28) and token-mean aggregation.
 
+    DAPO, eq. 8:
         L = Σ_{i,t} max(−Â·ρ_t, −Â·clip(ρ_t, 0.8, 1.28)) / Σ_i |o_i|
 
     Same as TRL's `loss_type="dapo"`. DAPO's dynamic sampling is the train option
@@ -47,9 +48,10 @@ class DAPO(GRPO):
 
 
 class DrGRPO(GRPO):
-    """GRPO done right: a constant normaliser instead of per-response length, and
-    advantages centred but not divided by the group std (its default advantage estimator):
+    """GRPO with a constant loss normaliser and advantages not divided by the group std.
 
+    Dr.GRPO ("GRPO done right") removes both length and difficulty bias; its default
+    advantage estimator is `dr_grpo`:
         L = Σ_{i,t} max(−Â·ρ_t, −Â·clip(ρ_t)) / (G · L_max),   Â_i = r_i − mean_group(r)
 
     Same as TRL's `loss_type="dr_grpo"` (L_max = max_completion_length). `minpro train` sets

@@ -30,7 +30,10 @@ def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
 
 
 class HFSampler(BaseModel):
-    """Options of the `hf` sampler (defaults: plain temperature sampling, no truncation)."""
+    """Transformers model with a KV cache; records log μ of the distribution actually sampled.
+
+    The fields are the `hf` sampler's options (defaults: plain temperature sampling, no truncation).
+    """
 
     model_config = ConfigDict(extra="forbid")
 

@@ -40,7 +40,10 @@ def last_boxed(text: str, max_chars: int) -> str | None:
 
 
 class MathVerifier(BaseModel):
-    """Options of the `math` verifier."""
+    r"""Scores the last \boxed{} answer: exact for plain numbers, math-verify otherwise.
+
+    The fields are the `math` verifier's options.
+    """
 
     model_config = ConfigDict(extra="forbid")
 

@@ -1,0 +1,88 @@
+"""`minpro train` with every objective by name, and the advantage options of the train config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minpro_cli.advantages import group_indices, rloo_advantages, zero_variance_groups
+from minpro_cli.collect import run_rollout
+from minpro_cli.config import load_recipe
+from minpro_cli.registry import discover
+from minpro_cli.rollouts import read_rollouts, write_rollouts
+from minpro_cli.train import recipe_objective, run_train, training_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+DEFAULT_WEIGHTS = ROOT / "src/minpro_cli/assets/default_model/model.safetensors"
+SMALL = ["rollout.num_prompts=6", "rollout.group_size=4", "sampler.options.max_new_tokens=40",
+         "train.prompts_per_iteration=6", "train.iterations=1", "optim.warmup_steps=0", "optim.lr=1e-3"]
+OBJECTIVE_METRICS = {
+    "minpro": "min_prefix_ratio_mean", "prefix": "prefix_ratio_mean", "gspo": "seq_ratio_mean",
+    "m2po": "m2_masked_frac", "grpo": "clip_frac_high", "dapo": "clip_frac_high", "dr_grpo": "clip_frac_high",
+    "cispo": "weight_mean",
+}
+
+
+@pytest.fixture(scope="module")
+def stored_rollouts(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("rollout")
+    return run_rollout(load_recipe(QUICKSTART, [f"run_dir={run_dir}", *SMALL]))
+
+
+def test_every_builtin_objective_is_covered():
+    assert set(discover("objectives")) == set(OBJECTIVE_METRICS)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVE_METRICS))
+def test_train_runs_with_each_objective_by_name(tmp_path, stored_rollouts, name):
+    recipe = load_recipe(QUICKSTART, [f"run_dir={tmp_path}", *SMALL, f"train.rollouts={stored_rollouts}",
+                                      f"objective.name={name}", "objective.options={}"])
+    final = run_train(recipe)
+    (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert torch.isfinite(torch.tensor(record["loss"])) and OBJECTIVE_METRICS[name] in record
+    before = load_file(DEFAULT_WEIGHTS)
+    after = load_file(final / "model.safetensors")
+    moved = max((after[k] - before[k]).abs().max().item() for k in before)
+    assert moved > 0, f"{name}: one optimizer step left every weight unchanged"
+
+
+def test_dr_grpo_normaliser_is_the_sampler_length(tmp_path):
+    recipe = load_recipe(QUICKSTART, [f"run_dir={tmp_path}", *SMALL, "objective.name=dr_grpo", "objective.options={}"])
+    assert recipe_objective(recipe).max_response_length == 40
+    pinned = load_recipe(QUICKSTART, [f"run_dir={tmp_path}", *SMALL, "objective.name=dr_grpo",
+                                      "objective.options={max_response_length: 64}"])
+    assert recipe_objective(pinned).max_response_length == 64
+
+
+def test_rloo_with_zero_variance_groups_dropped(stored_rollouts):
+    rows = read_rollouts(stored_rollouts).to_pylist()
+    rewards = torch.tensor([r["reward"] for r in rows], dtype=torch.float64)
+    group = group_indices([r["prompt_id"] for r in rows])
+    flat = zero_variance_groups(rewards, group)[group]
+    assert 0 < int(flat.sum()) < len(rows), "fixture should hold both kinds of group"
+    batch = training_batch(rows, "rloo", drop_zero_variance=True)
+    assert batch is not None and len(batch.prompts) == int((~flat).sum())
+    torch.testing.assert_close(batch.advantages, rloo_advantages(rewards, group)[~flat].float())
+    assert batch.responses == [list(r["response_token_ids"]) for r, f in zip(rows, flat.tolist()) if not f]
+    kept_all = training_batch(rows, "rloo", drop_zero_variance=False)
+    assert kept_all is not None and len(kept_all.prompts) == len(rows)
+
+
+def test_round_with_no_signal_is_skipped_not_crashed(tmp_path, stored_rollouts):
+    same = [{**r, "reward": 1.0} for r in read_rollouts(stored_rollouts).to_pylist()]
+    assert training_batch(same, "grpo", drop_zero_variance=True) is None
+    write_rollouts(tmp_path / "flat.parquet", same, {})
+    recipe = load_recipe(QUICKSTART, [f"run_dir={tmp_path / 'run'}", *SMALL, f"train.rollouts={tmp_path / 'flat.parquet'}",
+                                      "train.drop_zero_variance_groups=true"])
+    final = run_train(recipe)
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert record["responses_trained"] == 0 and record["step"] == 0 and "loss" not in record
+    assert record["zero_variance_group_frac"] == 1.0
+    before = load_file(DEFAULT_WEIGHTS)
+    after = load_file(final / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
