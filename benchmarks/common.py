@@ -9,9 +9,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from typing import Any
+
 import torch
+from transformers.utils import logging as hf_logging
+
+from minpro_cli.modeling import Policy
+from minpro_cli.samplers.hf import HFSampler
+from minpro_cli.tasks import load_problems, render_prompt
 
 N_PROMPTS, GROUP_SIZE, MAX_NEW_TOKENS = 32, 8, 64
+hf_logging.disable_progress_bar()
 
 
 @dataclass
@@ -55,3 +63,21 @@ def timed(fn: Callable[[], int], repeats: int = 3) -> tuple[float, int]:
         fn()
         times.append(time.perf_counter() - started)
     return statistics.median(times), tokens
+
+
+def prompts(policy: Policy) -> list[list[int]]:
+    """N_PROMPTS training problems, each repeated GROUP_SIZE times, as token ids."""
+    problems = load_problems("embedded:arith-train")[:N_PROMPTS]
+    ids = [policy.tokenizer.encode(render_prompt("{question}\n", p), add_special_tokens=False) for p in problems]
+    return [p for p in ids for _ in range(GROUP_SIZE)]
+
+
+def sampled_rows(policy: Policy) -> list[dict[str, Any]]:
+    """One sampled batch as rollout rows (rewards alternate so every group has signal)."""
+    batch = prompts(policy)
+    gens = HFSampler(max_new_tokens=MAX_NEW_TOKENS, batch_size=len(batch)).generate(policy, batch, seed=0)
+    return [
+        {"prompt_token_ids": p, "response_token_ids": g.token_ids, "behavior_logprobs": g.logprobs,
+         "reward": float(i % 3 == 0), "prompt_id": str(i // GROUP_SIZE), "temperature": 1.0}
+        for i, (p, g) in enumerate(zip(batch, gens))
+    ]

@@ -18,19 +18,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS, measure, timed  # noqa: E402
+from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS, measure, prompts, sampled_rows, timed  # noqa: E402
 
 from minpro_cli.modeling import load_policy, pack  # noqa: E402
 from minpro_cli.objectives.minpro import MinPRO  # noqa: E402
 from minpro_cli.samplers.hf import HFSampler  # noqa: E402
-from minpro_cli.tasks import load_problems, render_prompt  # noqa: E402
-from minpro_cli.train import RolloutBatch, update_step  # noqa: E402
-
-
-def prompts(policy) -> list[list[int]]:
-    problems = load_problems("embedded:arith-train")[:N_PROMPTS]
-    ids = [policy.tokenizer.encode(render_prompt("{question}\n", p), add_special_tokens=False) for p in problems]
-    return [p for p in ids for _ in range(GROUP_SIZE)]
+from minpro_cli.train import training_batch, update_step  # noqa: E402
 
 
 def minpro_sampling() -> tuple[float, int]:
@@ -65,20 +58,15 @@ def hf_generate_sampling() -> tuple[float, int]:
 
 def minpro_training() -> tuple[float, int]:
     policy = load_policy("embedded")
-    batch = prompts(policy)
-    gens = HFSampler(max_new_tokens=MAX_NEW_TOKENS, batch_size=len(batch)).generate(policy, batch, seed=0)
-    rows = [
-        {"prompt_token_ids": p, "response_token_ids": g.token_ids, "behavior_logprobs": g.logprobs,
-         "reward": float(i % 3 == 0), "prompt_id": str(i // GROUP_SIZE), "temperature": 1.0}
-        for i, (p, g) in enumerate(zip(batch, gens))
-    ]
-    rollout = RolloutBatch.from_rows(rows, normalize_std=True)
+    rows = sampled_rows(policy)
+    rollout = training_batch(rows, "grpo", drop_zero_variance=False)
+    assert rollout is not None
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-5)
     policy.model.train()
 
     def step() -> int:
         update_step(policy, optimizer, MinPRO(), rollout, 1.0)
-        return sum(len(g.token_ids) for g in gens)
+        return sum(len(r["response_token_ids"]) for r in rows)
 
     return timed(step)
 
