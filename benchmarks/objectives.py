@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS, measure, sampled_rows  # noqa: E402
+from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS, measure, sampled_rows
 
-from minpro_cli.modeling import load_policy, pack, pad_rows, response_logprobs  # noqa: E402
-from minpro_cli.objectives import ObjectiveInputs, ObjectiveOutput  # noqa: E402
-from minpro_cli.objectives.logratios import log_token_ratio  # noqa: E402
-from minpro_cli.registry import discover, load_objective  # noqa: E402
+from minpro_cli.modeling import load_policy, pack, pad_rows, response_logprobs
+from minpro_cli.objectives import ObjectiveInputs, ObjectiveOutput
+from minpro_cli.objectives.logratios import log_token_ratio
+from minpro_cli.registry import discover, load_objective
 
 REPEATS = 20
 LONG_SHAPE = (64, 4096)
@@ -40,6 +40,12 @@ def median_ms(fn: Callable[[], object], repeats: int = REPEATS) -> float:
         fn()
         times.append(time.perf_counter() - started)
     return 1e3 * statistics.median(times)
+
+
+def loss_and_backward(objective: Callable[[ObjectiveInputs], ObjectiveOutput], inputs: ObjectiveInputs) -> None:
+    """What a training step spends in the objective: loss, metrics, backward to the log-probs."""
+    leaf = inputs.logprobs.detach().clone().requires_grad_(True)
+    objective(ObjectiveInputs(leaf, inputs.old_logprobs, inputs.advantages, inputs.response_mask)).loss.backward()
 
 
 def minpro_token_loop(inputs: ObjectiveInputs) -> ObjectiveOutput:
@@ -78,12 +84,6 @@ def run() -> tuple[float, int]:
     old = torch.where(mask, old, pad_rows([r["behavior_logprobs"] for r in rows], logprobs))
     advantages = torch.randn(len(rows), generator=gen)
 
-    def objective_step(objective: Callable[[ObjectiveInputs], ObjectiveOutput]) -> Callable[[], None]:
-        def step() -> None:
-            leaf = logprobs.clone().requires_grad_(True)
-            objective(ObjectiveInputs(leaf, old, advantages, mask)).loss.backward()
-        return step
-
     candidates: list[tuple[str, Callable[[ObjectiveInputs], ObjectiveOutput]]] = [
         ("minpro", load_objective("minpro")),
         ("minpro, loop over tokens", minpro_token_loop),
@@ -96,7 +96,8 @@ def run() -> tuple[float, int]:
     print(f"{'step':28s} {'ms':>8s} {'% of model fwd+bwd':>19s} {'tokens/s':>12s}")
     print(f"{'model forward + backward':28s} {model_ms:8.2f} {100.0:18.1f}% {n_tokens / model_ms * 1e3:12.0f}")
     for name, objective in candidates:
-        ms = median_ms(objective_step(objective))
+        inputs = ObjectiveInputs(logprobs, old, advantages, mask)
+        ms = median_ms(lambda objective=objective, inputs=inputs: loss_and_backward(objective, inputs))
         print(f"{name:28s} {ms:8.2f} {100 * ms / model_ms:18.1f}% {n_tokens / ms * 1e3:12.0f}")
     return 0.0, n_tokens
 
@@ -110,16 +111,11 @@ def long_responses() -> tuple[float, int]:
     mask = torch.arange(width)[None, :] < torch.randint(width // 4, width + 1, (rows, 1), generator=gen)
     advantages = torch.randn(rows, generator=gen)
 
-    def step(objective: Callable[[ObjectiveInputs], ObjectiveOutput]) -> Callable[[], None]:
-        def call() -> None:
-            leaf = logprobs.clone().requires_grad_(True)
-            objective(ObjectiveInputs(leaf, old, advantages, mask)).loss.backward()
-        return call
-
     n_tokens = int(mask.sum())
     print(f"\nsynthetic long responses: batch {LONG_SHAPE}, {n_tokens} response tokens")
     for name, objective in [("minpro", load_objective("minpro")), ("minpro, loop over tokens", minpro_token_loop)]:
-        ms = median_ms(step(objective), repeats=5)
+        inputs = ObjectiveInputs(logprobs, old, advantages, mask)
+        ms = median_ms(lambda objective=objective, inputs=inputs: loss_and_backward(objective, inputs), 5)
         print(f"{name:28s} {ms:8.2f} ms {n_tokens / ms * 1e3:12.0f} tokens/s")
     return 0.0, n_tokens
 

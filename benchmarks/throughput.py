@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS, measure, prompts, sampled_rows, timed  # noqa: E402
+from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS, measure, prompts, sampled_rows, timed
 
-from minpro_cli.modeling import load_policy, pack  # noqa: E402
-from minpro_cli.objectives.minpro import MinPRO  # noqa: E402
-from minpro_cli.samplers.hf import HFSampler  # noqa: E402
-from minpro_cli.train import training_batch, update_step  # noqa: E402
+from minpro_cli.modeling import load_policy, pack
+from minpro_cli.objectives.minpro import MinPRO
+from minpro_cli.samplers.hf import HFSampler
+from minpro_cli.train import training_batch, update_step
 
 
 def minpro_sampling() -> tuple[float, int]:

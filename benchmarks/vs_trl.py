@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS, measure  # noqa: E402
+from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS, measure
 
-from minpro_cli.collect import SamplingJob, sample_rows  # noqa: E402
-from minpro_cli.modeling import embedded_model_dir, load_policy  # noqa: E402
-from minpro_cli.objectives.minpro import MinPRO  # noqa: E402
-from minpro_cli.samplers.hf import HFSampler  # noqa: E402
-from minpro_cli.tasks import load_problems  # noqa: E402
-from minpro_cli.train import RolloutBatch, update_step  # noqa: E402
-from minpro_cli.verifiers.math import MathVerifier  # noqa: E402
+from minpro_cli.collect import SamplingJob, sample_rows
+from minpro_cli.modeling import embedded_model_dir, load_policy
+from minpro_cli.objectives.minpro import MinPRO
+from minpro_cli.samplers.hf import HFSampler
+from minpro_cli.tasks import load_problems
+from minpro_cli.train import training_batch, update_step
+from minpro_cli.verifiers.math import MathVerifier
 
 STEPS, LR = 3, 1e-5
 
@@ -42,7 +42,7 @@ def minpro_steps() -> tuple[float, int]:
         started = time.perf_counter()
         rows, _ = sample_rows(job, problems, GROUP_SIZE, seed=step)
         policy.model.train()
-        update_step(policy, optimizer, MinPRO(), RolloutBatch.from_rows(rows, True), grad_clip=1.0)
+        update_step(policy, optimizer, MinPRO(), training_batch(rows, "grpo", False), grad_clip=1.0)
         policy.model.eval()
         times.append(time.perf_counter() - started)
     return statistics.median(times), 0

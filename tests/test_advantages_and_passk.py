@@ -11,8 +11,8 @@ import torch
 from minpro_cli.advantages import (
     compute_advantages,
     dr_grpo_advantages,
-    grpo_advantages,
     group_indices,
+    grpo_advantages,
     rloo_advantages,
     zero_variance_groups,
 )

@@ -96,7 +96,16 @@ def broken_and_duplicate_plugins(tmp_path, monkeypatch):
         tmp_path, "squatter-plugin", "[minpro.objectives]\nminpro = squat_mod:Squat\n",
         "squat_mod", "from pydantic import BaseModel\nclass Squat(BaseModel):\n    pass\n",
     )
+    fake_distribution(
+        tmp_path, "bare-plugin", "[minpro.objectives]\nbare = bare_mod:Bare\n",
+        "bare_mod", "from pydantic import BaseModel\nclass Bare(BaseModel):\n    pass\n",
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_objective_plugin_must_build_on_the_objective_base(broken_and_duplicate_plugins):
+    result = invoke("train", QUICKSTART, "objective.name=bare")
+    assert_one_line_error(result, "bare", "bare-plugin", "must subclass minpro_cli.objectives.ObjectiveOptions")
 
 
 def test_broken_plugin_is_named_and_others_keep_working(broken_and_duplicate_plugins):

@@ -9,8 +9,8 @@ import torch
 
 from minpro_cli.errors import PluginError
 from minpro_cli.objectives import ObjectiveInputs, aggregate_loss
-from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.objectives.logratios import log_min_prefix_ratio, log_prefix_ratio
+from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.registry import load_objective
 
 

@@ -44,7 +44,7 @@ def test_failed_write_leaves_nothing_at_the_final_path(tmp_path):
     path = tmp_path / "r.parquet"
     bad = make_row()
     bad["reward"] = "not a number"
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):  # pyarrow.ArrowInvalid
         write_rollouts(path, [bad], {})
     assert list(tmp_path.iterdir()) == []
 

@@ -15,10 +15,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from minpro_cli.errors import PluginError
+from minpro_cli.objectives import ObjectiveOptions
 
 Kind = Literal["objectives", "verifiers", "samplers"]
 KINDS: tuple[Kind, ...] = ("objectives", "verifiers", "samplers")
 OWN_PACKAGE = "minpro"
+REQUIRED_BASE: dict[Kind, type[BaseModel]] = {"objectives": ObjectiveOptions}
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,12 @@ def load_plugin(kind: Kind, name: str, options: dict[str, Any] | None = None) ->
         known = ", ".join(sorted(available)) or "none installed"
         raise PluginError(f"unknown {kind[:-1]} '{name}'; installed: {known}")
     cls = available[name].load()
+    base = REQUIRED_BASE.get(kind)
+    if base is not None and not issubclass(cls, base):
+        raise PluginError(
+            f"{kind[:-1]} plugin '{name}' from package '{available[name].package}' must subclass "
+            f"{base.__module__}.{base.__name__} (it gives the plugin the shared options and hooks)"
+        )
     try:
         return cls(**(options or {}))
     except ValidationError as exc:
@@ -97,7 +105,7 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
-def load_objective(name: str, **options: Any) -> Any:
+def load_objective(name: str, **options: Any) -> ObjectiveOptions:
     return load_plugin("objectives", name, options)
 
 

@@ -8,6 +8,7 @@ file I/O of the loop lives in `run_train`.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import random
 import time
@@ -29,6 +30,7 @@ from minpro_cli.modeling import Policy, pack, pad_rows, response_logprobs, save_
 from minpro_cli.objectives import AdvantageEstimator, ObjectiveInputs, ObjectiveOptions
 from minpro_cli.rollouts import read_rollouts, write_rollouts
 from minpro_cli.tasks import Problem
+
 
 @dataclass
 class RolloutBatch:
@@ -212,7 +214,7 @@ class StoredRounds:
             groups.setdefault(row["prompt_id"], []).append(row)
         per_round = recipe.train.prompts_per_iteration
         ordered = list(groups.values())
-        self.chunks = [sum(ordered[i : i + per_round], []) for i in range(0, len(ordered), per_round)]
+        self.chunks = [list(itertools.chain(*ordered[i : i + per_round])) for i in range(0, len(ordered), per_round)]
 
     def rows(self, round_: int, weights: StateDict | None, version: int) -> list[dict[str, Any]]:
         return self.chunks[round_ % len(self.chunks)]

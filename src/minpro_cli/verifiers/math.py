@@ -58,7 +58,7 @@ class MathVerifier(BaseModel):
             correct = self._equal(answer.strip(), reference.strip())
         except _Unparsable as exc:
             return VerifyResult(0.0, {"extracted": answer, "failure": str(exc)})
-        except Exception as exc:  # math-verify raises many types; a bad answer must never stop a run
+        except Exception as exc:  # noqa: BLE001 — math-verify raises many types; a bad answer must never stop a run
             return VerifyResult(0.0, {"extracted": answer, "failure": f"verifier error: {type(exc).__name__}"})
         details = {"extracted": answer} | ({} if correct else {"failure": "not equal to reference"})
         return VerifyResult(1.0 if correct else 0.0, details)
