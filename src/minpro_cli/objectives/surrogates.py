@@ -56,7 +56,8 @@ def ppo_clip_surrogate(
     """ℓ_t = max(−A_t·r_t, −A_t·clip(r_t, low, high)); with dual clip c, ℓ_t = min(ℓ_t, −A_t·c) where A_t < 0.
 
     A token counts as clipped where the clip zeroes its gradient: r_t > high with A_t > 0,
-    r_t < low with A_t < 0, or (dual clip) r_t > c with A_t < 0. At a bound the gradient flows.
+    r_t < low with A_t < 0, or (dual clip, counted as high) r_t > c with A_t < 0. At a bound
+    the gradient flows.
     """
     per_token = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(low, high))
     ratio_, negative = ratio.detach(), advantages < 0
