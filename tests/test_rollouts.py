@@ -33,11 +33,11 @@ def test_round_trip_keeps_every_design_column(tmp_path):
 
 def test_directory_of_files_is_read_in_order_and_extra_columns_ignored(tmp_path):
     write_rollouts(tmp_path / "b.parquet", [make_row("pb")], {})
-    table = pa.Table.from_pylist([make_row("pa")], schema=SCHEMA).append_column("target_logprobs", pa.array([[0.0]]))
+    table = pa.Table.from_pylist([make_row("pa")], schema=SCHEMA).append_column("critic_values", pa.array([[0.0]]))
     pq.write_table(table.replace_schema_metadata({b"minpro.schema_version": b"1"}), tmp_path / "a.parquet")
     rows = read_rollouts(tmp_path).to_pylist()
     assert [r["prompt_id"] for r in rows] == ["pa", "pb"]
-    assert "target_logprobs" not in rows[0]
+    assert "critic_values" not in rows[0]
 
 
 def test_failed_write_leaves_nothing_at_the_final_path(tmp_path):

@@ -87,6 +87,17 @@ def save_checkpoint(
     return target
 
 
+def write_loop_state(directory: Path, state: LoopState) -> None:
+    """trainer_state.json for a weights-only directory (final/): tells readers its step."""
+    (directory / "trainer_state.json").write_text(json.dumps({"loop": asdict(state)}, indent=1))
+
+
+def saved_policy_step(directory: Path) -> int | None:
+    """The optimizer step of the weights in a checkpoint or final/ directory, if recorded."""
+    path = directory / "trainer_state.json"
+    return int(json.loads(path.read_text())["loop"]["step"]) if path.is_file() else None
+
+
 def load_checkpoint_state(
     directory: Path, optimizer: torch.optim.Optimizer
 ) -> tuple[LoopState, dict[int, StateDict]]:

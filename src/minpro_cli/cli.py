@@ -15,7 +15,7 @@ from rich.table import Table
 
 from minpro_cli.config import Recipe, load_recipe
 from minpro_cli.console import console
-from minpro_cli.errors import MinproError
+from minpro_cli.errors import ConfigError, MinproError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="RL post-training with the MinPRO objective.")
 
@@ -93,17 +93,51 @@ def eval_(
 @app.command("inspect-ratios")
 @user_errors
 def inspect_ratios(
-    rollouts: Annotated[str, typer.Argument(help="parquet file, directory of them, or glob")],
-    policy: Annotated[str, typer.Option(help="checkpoint to score the rollouts with")],
-    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 64,
+    rollouts: Annotated[str, typer.Argument(help="parquet file, directory of them, or glob (a whole run)")],
+    policy: Annotated[
+        str | None, typer.Option(help="checkpoint to score with; default: each file's target_logprobs column")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="sequences per forward pass")] = 64,
+    eps_low: Annotated[float, typer.Option(min=0.0, help="clip fractions count ratios below 1 − eps_low")] = 0.2,
+    eps_high: Annotated[float, typer.Option(min=0.0, help="clip fractions count ratios above 1 + eps_high")] = 0.2,
+    threshold: Annotated[
+        list[float] | None, typer.Option(help="report fractions below / above it (repeatable)")
+    ] = None,
+    by: Annotated[str | None, typer.Option(help="split the statistics: policy_version or staleness")] = None,
+    policy_step: Annotated[
+        int | None, typer.Option(help="optimizer step of --policy (for --by staleness; read from the checkpoint)")
+    ] = None,
+    worst: Annotated[int, typer.Option(min=0, help="list the K sequences with the smallest ρ̲ at their end")] = 5,
     json_path: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write PNG plots into this directory")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="run model code shipped with the checkpoint")] = False,
 ) -> None:
     """Statistics of ρ_t, ρ̲_t, ρ̲_t·ρ_t and ρ_1:t of saved rollouts against a policy."""
+    from minpro_cli.checkpoints import saved_policy_step
     from minpro_cli.modeling import load_policy
+    from minpro_cli.ratios import InspectOptions
     from minpro_cli.ratios import inspect_ratios as run
+    from minpro_cli.ratiostats import DEFAULT_THRESHOLDS
 
-    run(rollouts, load_policy(policy, trust_remote_code=trust_remote_code), batch_size, json_path)
+    if by not in (None, "policy_version", "staleness"):
+        raise ConfigError(f"--by must be policy_version or staleness, got {by!r}")
+    thresholds = tuple(threshold) if threshold else DEFAULT_THRESHOLDS
+    if any(t <= 0 for t in thresholds):
+        raise ConfigError(f"--threshold values must be positive ratios, got {list(thresholds)}")
+    scorer = load_policy(policy, trust_remote_code=trust_remote_code) if policy else None
+    if policy_step is None and policy:
+        policy_step = saved_policy_step(Path(policy))
+    options = InspectOptions(batch_size, eps_low, eps_high, thresholds, by, policy_step, worst)  # type: ignore[arg-type]
+    run(rollouts, scorer, options, json_path, plot)
+
+
+@app.command()
+@user_errors
+def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory written by `minpro train`")]) -> None:
+    """Training curves (reward, entropy, grad norm, ratio statistics) → RUN_DIR/plots/training.png."""
+    from minpro_cli.plots import plot_run
+
+    console.print(f"plot: {plot_run(run_dir)}")
 
 
 @app.command()

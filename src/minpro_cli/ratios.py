@@ -1,93 +1,240 @@
-"""`minpro inspect-ratios`: statistics of ρ_t, ρ̲_t and ρ̲_t·ρ_t of saved rollouts against a policy."""
+"""`minpro inspect-ratios`: ratio statistics of saved rollouts against a policy, streamed.
+
+Behaviour log-probs come from the rollout files; target log-probs from a forward pass of the
+policy (batched, no grad) or, without a policy, from each file's `target_logprobs` column.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pyarrow.parquet as pq
 import torch
 from rich.table import Table
 
-from minpro_cli.console import console, progress_bar, warn
+from minpro_cli.console import console, progress_bar
+from minpro_cli.errors import RolloutFileError
 from minpro_cli.fileio import write_json_atomic
 from minpro_cli.modeling import Policy, pack, pad_rows, response_logprobs, tokenizer_fingerprint
-from minpro_cli.objectives.logratios import log_min_prefix_ratio, log_prefix_ratio, log_token_ratio
-from minpro_cli.rollouts import read_rollouts
+from minpro_cli.objectives import LOG_RATIO_CLAMP
+from minpro_cli.ratiostats import DEFAULT_THRESHOLDS, QUANTITIES, RatioStats
+from minpro_cli.rollouts import TARGET_LOGPROBS_FIELD, iter_rollout_batches, rollout_files
 
-QUANTITIES = {
-    "token_ratio": "ρ_t",
-    "min_prefix_ratio": "ρ̲_t (min over i<t)",
-    "minpro_weight": "ρ̲_t·ρ_t",
-    "prefix_ratio": "ρ_1:t (cumulative)",
-}
-QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+GroupBy = Literal["policy_version", "staleness"]
+COLUMNS = ["prompt_id", "sample_index", "prompt_token_ids", "response_token_ids", "behavior_logprobs", "reward",
+           "policy_version", "tokenizer_fingerprint", "temperature", TARGET_LOGPROBS_FIELD.name]
+
+
+@dataclass(frozen=True)
+class InspectOptions:
+    batch_size: int = 64
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    by: GroupBy | None = None
+    policy_step: int | None = None  # optimizer step of the policy, for --by staleness
+    worst: int = 5
+
+    def new_stats(self) -> RatioStats:
+        return RatioStats(self.eps_low, self.eps_high, self.thresholds, worst_k=self.worst)
 
 
 @torch.no_grad()
-def log_ratios(policy: Policy, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Per-token log of each quantity for a batch of rows, flattened over response tokens."""
-    packed = pack([r["prompt_token_ids"] for r in rows], [r["response_token_ids"] for r in rows], policy.pad_token_id)
-    temperature = float(rows[0]["temperature"])
-    logprobs, _ = response_logprobs(policy.model, packed, temperature)
-    old = pad_rows([r["behavior_logprobs"] for r in rows], logprobs)
-    mask = packed.response_mask.to(logprobs.device)
-    log_rho = log_token_ratio(logprobs, old)
-    log_min = log_min_prefix_ratio(log_rho, mask)
-    return {
-        "token_ratio": log_rho[mask],
-        "min_prefix_ratio": log_min[mask],
-        "minpro_weight": (log_min + log_rho)[mask],
-        "prefix_ratio": log_prefix_ratio(log_rho, mask)[mask],
-    }
+def target_logprobs(policy: Policy, rows: list[dict[str, Any]]) -> torch.Tensor:
+    """(B, T) log π_θ of each row's response tokens, right-padded; rows may mix temperatures."""
+    width = max(len(r["response_token_ids"]) for r in rows)
+    out = torch.zeros(len(rows), width, dtype=torch.float32)
+    by_temperature: dict[float, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_temperature.setdefault(float(r["temperature"]), []).append(i)
+    for temperature, index in by_temperature.items():
+        packed = pack([rows[i]["prompt_token_ids"] for i in index], [rows[i]["response_token_ids"] for i in index],
+                      policy.pad_token_id)
+        logprobs, _ = response_logprobs(policy.model, packed, temperature)
+        out[index, : logprobs.shape[1]] = logprobs.float().cpu()
+    return out
 
 
-def summarize(log_values: torch.Tensor) -> dict[str, float]:
-    values = log_values.double().exp()
-    qs = torch.quantile(values, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
-    return {
-        "count": int(values.numel()),
-        "mean": float(values.mean()),
-        "std": float(values.std()) if values.numel() > 1 else 0.0,
-        "min": float(values.min()),
-        "max": float(values.max()),
-        **{f"p{round(q * 100)}": v for q, v in zip(QUANTILES, qs)},
-    }
+def batch_log_ratios(rows: list[dict[str, Any]], policy: Policy | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clamped log ρ (B, T) and the response mask for one batch of rows."""
+    lengths = torch.tensor([len(r["response_token_ids"]) for r in rows])
+    width = int(lengths.max())
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    if policy is not None:
+        target = target_logprobs(policy, rows)
+    else:
+        target = pad_rows([r[TARGET_LOGPROBS_FIELD.name] for r in rows], torch.zeros(len(rows), width))
+    behaviour = pad_rows([r["behavior_logprobs"] for r in rows], target)
+    log_rho = (target.double() - behaviour.double()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return log_rho.masked_fill(~mask, 0.0), mask
+
+
+def check_source(path: Path, table_columns: Iterable[str], fingerprints: set[str], policy: Policy | None) -> None:
+    if policy is None:
+        if TARGET_LOGPROBS_FIELD.name not in table_columns:
+            raise RolloutFileError(
+                f"{path}: no '{TARGET_LOGPROBS_FIELD.name}' column, so the target log-probs must come from a "
+                "policy: pass --policy CHECKPOINT"
+            )
+        return
+    expected = tokenizer_fingerprint(policy.tokenizer)
+    if fingerprints != {expected}:
+        raise RolloutFileError(
+            f"{path}: rows were tokenized with tokenizer {', '.join(sorted(fingerprints))}, but {policy.path} has "
+            f"tokenizer {expected}; ratios would compare different tokens. Score them with the model that "
+            "sampled them or a checkpoint trained from it"
+        )
+
+
+def group_key(row: dict[str, Any], options: InspectOptions) -> str | None:
+    if options.by == "policy_version":
+        return str(row["policy_version"])
+    if options.by == "staleness":
+        assert options.policy_step is not None
+        return str(options.policy_step - int(row["policy_version"]))
+    return None
 
 
 def inspect_ratios(
-    rollouts: str, policy: Policy, batch_size: int = 64, json_path: Path | None = None
+    rollouts: str,
+    policy: Policy | None,
+    options: InspectOptions | None = None,
+    json_path: Path | None = None,
+    plot_dir: Path | None = None,
 ) -> dict[str, Any]:
-    rows = read_rollouts(rollouts).to_pylist()
-    if {r["tokenizer_fingerprint"] for r in rows} != {tokenizer_fingerprint(policy.tokenizer)}:
-        warn("the rollouts were tokenized with a different tokenizer than the policy's: ratios are meaningless")
-    policy.model.eval()
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in QUANTITIES}
-    with progress_bar("scoring", total=len(rows)) as bar:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            for key, values in log_ratios(policy, chunk).items():
-                parts[key].append(values)
-            bar.advance(len(chunk))
-    report: dict[str, Any] = {"n_sequences": len(rows)}
-    for key in QUANTITIES:
-        report[key] = summarize(torch.cat(parts[key]))
-    report["n_tokens"] = report["token_ratio"]["count"]
-    log_rho = torch.cat(parts["token_ratio"]).double()
-    report["kl_k1"] = float((-log_rho).mean())  # E_μ[log μ − log π]
-    report["kl_k3"] = float((log_rho.exp() - 1 - log_rho).mean())
-    print_report(report, rollouts)
+    """Stream the rollout set, print the report, optionally write JSON and plots; return the report."""
+    options = options or InspectOptions()
+    if options.by == "staleness" and options.policy_step is None:
+        raise RolloutFileError(
+            "--by staleness needs the policy's optimizer step: the checkpoint has no trainer_state.json, "
+            "so pass --policy-step N"
+        )
+    total = sum(pq.ParquetFile(p).metadata.num_rows for p in rollout_files(rollouts))
+    overall, groups = options.new_stats(), {}
+    if policy is not None:
+        policy.model.eval()
+    with progress_bar("scoring rollouts", total=total) as bar:
+        for path, table in iter_rollout_batches(rollouts, options.batch_size, COLUMNS):
+            check_source(path, table.column_names, set(table["tokenizer_fingerprint"].to_pylist()), policy)
+            rows = [r | {"source": path.name} for r in table.to_pylist()]
+            log_rho, mask = batch_log_ratios(rows, policy)
+            overall.add(log_rho, mask, rows)
+            if options.by is not None:
+                keys = [group_key(r, options) for r in rows]
+                for key in dict.fromkeys(keys):
+                    index = [i for i, k in enumerate(keys) if k == key]
+                    groups.setdefault(key, options.new_stats()).add(log_rho[index], mask[index],
+                                                                    [rows[i] for i in index])
+            bar.advance(len(rows))
+    report = overall.report()
+    report["worst"] = [decode_worst(item, policy) for item in report["worst"]]
+    if options.by is not None:
+        ordered = sorted(groups.items(), key=lambda kv: int(kv[0]))
+        report["groups"] = {"by": options.by, **{k: stats.report() for k, stats in ordered}}
+        for key, _ in ordered:
+            report["groups"][key]["worst"] = [decode_worst(i, policy) for i in report["groups"][key]["worst"]]
+    report["source"] = str(rollouts)
+    print_report(report, str(rollouts), options)
     if json_path is not None:
         write_json_atomic(json_path, report)
+    if plot_dir is not None:
+        from minpro_cli.plots import plot_inspection
+
+        for written in plot_inspection(overall, report, plot_dir):
+            console.print(f"plot: {written}")
     return report
 
 
-def print_report(report: dict[str, Any], source: str) -> None:
-    table = Table(title=f"ratios of {source}: {report['n_sequences']} sequences, {report['n_tokens']} tokens")
+def decode_worst(item: dict[str, Any], policy: Policy | None) -> dict[str, Any]:
+    """Replace the token ids by the token where the ratio fell and the text just before it."""
+    ids = item.pop("token_ids")
+    at = item["position"] - 1
+    item["token_id"] = ids[at]
+    if policy is not None:
+        item["token"] = policy.tokenizer.decode([ids[at]])
+        item["context"] = policy.tokenizer.decode(ids[max(0, at - 24) : at])
+    return item
+
+
+def print_report(report: dict[str, Any], source: str, options: InspectOptions) -> None:
     stats = ["mean", "std", "min", "p1", "p5", "p50", "p95", "p99", "max"]
+    table = Table(title=f"ratios of {source}: {report['n_sequences']} sequences, {report['n_tokens']} tokens")
     table.add_column("quantity")
     for s in stats:
         table.add_column(s, justify="right")
+    for t in options.thresholds:
+        table.add_column(f"<{t:g}", justify="right")
     for key, label in QUANTITIES.items():
-        table.add_row(label, *[f"{report[key][s]:.4g}" for s in stats])
+        q = report[key]
+        if q["count"]:
+            table.add_row(label, *[f"{q[s]:.4g}" for s in stats],
+                          *[f"{q['frac_below'][str(t)]:.1%}" for t in options.thresholds])
     console.print(table)
-    console.print(f"KL(μ‖π) estimates: k1 {report['kl_k1']:.3g}, k3 {report['kl_k3']:.3g}")
+    clip, ess = report["clip"], report["ess"]
+    console.print(
+        f"KL(μ‖π): k1 {report['kl_k1']:.3g}, k3 {report['kl_k3']:.3g}   mean (log ρ)² {report['m2']:.3g}   "
+        f"clipped at [1−{clip['eps_low']:g}, 1+{clip['eps_high']:g}]: ρ_t {clip['token_ratio']['total']:.1%} "
+        f"(low {clip['token_ratio']['low']:.1%}, high {clip['token_ratio']['high']:.1%}), "
+        f"ρ̲_t·ρ_t {clip['minpro_weight']['total']:.1%}   ESS: tokens ρ_t {ess['token_ratio']:.3f}, "
+        f"ρ̲_t·ρ_t {ess['minpro_weight']:.3f}, ρ_1:t {ess['prefix_ratio']:.3f}; sequences ρ_1:|o| {ess['sequence']:.3f}"
+    )
+    print_by_position(report["by_position"]["absolute"], "by position in the response (tokens)")
+    print_first_breaks(report["first_break"])
+    print_worst(report["worst"])
+    if "groups" in report:
+        print_groups(report["groups"])
+
+
+def print_by_position(bins: list[dict[str, Any]], title: str) -> None:
+    table = Table(title=title)
+    for column in ("position", "tokens", "mean log ρ_t", "mean log ρ_1:t", "std log ρ_1:t", "mean ρ̲_t", "min ρ̲_t"):
+        table.add_column(column, justify="right")
+    for b in bins:
+        table.add_row(b["bin"], str(b["count"]), f"{b['log_token_ratio_mean']:+.4f}",
+                      f"{b['log_prefix_ratio_mean']:+.3f}", f"{b['log_prefix_ratio_std']:.3f}",
+                      f"{b['min_prefix_ratio_mean']:.4f}", f"{b['min_prefix_ratio_min']:.3g}")
+    console.print(table)
+
+
+def print_first_breaks(breaks: dict[str, dict[str, Any]]) -> None:
+    table = Table(title="where prefixes break: first position with ρ̲_t < τ")
+    for column in ("τ", "sequences broken", "mean position", "by relative position (tenths of the response)"):
+        table.add_column(column, justify="right")
+    for tau, b in breaks.items():
+        spread = " ".join(str(c) for c in b["relative"].values())
+        mean = "—" if b["mean_position"] is None else f"{b['mean_position']:.1f}"
+        table.add_row(tau, f"{b['fraction_broken']:.1%}", mean, spread)
+    console.print(table)
+
+
+def print_worst(worst: list[dict[str, Any]]) -> None:
+    if not worst:
+        return
+    table = Table(title="sequences with the smallest ρ̲ at their end")
+    for column in ("prompt_id", "sample", "reward", "min ρ", "at / length", "token", "text before it"):
+        table.add_column(column)
+    for w in worst:
+        token = repr(w.get("token", w["token_id"]))
+        context = w.get("context", "")[-40:].replace("\n", "⏎")
+        table.add_row(str(w["prompt_id"]), str(w["sample_index"]), f"{w['reward']:.2f}", f"{w['min_ratio']:.3g}",
+                      f"{w['position']} / {w['response_length']}", token, context)
+    console.print(table)
+
+
+def print_groups(groups: dict[str, Any]) -> None:
+    table = Table(title=f"by {groups['by']}")
+    columns = ("group", "sequences", "tokens", "mean ρ_t", "p5 ρ̲_t", "mean ρ̲_t·ρ_t", "p50 ρ_1:t", "k3 KL",
+               "(log ρ)²", "clip ρ_t")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for key, r in groups.items():
+        if key == "by":
+            continue
+        table.add_row(key, str(r["n_sequences"]), str(r["n_tokens"]), f"{r['token_ratio']['mean']:.4f}",
+                      f"{r['min_prefix_ratio']['p5']:.4f}", f"{r['minpro_weight']['mean']:.4f}",
+                      f"{r['prefix_ratio']['p50']:.4g}", f"{r['kl_k3']:.3g}", f"{r['m2']:.3g}",
+                      f"{r['clip']['token_ratio']['total']:.1%}")
+    console.print(table)

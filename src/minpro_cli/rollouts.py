@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,16 @@ SCHEMA = pa.schema(
         ("seed", pa.int64()),
     ]
 )
+# Optional: log π_θ of each response token under a scoring policy (same length as the tokens).
+# `inspect-ratios` without --policy reads its target log-probs from here.
+TARGET_LOGPROBS_FIELD = pa.field("target_logprobs", pa.list_(pa.float32()))
 
 
 def write_rollouts(path: Path, rows: list[dict[str, Any]], config: dict[str, Any]) -> None:
-    """Write rows atomically: the final path holds either nothing or a complete file."""
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    """Write rows atomically: the final path holds either nothing or a complete file. The
+    optional `target_logprobs` column is written when every row has it."""
+    with_target = bool(rows) and all(TARGET_LOGPROBS_FIELD.name in r for r in rows)
+    table = pa.Table.from_pylist(rows, schema=SCHEMA.append(TARGET_LOGPROBS_FIELD) if with_target else SCHEMA)
     table = table.replace_schema_metadata(
         {VERSION_KEY: SCHEMA_VERSION.encode(), CONFIG_KEY: json.dumps(config).encode()}
     )
@@ -75,7 +81,8 @@ def rollout_files(spec: str | Path) -> list[Path]:
     return matches
 
 
-def read_rollout_file(path: Path) -> pa.Table:
+def open_rollout_file(path: Path) -> pq.ParquetFile:
+    """Open and check the metadata, columns and types of one rollout file (reads no rows)."""
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
@@ -92,37 +99,66 @@ def read_rollout_file(path: Path) -> pa.Table:
             f"{path}: rollout schema version {version.decode()} is not supported "
             f"(this minpro reads version {SCHEMA_VERSION}); upgrade minpro or regenerate the file"
         )
-    names = set(parquet.schema_arrow.names)
-    missing = [f.name for f in SCHEMA if f.name not in names]
+    schema = parquet.schema_arrow
+    missing = [f.name for f in SCHEMA if f.name not in schema.names]
     if missing:
         raise RolloutFileError(f"{path}: missing column(s) {', '.join(missing)}")
+    for expected in [*SCHEMA, TARGET_LOGPROBS_FIELD]:
+        if expected.name in schema.names and schema.field(expected.name).type != expected.type:
+            actual = schema.field(expected.name).type
+            raise RolloutFileError(f"{path}: column '{expected.name}' has type {actual}, expected {expected.type}")
+    return parquet
+
+
+def read_rollout_file(path: Path) -> pa.Table:
+    parquet = open_rollout_file(path)
     try:
         table = parquet.read()
     except (pa.ArrowException, OSError) as exc:
         raise RolloutFileError(f"{path}: cannot read ({exc}); it may be truncated or corrupt") from None
-    for field in SCHEMA:
-        actual = table.schema.field(field.name).type
-        if actual != field.type:
-            raise RolloutFileError(f"{path}: column '{field.name}' has type {actual}, expected {field.type}")
-    _check_lengths(path, table)
+    check_rows(path, table)
     return table
 
 
-def _check_lengths(path: Path, table: pa.Table) -> None:
+def iter_rollout_batches(spec: str | Path, batch_size: int, columns: list[str]) -> Iterator[tuple[Path, pa.Table]]:
+    """Stream a rollout set in batches of at most `batch_size` rows, each checked like a whole
+    file would be; `columns` that a file lacks (optional ones) are simply not read."""
+    for path in rollout_files(spec):
+        parquet = open_rollout_file(path)
+        present = [c for c in columns if c in parquet.schema_arrow.names]
+        offset = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=batch_size, columns=present):
+                table = pa.Table.from_batches([batch])
+                check_rows(path, table, offset)
+                offset += table.num_rows
+                yield path, table
+        except (pa.ArrowException, OSError) as exc:
+            raise RolloutFileError(f"{path}: cannot read after row {offset} ({exc}); it may be truncated or corrupt") from None
+
+
+def check_rows(path: Path, table: pa.Table, offset: int = 0) -> None:
+    """Every row has a non-empty response and one log-prob per response token (behaviour and,
+    when present, target); errors name the file and the row number within it."""
     n_tokens = pc.list_value_length(table["response_token_ids"])
-    n_logprobs = pc.list_value_length(table["behavior_logprobs"])
-    ragged = pc.not_equal(n_tokens, n_logprobs)
-    if pc.any(ragged).as_py():
-        row = pc.index(ragged, True).as_py()
-        raise RolloutFileError(
-            f"{path}: row {row} (prompt_id={table['prompt_id'][row].as_py()!r}, "
-            f"sample_index={table['sample_index'][row].as_py()}) has {n_logprobs[row].as_py()} "
-            f"behavior_logprobs for {n_tokens[row].as_py()} response tokens; the lists must match"
-        )
+    for column in ("behavior_logprobs", TARGET_LOGPROBS_FIELD.name):
+        if column not in table.column_names:
+            continue
+        n_logprobs = pc.list_value_length(table[column])
+        ragged = pc.not_equal(n_tokens, n_logprobs)
+        if pc.any(ragged).as_py():
+            row = pc.index(ragged, True).as_py()
+            raise RolloutFileError(
+                f"{path}: row {offset + row} (prompt_id={table['prompt_id'][row].as_py()!r}, "
+                f"sample_index={table['sample_index'][row].as_py()}) has {n_logprobs[row].as_py()} "
+                f"{column} for {n_tokens[row].as_py()} response tokens; the lists must match"
+            )
     empty = pc.equal(n_tokens, 0)
     if pc.any(empty).as_py():
         row = pc.index(empty, True).as_py()
-        raise RolloutFileError(f"{path}: row {row} has an empty response (at least one token, the EOS, is expected)")
+        raise RolloutFileError(
+            f"{path}: row {offset + row} has an empty response (at least one token, the EOS, is expected)"
+        )
 
 
 def read_rollouts(spec: str | Path) -> pa.Table:

@@ -20,7 +20,14 @@ from typing import Any
 import torch
 
 from minpro_cli.advantages import compute_advantages, group_indices, zero_variance_groups
-from minpro_cli.checkpoints import LoopState, StateDict, latest_checkpoint, load_checkpoint_state, save_checkpoint
+from minpro_cli.checkpoints import (
+    LoopState,
+    StateDict,
+    latest_checkpoint,
+    load_checkpoint_state,
+    save_checkpoint,
+    write_loop_state,
+)
 from minpro_cli.collect import load_recipe_policy, load_split, sample_rows, sampling_job, summarize_rows
 from minpro_cli.config import Recipe, dump_recipe
 from minpro_cli.console import console, progress_bar, warn
@@ -28,6 +35,8 @@ from minpro_cli.errors import RolloutFileError, TrainingDivergedError
 from minpro_cli.fileio import append_jsonl, read_jsonl, write_directory_atomic, write_jsonl_atomic, write_yaml_atomic
 from minpro_cli.modeling import Policy, pack, pad_rows, response_logprobs, save_policy, tokenizer_fingerprint
 from minpro_cli.objectives import AdvantageEstimator, ObjectiveInputs, ObjectiveOptions
+from minpro_cli.objectives.logratios import log_token_ratio
+from minpro_cli.ratiostats import core_metrics
 from minpro_cli.rollouts import read_rollouts, write_rollouts
 from minpro_cli.tasks import Problem
 
@@ -94,6 +103,7 @@ def update_step(
     old = pad_rows(batch.old_logprobs, logprobs)
     mask = packed.response_mask.to(device)
     out = objective(ObjectiveInputs(logprobs, old, batch.advantages.to(device), mask))
+    ratio_stats = core_metrics(log_token_ratio(logprobs.detach(), old).cpu(), mask.cpu())
     if not torch.isfinite(out.loss):
         raise TrainingDivergedError(f"loss is {out.loss.item()}")
     optimizer.zero_grad(set_to_none=True)
@@ -109,6 +119,7 @@ def update_step(
         "grad_norm": grad_norm.item(),
         "entropy": float(entropy[mask].mean()),
         **out.metrics,
+        **ratio_stats,
     }
 
 
@@ -326,7 +337,11 @@ def run_train(recipe: Recipe) -> Path:
                 save_checkpoint(run_dir, policy, optimizer, state, snapshots, cfg.keep_checkpoints)
 
     final = run_dir / "final"
-    write_directory_atomic(final, lambda tmp: save_policy(policy, tmp))
+    def fill_final(tmp: Path) -> None:
+        save_policy(policy, tmp)
+        write_loop_state(tmp, state)
+
+    write_directory_atomic(final, fill_final)
     console.print(f"final weights: {final}")
     return final
 

@@ -1,0 +1,138 @@
+"""PNG plots: ratio distributions of an inspection, and training curves of a run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from minpro_cli.errors import MinproError  # noqa: E402
+from minpro_cli.fileio import atomic_path, read_jsonl  # noqa: E402
+from minpro_cli.ratiostats import HIST_BINS, HIST_RANGE, QUANTITIES, RatioStats  # noqa: E402
+
+
+def save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def histogram_figure(stats: RatioStats) -> Figure:
+    """Histogram of each quantity on a log-ratio axis."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), layout="constrained")
+    edges = torch.linspace(-HIST_RANGE, HIST_RANGE, HIST_BINS + 1, dtype=torch.float64).exp()
+    for ax, (key, label) in zip(axes.flat, QUANTITIES.items()):
+        counts = stats.summaries[key].hist
+        nonzero = torch.nonzero(counts).flatten()
+        if nonzero.numel():
+            lo, hi = int(nonzero[0]), int(nonzero[-1]) + 1
+            # merge fine bins so a bar stays visible: ~80 bars over the occupied range
+            step = max(1, (hi - lo) // 80)
+            cuts = [*range(lo, hi, step), hi]
+            sums = [int(counts[a:b].sum()) for a, b in zip(cuts, cuts[1:])]
+            ax.stairs(sums, [float(edges[c]) for c in cuts], fill=True, alpha=0.7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.axvline(1.0, color="black", linewidth=0.8, linestyle=":")
+        ax.set_xlabel(f"{label} (log scale)")
+        ax.set_ylabel("tokens")
+        ax.set_title(label)
+    fig.suptitle(f"ratio distributions: {stats.n_sequences} sequences, {stats.n_tokens()} tokens")
+    return fig
+
+
+def position_figure(report: dict[str, Any]) -> Figure:
+    """The four quantities against absolute and relative position in the response."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    for ax, kind, xlabel in [(axes[0], "absolute", "position in the response (tokens, bin start)"),
+                             (axes[1], "relative", "relative position in the response")]:
+        bins = report["by_position"][kind]
+        x = [int(b["bin"].split("–")[0]) if kind == "absolute" else float(b["bin"].split("–")[0]) + 0.05
+             for b in bins]
+        mean_prefix = [b["log_prefix_ratio_mean"] for b in bins]
+        std_prefix = [b["log_prefix_ratio_std"] for b in bins]
+        ax.plot(x, [b["log_token_ratio_mean"] for b in bins], marker="o", label="mean log ρ_t")
+        ax.plot(x, mean_prefix, marker="o", label="mean log ρ_1:t (± std)")
+        ax.fill_between(x, [m - s for m, s in zip(mean_prefix, std_prefix)],
+                        [m + s for m, s in zip(mean_prefix, std_prefix)], alpha=0.2, color="C1")
+        ax.plot(x, [math.log(b["min_prefix_ratio_mean"]) for b in bins], marker="o", label="log mean ρ̲_t")
+        ax.plot(x, [math.log(b["min_prefix_ratio_mean"]) + b["log_token_ratio_mean"] for b in bins],
+                marker=".", linestyle="--", label="log mean ρ̲_t + mean log ρ_t")
+        if kind == "absolute":
+            ax.set_xscale("log", base=2)
+        ax.axhline(0.0, color="black", linewidth=0.8, linestyle=":")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("log ratio")
+        ax.legend(fontsize=8)
+    fig.suptitle("ratios along the response: the prefix product drifts, the prefix minimum is bounded")
+    return fig
+
+
+def first_break_figure(report: dict[str, Any]) -> Figure:
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for tau, b in report["first_break"].items():
+        labels = list(b["relative"])
+        counts = list(b["relative"].values())
+        total = max(b["sequences"], 1)
+        ax.plot(range(len(labels)), [c / total for c in counts], marker="o",
+                label=f"τ = {tau}: {b['fraction_broken']:.0%} of sequences break")
+        ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=7)
+    ax.set_xlabel("relative position where ρ̲_t first falls below τ")
+    ax.set_ylabel("fraction of sequences")
+    ax.legend(fontsize=8)
+    ax.set_title("where prefixes break")
+    return fig
+
+
+def plot_inspection(stats: RatioStats, report: dict[str, Any], directory: Path) -> list[Path]:
+    return [
+        save(histogram_figure(stats), directory / "ratio_histograms.png"),
+        save(position_figure(report), directory / "ratios_by_position.png"),
+        save(first_break_figure(report), directory / "first_break.png"),
+    ]
+
+
+TRAINING_PANELS = [
+    ("reward", ["reward_mean"]),
+    ("entropy", ["entropy"]),
+    ("gradient norm", ["grad_norm"]),
+    ("token ratio ρ_t", ["ratios/token_ratio_mean", "ratios/token_ratio_p5", "ratios/token_ratio_p95"]),
+    ("min prefix ratio ρ̲_t", ["ratios/min_prefix_ratio_mean", "ratios/min_prefix_ratio_p5"]),
+    ("KL(μ‖π) and mean (log ρ)²", ["ratios/kl_k3", "ratios/m2"]),
+]
+
+
+def training_figure(metrics: list[dict[str, Any]], title: str) -> Figure:
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7), layout="constrained")
+    steps = [m["step"] for m in metrics]
+    for ax, (label, keys) in zip(axes.flat, TRAINING_PANELS):
+        for key in keys:
+            values = [m.get(key, math.nan) for m in metrics]
+            if any(math.isfinite(v) for v in values):
+                ax.plot(steps, values, label=key.removeprefix("ratios/"))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(label)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_run(run_dir: Path) -> Path:
+    """`minpro plot RUN_DIR`: training curves from metrics.jsonl into RUN_DIR/plots/training.png."""
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise MinproError(f"{metrics_path} not found: point `minpro plot` at a run directory that `minpro train` wrote")
+    metrics = read_jsonl(metrics_path)
+    if not metrics:
+        raise MinproError(f"{metrics_path} is empty: no round has finished yet")
+    return save(training_figure(metrics, f"{run_dir}: {len(metrics)} rounds"), run_dir / "plots" / "training.png")
