@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -9,13 +10,13 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.figure import Figure
 
-from minpro_cli.errors import MinproError  # noqa: E402
-from minpro_cli.fileio import atomic_path, read_jsonl  # noqa: E402
-from minpro_cli.ratiostats import HIST_BINS, HIST_RANGE, QUANTITIES, RatioStats  # noqa: E402
+from minpro_cli.errors import MinproError
+from minpro_cli.fileio import atomic_path, read_jsonl
+from minpro_cli.ratiostats import HIST_BINS, HIST_RANGE, QUANTITIES, RatioStats
 
 
 def save(fig: Figure, path: Path) -> Path:
@@ -38,7 +39,7 @@ def histogram_figure(stats: RatioStats) -> Figure:
             # merge fine bins so a bar stays visible: ~80 bars over the occupied range
             step = max(1, (hi - lo) // 80)
             cuts = [*range(lo, hi, step), hi]
-            sums = [int(counts[a:b].sum()) for a, b in zip(cuts, cuts[1:])]
+            sums = [int(counts[a:b].sum()) for a, b in itertools.pairwise(cuts)]
             ax.stairs(sums, [float(edges[c]) for c in cuts], fill=True, alpha=0.7)
         ax.set_xscale("log")
         ax.set_yscale("log")
