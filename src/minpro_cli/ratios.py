@@ -132,10 +132,10 @@ def inspect_ratios(
     report = overall.report()
     report["worst"] = [decode_worst(item, policy) for item in report["worst"]]
     if options.by is not None:
-        ordered = sorted(groups.items(), key=lambda kv: int(kv[0]))
-        report["groups"] = {"by": options.by, **{k: stats.report() for k, stats in ordered}}
-        for key, _ in ordered:
-            report["groups"][key]["worst"] = [decode_worst(i, policy) for i in report["groups"][key]["worst"]]
+        report["by"] = options.by
+        report["groups"] = {key: groups[key].report() for key in sorted(groups, key=int)}
+        for group in report["groups"].values():
+            group["worst"] = [decode_worst(item, policy) for item in group["worst"]]
     report["source"] = str(rollouts)
     print_report(report, str(rollouts), options)
     if json_path is not None:
@@ -185,7 +185,7 @@ def print_report(report: dict[str, Any], source: str, options: InspectOptions) -
     print_first_breaks(report["first_break"])
     print_worst(report["worst"])
     if "groups" in report:
-        print_groups(report["groups"])
+        print_groups(report["by"], report["groups"])
 
 
 def print_by_position(bins: list[dict[str, Any]], title: str) -> None:
@@ -224,15 +224,13 @@ def print_worst(worst: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
-def print_groups(groups: dict[str, Any]) -> None:
-    table = Table(title=f"by {groups['by']}")
+def print_groups(by: str, groups: dict[str, Any]) -> None:
+    table = Table(title=f"by {by}")
     columns = ("group", "sequences", "tokens", "mean ρ_t", "p5 ρ̲_t", "mean ρ̲_t·ρ_t", "p50 ρ_1:t", "k3 KL",
                "(log ρ)²", "clip ρ_t")
     for column in columns:
         table.add_column(column, justify="right")
     for key, r in groups.items():
-        if key == "by":
-            continue
         table.add_row(key, str(r["n_sequences"]), str(r["n_tokens"]), f"{r['token_ratio']['mean']:.4f}",
                       f"{r['min_prefix_ratio']['p5']:.4f}", f"{r['minpro_weight']['mean']:.4f}",
                       f"{r['prefix_ratio']['p50']:.4g}", f"{r['kl_k3']:.3g}", f"{r['m2']:.3g}",
