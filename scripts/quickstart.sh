@@ -13,7 +13,8 @@ $MINPRO rollout "$RECIPE" "run_dir=$RUN"
 $MINPRO eval "$RECIPE" "run_dir=$RUN" --policy embedded --output "$RUN/eval/before.json"
 $MINPRO train "$RECIPE" "run_dir=$RUN"
 $MINPRO eval "$RECIPE" "run_dir=$RUN" --policy "$RUN/final" --output "$RUN/eval/after.json"
-$MINPRO inspect-ratios "$RUN/rollouts" --policy "$RUN/final" --json "$RUN/ratios.json"
+$MINPRO inspect-ratios "$RUN/rollouts" --policy "$RUN/final" --json "$RUN/ratios.json" --plot "$RUN/plots"
+$MINPRO plot "$RUN"
 
 .venv/bin/python - "$RUN" <<'PY'
 import json, sys
