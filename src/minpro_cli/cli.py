@@ -140,10 +140,16 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory written b
     console.print(f"plot: {plot_run(run_dir)}")
 
 
-@app.command()
+plugins_app = typer.Typer(help="List, check and scaffold objective / verifier / sampler plugins.")
+app.add_typer(plugins_app, name="plugins")
+
+
+@plugins_app.callback(invoke_without_command=True)
 @user_errors
-def plugins() -> None:
+def plugins(ctx: typer.Context) -> None:
     """List installed objectives, verifiers and samplers and the package providing each."""
+    if ctx.invoked_subcommand is not None:
+        return
     from minpro_cli.registry import KINDS, discover
 
     with warnings.catch_warnings(record=True) as caught:
@@ -165,6 +171,52 @@ def plugins() -> None:
         console.print(table)
     for message in [*problems, *(str(w.message) for w in caught)]:
         console.print(f"warning: {message}", soft_wrap=True, markup=False)
+
+
+@plugins_app.command("check")
+@user_errors
+def plugins_check(
+    name: Annotated[str, typer.Argument(help="an installed plugin's name")],
+    kind: Annotated[str | None, typer.Option(help="objectives, verifiers or samplers (when the name is ambiguous)")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="KEY=VALUE plugin option (repeatable)")] = None,
+    policy: Annotated[str, typer.Option(help="model a sampler is checked with")] = "embedded",
+) -> None:
+    """Run the conformance checks on an installed plugin; exit 1 if any fails."""
+    from minpro_cli.config import parse_override
+    from minpro_cli.conformance import check_plugin
+    from minpro_cli.modeling import load_policy
+    from minpro_cli.registry import KINDS, discover
+
+    kinds = [k for k in KINDS if name in discover(k) and kind in (None, k)]
+    if not kinds:
+        raise ConfigError(f"no installed plugin named '{name}'" + (f" among {kind}" if kind else "") +
+                          "; `minpro plugins` lists them")
+    if len(kinds) > 1:
+        raise ConfigError(f"'{name}' is a plugin of several kinds ({', '.join(kinds)}): pass --kind")
+    options = dict(parse_override(text) for text in option or [])
+    results = check_plugin(kinds[0], name, options, lambda: load_policy(policy))
+    table = Table(title=f"conformance of {kinds[0][:-1]} '{name}'")
+    for column in ("check", "result", "detail"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r.name, "[green]pass[/green]" if r.passed else "[red]FAIL[/red]", r.detail)
+    console.print(table)
+    if not all(r.passed for r in results):
+        raise typer.Exit(1)
+
+
+@plugins_app.command("new")
+@user_errors
+def plugins_new(
+    kind: Annotated[str, typer.Argument(help="objective, verifier or sampler")],
+    name: Annotated[str, typer.Argument(help="plugin name, e.g. my_objective (a Python identifier)")],
+    directory: Annotated[Path, typer.Option("--dir", help="where the package directory is created")] = Path("."),
+) -> None:
+    """Write a ready-to-install plugin package skeleton with a documented stub and a test."""
+    from minpro_cli.scaffold import new_plugin
+
+    package = new_plugin(kind, name, directory)
+    console.print(f"wrote {package}\n  install: pip install -e {package}\n  check:   minpro plugins check {name}")
 
 
 def main() -> None:
