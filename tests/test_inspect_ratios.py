@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from minpro_cli.collect import run_rollout
 from minpro_cli.config import load_recipe
-from minpro_cli.errors import RolloutFileError
+from minpro_cli.errors import ConfigError, RolloutFileError
 from minpro_cli.modeling import load_policy
 from minpro_cli.plots import first_break_figure, histogram_figure, plot_run, position_figure
 from minpro_cli.ratios import InspectOptions, inspect_ratios, target_logprobs
@@ -215,8 +215,11 @@ def test_bad_inputs_name_the_file_and_row(trained, tmp_path, policy):
     pq.write_table(table, tmp_path / "ragged.parquet")
     with pytest.raises(RolloutFileError, match=r"ragged\.parquet: row 20 .* behavior_logprobs for"):
         inspect_ratios(str(tmp_path / "ragged.parquet"), policy, InspectOptions(batch_size=8))
-    with pytest.raises(RolloutFileError, match="--policy-step"):
+    with pytest.raises(ConfigError, match="--policy-step"):
         inspect_ratios(str(rollouts), policy, InspectOptions(by="staleness"))
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(RolloutFileError, match=r"corrupt\.parquet: not a readable parquet file"):
+        inspect_ratios(str(tmp_path / "corrupt.parquet"), policy)
 
 
 def test_cli_writes_json_with_the_documented_keys(trained, tmp_path):

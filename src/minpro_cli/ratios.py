@@ -11,17 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow.parquet as pq
 import torch
 from rich.table import Table
 
 from minpro_cli.console import console, progress_bar
-from minpro_cli.errors import RolloutFileError
+from minpro_cli.errors import ConfigError, RolloutFileError
 from minpro_cli.fileio import write_json_atomic
 from minpro_cli.modeling import Policy, pack, pad_rows, response_logprobs, tokenizer_fingerprint
 from minpro_cli.objectives import LOG_RATIO_CLAMP
 from minpro_cli.ratiostats import DEFAULT_THRESHOLDS, QUANTITIES, RatioStats
-from minpro_cli.rollouts import TARGET_LOGPROBS_FIELD, iter_rollout_batches, rollout_files
+from minpro_cli.rollouts import TARGET_LOGPROBS_FIELD, iter_rollout_batches, open_rollout_file, rollout_files
 
 GroupBy = Literal["policy_version", "staleness"]
 COLUMNS = ["prompt_id", "sample_index", "prompt_token_ids", "response_token_ids", "behavior_logprobs", "reward",
@@ -108,12 +107,12 @@ def inspect_ratios(
     """Stream the rollout set, print the report, optionally write JSON and plots; return the report."""
     options = options or InspectOptions()
     if options.by == "staleness" and options.policy_step is None:
-        raise RolloutFileError(
+        raise ConfigError(
             "--by staleness needs the policy's optimizer step: the checkpoint has no trainer_state.json, "
             "so pass --policy-step N"
         )
-    total = sum(pq.ParquetFile(p).metadata.num_rows for p in rollout_files(rollouts))
-    overall, groups = options.new_stats(), {}
+    total = sum(open_rollout_file(p).metadata.num_rows for p in rollout_files(rollouts))
+    overall, groups = options.new_stats(), dict[str, RatioStats]()
     if policy is not None:
         policy.model.eval()
     with progress_bar("scoring rollouts", total=total) as bar:
