@@ -15,7 +15,7 @@ from minpro_cli.modeling import Policy, load_policy, model_fingerprint, tokenize
 from minpro_cli.rollouts import write_rollouts
 from minpro_cli.samplers import Sampler
 from minpro_cli.tasks import Problem, load_problems, render_prompt
-from minpro_cli.verifiers import Verifier
+from minpro_cli.verifiers import Verifier, verify_batch
 
 PROMPTS_PER_CHUNK = 64  # progress granularity; each chunk gets its own derived seed
 
@@ -48,10 +48,11 @@ def sample_rows(
             chunk_seed = seed * 1_000_003 + chunk_index
             expanded = [prompt_ids[i] for i in chunk for _ in range(group_size)]
             generations = job.sampler.generate(job.policy, expanded, seed=chunk_seed)
-            for offset, gen in enumerate(generations):
+            responses = [tok.decode(gen.token_ids, skip_special_tokens=True) for gen in generations]
+            answers = [problems[chunk[offset // group_size]].answer for offset in range(len(generations))]
+            results = verify_batch(job.verifier, responses, answers)
+            for offset, (gen, response, result) in enumerate(zip(generations, responses, results)):
                 problem = problems[chunk[offset // group_size]]
-                response = tok.decode(gen.token_ids, skip_special_tokens=True)
-                result = job.verifier(response, problem.answer)
                 n_tokens += len(gen.token_ids)
                 rows.append(
                     {

@@ -10,14 +10,18 @@ from __future__ import annotations
 import logging
 import re
 from fractions import Fraction
+from typing import Literal
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from minpro_cli.verifiers import VerifyResult
+from minpro_cli.verifiers import VerifierOptions, VerifyResult
 
 BOXED = "\\boxed{"
 PLAIN_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+ANSWER_IS = re.compile(r"answer is:?\s*\$?([^\n$]{1,200}?)\$?\s*(?:\.\s|\.?$|\n)", re.IGNORECASE)
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+FALLBACK_TAIL = 2000  # the fallbacks read only the end of a response: bounded work
 # math-verify logs (not raises) its timeouts; the failure reason is in the result instead
 logging.getLogger("math_verify").setLevel(logging.CRITICAL)
 
@@ -39,21 +43,37 @@ def last_boxed(text: str, max_chars: int) -> str | None:
     return None
 
 
-class MathVerifier(BaseModel):
+def fallback_answer(text: str, mode: str) -> str | None:
+    """'answer_is': the last "the answer is X"; 'last_number' also tries the last number."""
+    tail = text[-FALLBACK_TAIL:]
+    found = ANSWER_IS.findall(tail)
+    if found:
+        return found[-1].strip()
+    if mode == "last_number":
+        numbers = NUMBER.findall(tail)
+        return numbers[-1].replace(",", "") if numbers else None
+    return None
+
+
+class MathVerifier(VerifierOptions):
     r"""Scores the last \boxed{} answer: exact for plain numbers, math-verify otherwise.
 
-    The fields are the `math` verifier's options.
+    The fields are the `math` verifier's options. With `fallback`, a response without a boxed
+    answer is read for "the answer is X" (`answer_is`) and then for its last number
+    (`last_number`); the default scores only boxed answers, which is what RL rewards want.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     timeout_s: int = Field(5, ge=1, description="bound on parsing and on comparing, each")
     max_answer_chars: int = Field(512, ge=1, description="longer boxed answers score 0")
+    fallback: Literal["none", "answer_is", "last_number"] = Field("none", description="when there is no \\boxed{}")
 
     def __call__(self, response: str, reference: str) -> VerifyResult:
         answer = last_boxed(response, self.max_answer_chars)
+        if answer is None and self.fallback != "none":
+            answer = fallback_answer(response, self.fallback)
         if answer is None:
-            return VerifyResult(0.0, {"extracted": None, "failure": "no \\boxed{} answer"})
+            wanted = "\\boxed{}" if self.fallback == "none" else "\\boxed{}, 'the answer is' or number"
+            return VerifyResult(0.0, {"extracted": None, "failure": f"no {wanted} answer"})
         try:
             correct = self._equal(answer.strip(), reference.strip())
         except _Unparsable as exc:
@@ -64,6 +84,8 @@ class MathVerifier(BaseModel):
         return VerifyResult(1.0 if correct else 0.0, details)
 
     def _equal(self, answer: str, reference: str) -> bool:
+        if len(answer) > self.max_answer_chars:
+            raise _Unparsable(f"answer longer than {self.max_answer_chars} characters")
         if PLAIN_NUMBER.fullmatch(answer) and PLAIN_NUMBER.fullmatch(reference):
             # exact rational comparison: math-verify's verdict without sympy's ~40 ms per call
             return Fraction(answer) == Fraction(reference)
