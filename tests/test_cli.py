@@ -124,3 +124,11 @@ def test_duplicate_name_never_replaces_a_builtin(broken_and_duplicate_plugins):
     assert entries["minpro"].package == "minpro"
     assert any("squatter-plugin" in str(w.message) for w in caught)
     assert type(load_objective("minpro")).__name__ == "MinPRO"
+
+
+def test_eval_compare_needs_no_recipe(tmp_path):
+    for name, value in (("a", 0.25), ("b", 0.5)):
+        (tmp_path / f"{name}.json").write_text(f'{{"pass@1": {value}}}')
+    result = invoke("eval", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    assert result.exit_code == 0 and "+0.25" in result.output
+    assert_one_line_error(invoke("eval"), "give a recipe to evaluate, or --compare")

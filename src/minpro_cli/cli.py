@@ -76,14 +76,22 @@ def train(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 @app.command("eval")
 @user_errors
 def eval_(
-    recipe: RecipeArg,
+    recipe: Annotated[Path | None, typer.Argument(help="YAML recipe, e.g. recipes/quickstart.yaml")] = None,
     overrides: OverridesArg = None,
     policy: Annotated[str | None, typer.Option(help="checkpoint directory (default: eval.policy / model.path)")] = None,
     output: Annotated[Path | None, typer.Option(help="JSON output path")] = None,
+    compare: Annotated[
+        tuple[Path, Path] | None, typer.Option(help="print two result files A.json B.json side by side instead")
+    ] = None,
 ) -> None:
-    """pass@1 and pass@k of a checkpoint on the eval split."""
-    from minpro_cli.eval import run_eval
+    """avg@n, pass@k, maj@k and the standard error of pass@1 of a checkpoint on the eval split."""
+    from minpro_cli.eval import compare_results, run_eval
 
+    if compare is not None:
+        compare_results(*compare)
+        return
+    if recipe is None:
+        raise ConfigError("give a recipe to evaluate, or --compare A.json B.json")
     loaded = _recipe(recipe, overrides)
     if policy is not None:
         loaded.eval.policy = policy

@@ -1,9 +1,13 @@
-"""Advantage estimators and the unbiased pass@k estimator against independent computations."""
+"""Advantage estimators, pass@k, maj@k, the standard error of pass@1 and eval comparison,
+against independent computations."""
 
 from __future__ import annotations
 
 import itertools
+import json
+import math
 import statistics
+from fractions import Fraction
 
 import pytest
 import torch
@@ -16,7 +20,8 @@ from minpro_cli.advantages import (
     rloo_advantages,
     zero_variance_groups,
 )
-from minpro_cli.eval import pass_at_k
+from minpro_cli.errors import MinproError
+from minpro_cli.eval import compare_results, pass_at_k, score_groups
 
 
 def test_grpo_advantages_match_per_group_statistics():
@@ -74,3 +79,43 @@ def test_pass_at_k_rejects_impossible_counts():
         pass_at_k(4, 5, 1)
     with pytest.raises(ValueError):
         pass_at_k(4, 1, 5)
+
+
+def sample(prompt: str, index: int, extracted: str | None, reward: float) -> dict:
+    return {"prompt_id": prompt, "sample_index": index, "reward": reward,
+            "verifier_details": json.dumps({"extracted": extracted})}
+
+
+def test_maj_at_k_and_standard_error_by_hand():
+    rows = [
+        sample("a", 0, "3", 1.0), sample("a", 1, "4", 0.0), sample("a", 2, "3", 1.0), sample("a", 3, "5", 0.0),
+        sample("b", 0, "7", 0.0), sample("b", 1, "7", 0.0), sample("b", 2, "8", 1.0), sample("b", 3, None, 0.0),
+        sample("c", 3, None, 0.0), sample("c", 0, None, 0.0), sample("c", 2, None, 0.0), sample("c", 1, None, 0.0),
+    ]
+    scores = score_groups(list(reversed(rows)), n=4, ks=[1, 2, 4])  # row order must not matter
+    # maj@1: first sample right? a yes, b no, c none → 1/3; maj@2: a ties 3/4 → first seen "3" → 1/3
+    # maj@4: a "3" wins (right), b "7" wins (wrong), c no answer → 1/3
+    assert scores["maj@1"] == pytest.approx(1 / 3) and scores["maj@2"] == pytest.approx(1 / 3)
+    assert scores["maj@4"] == pytest.approx(1 / 3)
+    # per-problem pass@1: 0.5, 0.25, 0 → mean 0.25, sample std 0.25, stderr 0.25/√3
+    assert scores["avg@n"] == pytest.approx(0.25)
+    assert scores["pass@1_stderr"] == pytest.approx(0.25 / math.sqrt(3))
+    assert scores["pass@4"] == pytest.approx((1 + 1 + 0) / 3)
+
+
+@pytest.mark.parametrize("n,c,k", [(128, 0, 64), (128, 128, 1), (128, 1, 128), (128, 37, 16), (128, 90, 100)])
+def test_pass_at_k_is_exact_for_large_n(n, c, k):
+    exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+    assert pass_at_k(n, c, k) == pytest.approx(float(exact), abs=1e-12)
+
+
+def test_compare_prints_shared_metrics_and_names_bad_files(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"pass@1": 0.2, "pass@4": 0.5, "policy": "x", "n_problems": 10}))
+    (tmp_path / "b.json").write_text(json.dumps({"pass@1": 0.3, "pass@4": 0.45, "policy": "y", "n_problems": 10}))
+    shared = compare_results(tmp_path / "a.json", tmp_path / "b.json")
+    assert shared == {"pass@1": (0.2, 0.3), "pass@4": (0.5, 0.45), "n_problems": (10.0, 10.0)}
+    with pytest.raises(MinproError, match="eval result not found"):
+        compare_results(tmp_path / "a.json", tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(MinproError, match=r"bad\.json: not an eval result"):
+        compare_results(tmp_path / "bad.json", tmp_path / "a.json")
