@@ -118,7 +118,7 @@ def load_recipe_policy(recipe: Recipe, path: str | None = None) -> Policy:
 
 def load_split(recipe: Recipe, split: str) -> list[Problem]:
     d = recipe.data
-    return load_problems(getattr(d, split), d.question_field, d.answer_field, d.id_field)
+    return load_problems(getattr(d, split), d.question_field, d.answer_field, d.id_field, d.preset)
 
 
 def run_rollout(recipe: Recipe) -> Path:

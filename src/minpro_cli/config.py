@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from minpro_cli.errors import ConfigError, PluginError
 from minpro_cli.objectives import AdvantageEstimator
 from minpro_cli.registry import Kind, format_validation_error, load_plugin
+from minpro_cli.tasks import PresetName
 
 
 class Section(BaseModel):
@@ -29,12 +30,15 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train: str = "embedded:arith-train"
+    train: str = Field("embedded:arith-train", description="embedded:<name> or a .jsonl/.json/.parquet/.csv file")
     eval: str = "embedded:arith-test"
     prompt_template: str = Field("{question}\n", description="'{question}' is replaced by the problem")
     id_field: str = "id"
     question_field: str = "question"
     answer_field: str = "answer"
+    preset: PresetName | None = Field(
+        None, description="field names and answer form of a public benchmark export (math500, gsm8k, aime, …)"
+    )
 
 
 class PluginRef(Section):
