@@ -150,3 +150,26 @@ def test_nan_loss_stops_before_touching_the_weights(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
     update_step(policy, optimizer, MinPRO(), batch, grad_clip=1.0)  # a finite loss still trains
     assert any(not torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
+
+
+def test_chat_template_wraps_prompts_when_the_tokenizer_has_one(tmp_path):
+    from minpro_cli.collect import sample_rows, sampling_job
+    from minpro_cli.errors import ConfigError
+    from minpro_cli.tasks import Problem
+
+    policy = load_policy("embedded")
+    plain = sampling_job(recipe(tmp_path), policy)
+    assert not plain.chat  # auto: the embedded tokenizer has no template
+    with pytest.raises(ConfigError, match="has no chat template"):
+        sampling_job(recipe(tmp_path, "data.chat_template=always"), policy)
+    policy.tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[A]{% endif %}"
+    )
+    job = sampling_job(recipe(tmp_path, "data.system_prompt=Be brief."), policy)
+    problem = Problem(id="x", question="Compute 2+3.", answer="5")
+    assert job.chat and job.prompt(problem) == "[system]Be brief.[user]Compute 2+3.\n[A]"
+    (row, *_), _ = sample_rows(job, [problem], group_size=2, seed=0)
+    assert row["prompt"] == "[system]Be brief.[user]Compute 2+3.\n[A]"
+    assert policy.tokenizer.decode(row["prompt_token_ids"]) == row["prompt"]
+    off = sampling_job(recipe(tmp_path, "data.chat_template=never"), policy)
+    assert off.prompt(problem) == "Compute 2+3.\n"

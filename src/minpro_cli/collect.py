@@ -10,6 +10,7 @@ from typing import Any
 
 from minpro_cli.config import Recipe, dump_recipe
 from minpro_cli.console import print_metrics, progress_bar
+from minpro_cli.errors import ConfigError
 from minpro_cli.fileio import write_yaml_atomic
 from minpro_cli.modeling import Policy, load_policy, model_fingerprint, tokenizer_fingerprint
 from minpro_cli.rollouts import write_rollouts
@@ -31,6 +32,16 @@ class SamplingJob:
     verifier_name: str
     prompt_template: str
     policy_version: int = 0
+    chat: bool = False  # wrap the prompt in the tokenizer's chat template
+    system_prompt: str | None = None
+
+    def prompt(self, problem: Problem) -> str:
+        text = render_prompt(self.prompt_template, problem)
+        if not self.chat:
+            return text
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages.append({"role": "user", "content": text})
+        return str(self.policy.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
 
 
 def sample_rows(
@@ -39,7 +50,8 @@ def sample_rows(
     """Rows in the rollout schema for `group_size` responses per problem, and tokens/s."""
     tok = job.policy.tokenizer
     fingerprints = (model_fingerprint(job.policy.model), tokenizer_fingerprint(tok))
-    prompt_ids = [tok.encode(render_prompt(job.prompt_template, p), add_special_tokens=False) for p in problems]
+    prompts = [job.prompt(p) for p in problems]
+    prompt_ids = [tok.encode(text, add_special_tokens=False) for text in prompts]
     rows: list[dict[str, Any]] = []
     n_tokens, started = 0, time.perf_counter()
     with progress_bar(label, total=len(problems) * group_size) as bar:
@@ -58,7 +70,7 @@ def sample_rows(
                     {
                         "prompt_id": problem.id,
                         "sample_index": offset % group_size,
-                        "prompt": render_prompt(job.prompt_template, problem),
+                        "prompt": prompts[chunk[offset // group_size]],
                         "response": response,
                         "prompt_token_ids": expanded[offset],
                         "response_token_ids": gen.token_ids,
@@ -96,6 +108,13 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def use_chat_template(mode: str, policy: Policy) -> bool:
+    has_template = bool(getattr(policy.tokenizer, "chat_template", None))
+    if mode == "always" and not has_template:
+        raise ConfigError(f"data.chat_template is 'always' but the tokenizer of {policy.path} has no chat template")
+    return mode == "always" or (mode == "auto" and has_template)
+
+
 def sampling_job(recipe: Recipe, policy: Policy) -> SamplingJob:
     return SamplingJob(
         policy=policy,
@@ -104,6 +123,8 @@ def sampling_job(recipe: Recipe, policy: Policy) -> SamplingJob:
         verifier=recipe.plugin("verifiers"),
         verifier_name=recipe.verifier.name,
         prompt_template=recipe.data.prompt_template,
+        chat=use_chat_template(recipe.data.chat_template, policy),
+        system_prompt=recipe.data.system_prompt,
     )
 
 

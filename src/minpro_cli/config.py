@@ -33,6 +33,10 @@ class DataConfig(Section):
     train: str = Field("embedded:arith-train", description="embedded:<name> or a .jsonl/.json/.parquet/.csv file")
     eval: str = "embedded:arith-test"
     prompt_template: str = Field("{question}\n", description="'{question}' is replaced by the problem")
+    chat_template: Literal["auto", "always", "never"] = Field(
+        "auto", description="wrap the prompt as a user message in the tokenizer's chat template (auto: if it has one)"
+    )
+    system_prompt: str | None = Field(None, description="system message, when the chat template is used")
     id_field: str = "id"
     question_field: str = "question"
     answer_field: str = "answer"
