@@ -74,3 +74,13 @@ def test_eval_k_must_not_exceed_samples(tmp_path):
 )
 def test_override_values_are_parsed_as_yaml(text, expected):
     assert parse_override(text) == ("a.b", expected)
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 2
+    for path in recipes:
+        load_recipe(path)  # raises ConfigError naming the key if a recipe drifts from the models
+    suite = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "math-suite.yaml")
+    assert set(suite.eval.benchmarks) == {"aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench", "gsm8k"}
+    assert suite.eval.benchmarks["gsm8k"].verifier.name == "gsm8k"

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import minpro_cli.train as train_module
 from minpro_cli.collect import run_rollout
 from minpro_cli.config import load_recipe
-from minpro_cli.errors import TrainingDivergedError
+from minpro_cli.errors import ConfigError, TrainingDivergedError
 from minpro_cli.eval import pass_at_k, run_eval
 from minpro_cli.modeling import load_policy, pack, response_logprobs
 from minpro_cli.objectives import ObjectiveOptions, ObjectiveOutput
@@ -154,7 +154,6 @@ def test_nan_loss_stops_before_touching_the_weights(tmp_path):
 
 def test_chat_template_wraps_prompts_when_the_tokenizer_has_one(tmp_path):
     from minpro_cli.collect import sample_rows, sampling_job
-    from minpro_cli.errors import ConfigError
     from minpro_cli.tasks import Problem
 
     policy = load_policy("embedded")
@@ -173,3 +172,24 @@ def test_chat_template_wraps_prompts_when_the_tokenizer_has_one(tmp_path):
     assert policy.tokenizer.decode(row["prompt_token_ids"]) == row["prompt"]
     off = sampling_job(recipe(tmp_path, "data.chat_template=never"), policy)
     assert off.prompt(problem) == "Compute 2+3.\n"
+
+
+def test_several_benchmarks_in_one_recipe(tmp_path):
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text("".join(json.dumps({"question": f"Compute {a}+{b}.", "answer": f"so\n#### {a + b}"}) + "\n"
+                           for a, b in [(2, 3), (10, 4), (7, 7)]))
+    benchmarks = (f'eval.benchmarks={{arith: {{data: "embedded:arith-test", max_problems: 4}}, '
+                  f'gsm: {{data: "{gsm}", preset: gsm8k, verifier: {{name: gsm8k}}, n_samples: 2}}}}')
+    summary = run_eval(recipe(tmp_path, benchmarks, "eval.k=[1,2]"))
+    arith, gsm_result = summary["benchmarks"]["arith"], summary["benchmarks"]["gsm"]
+    assert (arith["n_problems"], arith["n_samples"], arith["verifier"]) == (4, 3, "math")
+    assert (gsm_result["n_problems"], gsm_result["n_samples"], gsm_result["verifier"]) == (3, 2, "gsm8k")
+    for metric in ("pass@1", "pass@2", "maj@2", "pass@1_stderr"):
+        assert summary["avg"][metric] == pytest.approx((arith[metric] + gsm_result[metric]) / 2)
+    samples = read_rollouts(tmp_path / "eval" / "embedded" / "gsm.samples.parquet").to_pylist()
+    assert len(samples) == 6 and {s["verifier"] for s in samples} == {"gsm8k"}
+    assert {s["reference_answer"] for s in samples} == {"5", "14"}  # 7+7: the gsm8k preset reads '#### 14'
+    saved = json.loads((tmp_path / "eval" / "embedded.json").read_text())
+    assert saved["avg"] == summary["avg"] and set(saved["benchmarks"]) == {"arith", "gsm"}
+    with pytest.raises(ConfigError, match="benchmark gsm: every k"):
+        recipe(tmp_path, benchmarks, "eval.k=[1,3]")

@@ -82,17 +82,34 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
 
 
+class BenchmarkConfig(Section):
+    """One benchmark of a multi-benchmark eval; unset fields fall back to `data` / `eval` / `verifier`."""
+
+    data: str = Field(description="embedded:<name> or a .jsonl/.json/.parquet/.csv file")
+    preset: PresetName | None = None
+    question_field: str | None = None
+    answer_field: str | None = None
+    id_field: str | None = None
+    verifier: PluginRef | None = None
+    n_samples: int | None = Field(None, ge=1)
+    max_problems: int | None = Field(None, ge=1)
+
+
 class EvalConfig(Section):
     policy: str | None = Field(None, description="checkpoint to evaluate; default model.path")
     n_samples: int = Field(4, ge=1, description="samples per problem")
-    k: list[int] = Field(default_factory=lambda: [1], description="pass@k values to report")
+    k: list[int] = Field(default_factory=lambda: [1], description="pass@k and maj@k values to report")
     max_problems: int | None = Field(None, ge=1)
+    benchmarks: dict[str, BenchmarkConfig] = Field(
+        default_factory=dict, description="several named benchmarks; empty: data.eval alone"
+    )
 
     @model_validator(mode="after")
     def _k_within_n(self) -> EvalConfig:
-        bad = [k for k in self.k if not 1 <= k <= self.n_samples]
-        if bad:
-            raise ValueError(f"every k must be in [1, n_samples={self.n_samples}], got {bad}")
+        for where, n in [("eval", self.n_samples), *((f"benchmark {b}", c.n_samples) for b, c in self.benchmarks.items())]:
+            bad = [k for k in self.k if n is not None and not 1 <= k <= n]
+            if bad:
+                raise ValueError(f"{where}: every k must be in [1, n_samples={n}], got {bad}")
         return self
 
 
@@ -174,6 +191,12 @@ def load_recipe(path: Path | None, overrides: list[str] | None = None) -> Recipe
             recipe.plugin(kind)  # validates the plugin's own options now, not mid-run
         except PluginError as exc:
             raise ConfigError(f"{where}: {kind[:-1]}: {exc}") from None
+    for name, bench in recipe.eval.benchmarks.items():
+        if bench.verifier is not None:
+            try:
+                load_plugin("verifiers", bench.verifier.name, bench.verifier.options)
+            except PluginError as exc:
+                raise ConfigError(f"{where}: eval.benchmarks.{name}.verifier: {exc}") from None
     return recipe
 
 

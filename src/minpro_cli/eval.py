@@ -10,13 +10,15 @@ from typing import Any
 
 from rich.table import Table
 
-from minpro_cli.collect import load_recipe_policy, load_split, sample_rows, sampling_job
-from minpro_cli.config import Recipe, dump_recipe
+from minpro_cli.collect import load_recipe_policy, sample_rows, sampling_job
+from minpro_cli.config import BenchmarkConfig, Recipe, dump_recipe
 from minpro_cli.console import console, print_metrics
 from minpro_cli.errors import MinproError
 from minpro_cli.fileio import write_json_atomic
-from minpro_cli.modeling import EMBEDDED_MODEL
+from minpro_cli.modeling import EMBEDDED_MODEL, Policy
+from minpro_cli.registry import load_plugin
 from minpro_cli.rollouts import write_rollouts
+from minpro_cli.tasks import load_problems
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -63,6 +65,19 @@ def score_groups(rows: list[dict[str, Any]], n: int, ks: list[int]) -> dict[str,
     return scores
 
 
+def flatten_numbers(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves as 'benchmarks/math500/pass@1' → value (the recipe under 'config' is skipped)."""
+    out: dict[str, float] = {}
+    for key, value in result.items():
+        if key == "config":
+            continue
+        if isinstance(value, dict):
+            out |= flatten_numbers(value, f"{prefix}{key}/")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
 def compare_results(first: Path, second: Path) -> dict[str, tuple[float, float]]:
     """Print two eval JSON files side by side with their differences; return the shared metrics."""
     loaded = []
@@ -73,12 +88,8 @@ def compare_results(first: Path, second: Path) -> dict[str, tuple[float, float]]
             raise MinproError(f"eval result not found: {path}") from None
         except json.JSONDecodeError as exc:
             raise MinproError(f"{path}: not an eval result (invalid JSON: {exc.msg})") from None
-    a, b = loaded
-    shared = {
-        k: (float(a[k]), float(b[k]))
-        for k in a
-        if k in b and isinstance(a[k], int | float) and isinstance(b[k], int | float) and not isinstance(a[k], bool)
-    }
+    a, b = (flatten_numbers(x) for x in loaded)
+    shared = {k: (a[k], b[k]) for k in a if k in b}
     if not shared:
         raise MinproError(f"{first} and {second} share no numeric metrics: are both `minpro eval` results?")
     table = Table(title=f"{first.name} vs {second.name}")
@@ -94,26 +105,64 @@ def policy_label(path: str) -> str:
     return EMBEDDED_MODEL if path == EMBEDDED_MODEL else Path(path).resolve().name
 
 
+def benchmarks_of(recipe: Recipe) -> dict[str, BenchmarkConfig]:
+    """The recipe's named benchmarks, or data.eval as the single unnamed one."""
+    return recipe.eval.benchmarks or {"": BenchmarkConfig(data=recipe.data.eval, preset=recipe.data.preset)}
+
+
+def evaluate_benchmark(recipe: Recipe, policy: Policy, bench: BenchmarkConfig) -> tuple[dict[str, Any], list]:
+    d, cfg = recipe.data, recipe.eval
+    problems = load_problems(
+        bench.data, bench.question_field or d.question_field, bench.answer_field or d.answer_field,
+        bench.id_field or d.id_field, bench.preset,
+    )[: bench.max_problems or cfg.max_problems]
+    job = sampling_job(recipe, policy)
+    if bench.verifier is not None:
+        job.verifier = load_plugin("verifiers", bench.verifier.name, bench.verifier.options)
+        job.verifier_name = bench.verifier.name
+    n = bench.n_samples or cfg.n_samples
+    rows, _ = sample_rows(job, problems, n, recipe.seed, label=f"evaluating {Path(bench.data).stem}")
+    result = {"data": bench.data, "verifier": job.verifier_name, "n_problems": len(problems), "n_samples": n,
+              **score_groups(rows, n, cfg.k)}
+    return result, rows
+
+
 def run_eval(recipe: Recipe, output: Path | None = None) -> dict[str, Any]:
+    """One benchmark: `eval/<policy>.json` + `.samples.parquet`. Several: one such pair per
+    benchmark under `eval/<policy>/`, and `eval/<policy>.json` with all of them and their
+    unweighted average."""
     cfg = recipe.eval
     policy_path = cfg.policy or recipe.model.path
     policy = load_recipe_policy(recipe, policy_path)
-    problems = load_split(recipe, "eval")[: cfg.max_problems]
-    rows, _ = sample_rows(sampling_job(recipe, policy), problems, cfg.n_samples, recipe.seed, label="evaluating")
-    result = {
-        "policy": policy_path,
-        "data": recipe.data.eval,
-        "n_problems": len(problems),
-        "n_samples": cfg.n_samples,
-        **score_groups(rows, cfg.n_samples, cfg.k),
-    }
     out = output or Path(recipe.run_dir) / "eval" / f"{policy_label(policy_path)}.json"
-    write_json_atomic(out, {**result, "config": dump_recipe(recipe)})
-    write_rollouts(out.with_suffix(".samples.parquet"), rows, dump_recipe(recipe))
+    config = dump_recipe(recipe)
     shown = ["n_problems", "n_samples", "avg@n", "pass@1_stderr", *[f"pass@{k}" for k in cfg.k],
              *[f"maj@{k}" for k in cfg.k]]
-    print_metrics(
-        f"eval of {policy_path} on {recipe.data.eval} → {out}",
-        {k: f"{result[k]:.4f}" if isinstance(result[k], float) else str(result[k]) for k in shown},
-    )
-    return result
+    results: dict[str, dict[str, Any]] = {}
+    for name, bench in benchmarks_of(recipe).items():
+        result, rows = evaluate_benchmark(recipe, policy, bench)
+        results[name] = result
+        target = out if not name else out.with_suffix("") / f"{name}.json"
+        write_json_atomic(target, {"policy": policy_path, **result, "config": config})
+        write_rollouts(target.with_suffix(".samples.parquet"), rows, config)
+    if "" in results:
+        result = {"policy": policy_path, **results[""]}
+        print_metrics(f"eval of {policy_path} on {result['data']} → {out}",
+                      {k: f"{result[k]:.4f}" if isinstance(result[k], float) else str(result[k]) for k in shown})
+        return result
+    metrics = [k for k in shown if k not in ("n_problems", "n_samples")]
+    average = {k: sum(r[k] for r in results.values()) / len(results) for k in metrics}
+    summary = {"policy": policy_path, "benchmarks": results, "avg": average}
+    write_json_atomic(out, {**summary, "config": config})
+    print_summary(summary, metrics, out)
+    return summary
+
+
+def print_summary(summary: dict[str, Any], metrics: list[str], out: Path) -> None:
+    table = Table(title=f"eval of {summary['policy']} → {out}")
+    for column in ("benchmark", "problems", "n", *metrics):
+        table.add_column(column, justify="right")
+    for name, r in summary["benchmarks"].items():
+        table.add_row(name, str(r["n_problems"]), str(r["n_samples"]), *[f"{r[k]:.4f}" for k in metrics])
+    table.add_row("avg", "", "", *[f"{summary['avg'][k]:.4f}" for k in metrics], style="bold")
+    console.print(table)
