@@ -90,3 +90,11 @@ def test_bad_gsm8k_answer_and_duplicate_ids_are_named(tmp_path):
     (tmp_path / "broken.json").write_text("[{")
     with pytest.raises(MinproError, match=r"broken\.json: not valid JSON"):
         load_problems(str(tmp_path / "broken.json"))
+
+
+def test_embedded_gsm8k_format_twin_matches_the_arithmetic_answers():
+    twin = load_problems("embedded:arith-gsm8k", preset="gsm8k")
+    original = load_problems("embedded:arith-test")[: len(twin)]
+    assert len(twin) == 200
+    assert [p.answer for p in twin] == [p.answer for p in original]
+    assert all(o.question.removeprefix("Compute ").removesuffix(".") in t.question for t, o in zip(twin, original))

