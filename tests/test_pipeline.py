@@ -116,6 +116,8 @@ def test_eval_reports_consistent_pass_at_k(tmp_path):
     assert result["pass@1"] == pytest.approx(sum(s["reward"] for s in samples) / 15)
     saved = json.loads((tmp_path / "eval" / "embedded.json").read_text())
     assert saved["pass@1"] == result["pass@1"] and "config" in saved
+    wrong = sum(s["reward"] == 0.0 for s in samples)  # every zero is counted under its reason
+    assert sum(result["failures"].values()) == wrong
 
 
 def test_inspect_ratios_on_policy_is_one_and_off_policy_is_not(tmp_path, policy):

@@ -122,8 +122,10 @@ def evaluate_benchmark(recipe: Recipe, policy: Policy, bench: BenchmarkConfig) -
         job.verifier_name = bench.verifier.name
     n = bench.n_samples or cfg.n_samples
     rows, _ = sample_rows(job, problems, n, recipe.seed, label=f"evaluating {Path(bench.data).stem}")
+    failures = Counter(json.loads(r["verifier_details"]).get("failure") for r in rows)
+    failures.pop(None, None)
     result = {"data": bench.data, "verifier": job.verifier_name, "n_problems": len(problems), "n_samples": n,
-              **score_groups(rows, n, cfg.k)}
+              **score_groups(rows, n, cfg.k), "failures": dict(failures.most_common())}
     return result, rows
 
 
@@ -149,13 +151,22 @@ def run_eval(recipe: Recipe, output: Path | None = None) -> dict[str, Any]:
         result = {"policy": policy_path, **results[""]}
         print_metrics(f"eval of {policy_path} on {result['data']} → {out}",
                       {k: f"{result[k]:.4f}" if isinstance(result[k], float) else str(result[k]) for k in shown})
+        print_failures(result["failures"])
         return result
     metrics = [k for k in shown if k not in ("n_problems", "n_samples")]
     average = {k: sum(r[k] for r in results.values()) / len(results) for k in metrics}
     summary = {"policy": policy_path, "benchmarks": results, "avg": average}
     write_json_atomic(out, {**summary, "config": config})
     print_summary(summary, metrics, out)
+    for name, result in results.items():
+        print_failures(result["failures"], name)
     return summary
+
+
+def print_failures(failures: dict[str, int], label: str = "") -> None:
+    if failures:
+        counts = ", ".join(f"{reason}: {count}" for reason, count in failures.items())
+        console.print(f"scored 0 {f'on {label} ' if label else ''}because: {counts}", markup=False)
 
 
 def print_summary(summary: dict[str, Any], metrics: list[str], out: Path) -> None:
