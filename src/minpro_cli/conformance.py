@@ -54,8 +54,11 @@ def options_checks(cls: type[BaseModel], options: dict[str, Any], base: type[Bas
             return
         raise AssertionError("an unknown option was accepted: set model_config = ConfigDict(extra='forbid')")
 
+    def validates() -> None:
+        cls(**options)
+
     return [run_check("options are a Pydantic model", is_model),
-            run_check("options validate with the given values", lambda: cls(**options) and None),
+            run_check("options validate with the given values", validates),
             run_check("unknown options are rejected", rejects_unknown)]
 
 
