@@ -84,3 +84,8 @@ def test_every_shipped_recipe_validates():
     suite = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "math-suite.yaml")
     assert set(suite.eval.benchmarks) == {"aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench", "gsm8k"}
     assert suite.eval.benchmarks["gsm8k"].verifier.name == "gsm8k"
+
+
+def test_benchmark_names_must_be_safe_file_names():
+    with pytest.raises(ConfigError, match="benchmark names become file names"):
+        load_recipe(None, ['eval.benchmarks={"../escape": {data: "embedded:arith-test"}}'])

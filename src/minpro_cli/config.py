@@ -6,6 +6,7 @@ keys and wrong types are errors that name the key and the recipe file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,6 +104,13 @@ class EvalConfig(Section):
     benchmarks: dict[str, BenchmarkConfig] = Field(
         default_factory=dict, description="several named benchmarks; empty: data.eval alone"
     )
+
+    @model_validator(mode="after")
+    def _benchmark_names_are_file_names(self) -> EvalConfig:
+        bad = [name for name in self.benchmarks if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)]
+        if bad:
+            raise ValueError(f"benchmark names become file names: use letters, digits, '_', '.', '-' ({bad})")
+        return self
 
     @model_validator(mode="after")
     def _k_within_n(self) -> EvalConfig:
