@@ -239,3 +239,17 @@ def test_cli_writes_json_with_the_documented_keys(trained, tmp_path):
     assert list(report["groups"]) == ["3"]  # step 3 read from final/trainer_state.json
     assert_one_line_error(invoke("inspect-ratios", str(rollouts), "--policy", str(checkpoint), "--by", "round"),
                           "--by must be policy_version or staleness")
+
+
+def test_quantiles_resolve_near_one_and_far_from_it():
+    """Near-on-policy noise (|log ρ| ~ 1e-3) is read at 1e-4; wide spreads at 1% relative."""
+    gen = torch.Generator().manual_seed(0)
+    for scale, rel in [(1e-3, 2e-4), (2.0, 2e-2)]:
+        log_rho = scale * torch.randn(40, 50, generator=gen, dtype=torch.float64)
+        stats = RatioStats()
+        for chunk in log_rho.split(7):  # streamed in uneven batches
+            stats.add(chunk, torch.ones_like(chunk, dtype=torch.bool))
+        exact = torch.quantile(log_rho.flatten().exp(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+        report = stats.report()["token_ratio"]
+        for name, value in zip(("p5", "p50", "p95"), exact.tolist()):
+            assert report[name] == pytest.approx(value, rel=rel), (scale, name)

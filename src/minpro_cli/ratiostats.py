@@ -2,7 +2,8 @@
 
 Batches of (log ρ, mask) go in; memory stays fixed however many go in. Means, standard
 deviations, extremes, threshold fractions, KL, M2 and ESS are exact. Quantiles are read off a
-log-space histogram with bins 0.01 wide (1% relative) over e^±50, clamped to the exact min/max.
+log-space histogram with bins 0.01 wide (1% relative) over e^±50, and bins 1e-4 wide within
+e^±0.05 of 1 (where on-policy noise lives), clamped to the exact min/max.
 
 Quantities, per trained response token t (log ρ_t = log π_θ − log μ, clamped to ±20):
     token_ratio       ρ_t
@@ -32,6 +33,7 @@ QUANTITIES = {
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 DEFAULT_THRESHOLDS = (0.1, 0.5, 2.0)
 HIST_RANGE, HIST_BINS = 50.0, 10_000
+FINE_RANGE, FINE_BINS = 0.05, 1_000  # |log ρ| ≤ 0.05 at 1e-4: resolves near-on-policy noise
 MAX_LOG_BIN = 24  # absolute position bins 1, 2–3, 4–7, …, 2^23 and beyond
 RELATIVE_BINS = 10
 
@@ -59,6 +61,8 @@ class Summary:
     min: float = math.inf
     max: float = -math.inf
     hist: torch.Tensor = field(default_factory=lambda: torch.zeros(HIST_BINS, dtype=torch.long))
+    fine: torch.Tensor = field(default_factory=lambda: torch.zeros(FINE_BINS, dtype=torch.long))
+    below_fine: int = 0  # values with log < −FINE_RANGE
     below: list[int] = field(default_factory=list)
     above: list[int] = field(default_factory=list)
 
@@ -78,20 +82,23 @@ class Summary:
         self.mean += delta * n / total
         self.count = total
         self.min, self.max = min(self.min, float(values.min())), max(self.max, float(values.max()))
-        self.hist += torch.histc(log_values.double().clamp(-HIST_RANGE, HIST_RANGE), HIST_BINS, -HIST_RANGE,
-                                 HIST_RANGE).long()
+        logs = log_values.double()
+        self.hist += torch.histc(logs.clamp(-HIST_RANGE, HIST_RANGE), HIST_BINS, -HIST_RANGE, HIST_RANGE).long()
+        near_one = logs[logs.abs() <= FINE_RANGE]
+        if near_one.numel():
+            self.fine += torch.histc(near_one, FINE_BINS, -FINE_RANGE, FINE_RANGE).long()
+        self.below_fine += int((logs < -FINE_RANGE).sum())
         for i, tau in enumerate(self.thresholds):
             self.below[i] += int((values < tau).sum())
             self.above[i] += int((values > tau).sum())
 
     def quantile(self, q: float) -> float:
-        cumulative = self.hist.cumsum(0).double()
-        target = q * self.count
-        index = int(torch.searchsorted(cumulative, torch.tensor([target], dtype=torch.float64)).clamp(max=HIST_BINS - 1))
-        before = float(cumulative[index - 1]) if index else 0.0
-        inside = float(self.hist[index]) or 1.0
-        width = 2 * HIST_RANGE / HIST_BINS
-        log_value = -HIST_RANGE + width * (index + (target - before) / inside)
+        """From the fine histogram when the q-th value lies within e^±0.05, else the coarse one."""
+        target, in_fine = q * self.count, int(self.fine.sum())
+        if in_fine and self.below_fine <= target <= self.below_fine + in_fine:
+            log_value = histogram_quantile(self.fine, FINE_RANGE, target - self.below_fine)
+        else:
+            log_value = histogram_quantile(self.hist, HIST_RANGE, target)
         return min(max(math.exp(log_value), self.min), self.max)
 
     def ess(self) -> float:
@@ -112,6 +119,16 @@ class Summary:
             "frac_below": {str(t): b / self.count for t, b in zip(self.thresholds, self.below)},
             "frac_above": {str(t): a / self.count for t, a in zip(self.thresholds, self.above)},
         }
+
+
+def histogram_quantile(hist: torch.Tensor, half_range: float, target: float) -> float:
+    """The value below which `target` of the counts lie, interpolated inside its bin
+    (bins split [−half_range, half_range] evenly)."""
+    cumulative = hist.cumsum(0).double()
+    index = int(torch.searchsorted(cumulative, torch.tensor([target], dtype=torch.float64)).clamp(max=len(hist) - 1))
+    before = float(cumulative[index - 1]) if index else 0.0
+    inside = float(hist[index]) or 1.0
+    return -half_range + 2 * half_range / len(hist) * (index + (target - before) / inside)
 
 
 def absolute_bin(position: torch.Tensor) -> torch.Tensor:
