@@ -20,9 +20,12 @@ from minpro_cli.objectives import AdvantageEstimator
 GROUP_STD_EPS = 1e-6
 
 
+def _n_groups(group: torch.Tensor) -> int:
+    return int(group.max()) + 1 if group.numel() else 0
+
+
 def _group_sum(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    n_groups = int(group.max()) + 1 if group.numel() else 0
-    return torch.zeros(n_groups, dtype=values.dtype).index_add_(0, group, values)
+    return torch.zeros(_n_groups(group), dtype=values.dtype).index_add_(0, group, values)
 
 
 def _group_count(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -63,7 +66,7 @@ def compute_advantages(estimator: AdvantageEstimator, rewards: torch.Tensor, gro
 
 def zero_variance_groups(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """Bool per group: every response got the same reward, so the group carries no signal."""
-    low = torch.full((int(group.max()) + 1,), float("inf"), dtype=rewards.dtype).scatter_reduce(
+    low = torch.full((_n_groups(group),), float("inf"), dtype=rewards.dtype).scatter_reduce(
         0, group, rewards, reduce="amin"
     )
     high = torch.full_like(low, float("-inf")).scatter_reduce(0, group, rewards, reduce="amax")

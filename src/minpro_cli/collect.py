@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from minpro_cli.advantages import group_indices, zero_variance_groups
 from minpro_cli.config import Recipe, dump_recipe
 from minpro_cli.console import print_metrics, progress_bar
 from minpro_cli.errors import ConfigError
@@ -96,15 +99,14 @@ def sample_rows(
 
 def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Mean reward, response length, truncation and the share of groups with no signal."""
-    groups: dict[str, set[float]] = {}
-    for r in rows:
-        groups.setdefault(r["prompt_id"], set()).add(r["reward"])
     n = max(len(rows), 1)
+    rewards = torch.tensor([float(r["reward"]) for r in rows])
+    flat = zero_variance_groups(rewards, group_indices([r["prompt_id"] for r in rows]))
     return {
         "reward_mean": sum(r["reward"] for r in rows) / n,
         "response_length_mean": sum(len(r["response_token_ids"]) for r in rows) / n,
         "truncated_frac": sum(r["finish_reason"] == "length" for r in rows) / n,
-        "zero_variance_group_frac": sum(len(v) == 1 for v in groups.values()) / max(len(groups), 1),
+        "zero_variance_group_frac": float(flat.float().mean()) if flat.numel() else 0.0,
     }
 
 

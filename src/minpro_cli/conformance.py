@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from minpro_cli.modeling import Policy
 from minpro_cli.objectives import ObjectiveInputs, ObjectiveOptions
-from minpro_cli.registry import Kind, discover
+from minpro_cli.registry import REQUIRED_BASE, Kind, discover
 from minpro_cli.samplers import Generation
 from minpro_cli.verifiers import VerifyResult
 
@@ -205,8 +205,7 @@ def sampler_checks(sampler: Any, policy: Policy) -> list[CheckResult]:
 def check_plugin(kind: Kind, name: str, options: dict[str, Any], policy: Callable[[], Policy]) -> list[CheckResult]:
     """Load plugin `name` of `kind` with `options` and run its kind's checks."""
     cls = discover(kind)[name].load()
-    base = ObjectiveOptions if kind == "objectives" else BaseModel
-    results = options_checks(cls, options, base)
+    results = options_checks(cls, options, REQUIRED_BASE.get(kind, BaseModel))
     if not all(r.passed for r in results):
         return results
     plugin = cls(**options)

@@ -58,8 +58,8 @@ def score_groups(rows: list[dict[str, Any]], n: int, ks: list[int]) -> dict[str,
     mean = sum(per_problem) / n_problems
     spread = sum((p - mean) ** 2 for p in per_problem) / (n_problems - 1) if n_problems > 1 else 0.0
     scores = {"avg@n": sum(r["reward"] for r in rows) / len(rows), "pass@1_stderr": math.sqrt(spread / n_problems)}
+    correct = [sum(int(s["reward"] >= 1.0) for s in g) for g in groups.values()]
     for k in ks:
-        correct = [sum(int(s["reward"] >= 1.0) for s in g) for g in groups.values()]
         scores[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / n_problems
         scores[f"maj@{k}"] = sum(majority_correct(g[:k]) for g in groups.values()) / n_problems
     return scores

@@ -261,13 +261,12 @@ class RatioStats:
             self.clipped[key][1] += int((values > high).sum())
         has_tokens = mask.any(-1)
         self.n_sequences += int(has_tokens.sum())
-        length = mask.sum(-1)
-        last = (length - 1).clamp(min=0)
-        position = mask.long().cumsum(-1) - 1  # index among trained tokens
         # ρ_1:t is constant after the last trained token, so the row's final value is its last column
         self.sequence_weight.add(quantities["prefix_ratio"][:, -1][has_tokens])
-        if not self.detail:
+        if not self.detail:  # train's per-update statistics stop here: nothing below is on its hot path
             return
+        length = mask.sum(-1)
+        position = mask.long().cumsum(-1) - 1  # index among trained tokens
         flat_pos = position[mask]
         rel = (flat_pos.double() / length[:, None].expand_as(position)[mask] * RELATIVE_BINS).long()
         args = (lr, quantities["prefix_ratio"][mask], quantities["min_prefix_ratio"][mask])
@@ -276,10 +275,10 @@ class RatioStats:
         for breaks in self.breaks:
             breaks.add(quantities["min_prefix_ratio"], mask, position, length.double())
         if self.worst_k and rows is not None:
-            self._track_worst(quantities["token_ratio"], mask, rows, last)
+            self._track_worst(quantities["token_ratio"], mask, rows, length)
 
     def _track_worst(self, log_rho: torch.Tensor, mask: torch.Tensor, rows: list[dict[str, Any]],
-                     last: torch.Tensor) -> None:
+                     length: torch.Tensor) -> None:
         end_min, where = log_rho.masked_fill(~mask, math.inf).min(-1)
         for i in torch.argsort(end_min)[: self.worst_k].tolist():
             if not bool(mask[i].any()):
@@ -297,7 +296,7 @@ class RatioStats:
                 "source": rows[i].get("source"),
                 "min_ratio": math.exp(value),
                 "position": position + 1,
-                "response_length": int(last[i]) + 1,
+                "response_length": int(length[i]),
                 "token_ids": list(rows[i]["response_token_ids"]),
             }
             heapq.heappush(self.worst, (-value, next(self._order), item))
