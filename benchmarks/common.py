@@ -8,7 +8,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers.utils import logging as hf_logging
@@ -19,6 +19,7 @@ from minpro_cli.tasks import load_problems, render_prompt
 
 N_PROMPTS, GROUP_SIZE, MAX_NEW_TOKENS = 32, 8, 64
 hf_logging.disable_progress_bar()
+T = TypeVar("T")
 
 
 @dataclass
@@ -53,8 +54,8 @@ def measure(fn: Callable[[], tuple[float, int]]) -> Measurement:
     return Measurement(*result)
 
 
-def timed(fn: Callable[[], int], repeats: int = 3) -> tuple[float, int]:
-    """Median seconds of `repeats` calls after one warm-up call, and the tokens of one call."""
+def timed(fn: Callable[[], T], repeats: int = 3) -> tuple[float, T]:
+    """Median seconds of `repeats` calls after one warm-up call, and what one call returned."""
     tokens = fn()
     times = []
     for _ in range(repeats):

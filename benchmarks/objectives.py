@@ -12,16 +12,14 @@ after a warm-up; peak memory is the process's (dominated by the model).
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS, measure, sampled_rows
+from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS, measure, sampled_rows, timed
 
 from minpro_cli.modeling import load_policy, pack, pad_rows, response_logprobs
 from minpro_cli.objectives import ObjectiveInputs, ObjectiveOutput
@@ -33,13 +31,7 @@ LONG_SHAPE = (64, 4096)
 
 
 def median_ms(fn: Callable[[], object], repeats: int = REPEATS) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1e3 * statistics.median(times)
+    return 1e3 * timed(fn, repeats)[0]
 
 
 def loss_and_backward(objective: Callable[[ObjectiveInputs], ObjectiveOutput], inputs: ObjectiveInputs) -> None:
