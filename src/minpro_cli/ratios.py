@@ -71,7 +71,10 @@ def batch_log_ratios(rows: list[dict[str, Any]], policy: Policy | None) -> tuple
     return log_rho.masked_fill(~mask, 0.0), mask
 
 
-def check_source(path: Path, table_columns: Iterable[str], fingerprints: set[str], policy: Policy | None) -> None:
+def check_source(
+    path: Path, table_columns: Iterable[str], fingerprints: set[str], policy: Policy | None, expected: str | None
+) -> None:
+    """`expected`: the policy's tokenizer fingerprint, computed once by the caller."""
     if policy is None:
         if TARGET_LOGPROBS_FIELD.name not in table_columns:
             raise RolloutFileError(
@@ -79,7 +82,6 @@ def check_source(path: Path, table_columns: Iterable[str], fingerprints: set[str
                 "policy: pass --policy CHECKPOINT"
             )
         return
-    expected = tokenizer_fingerprint(policy.tokenizer)
     if fingerprints != {expected}:
         raise RolloutFileError(
             f"{path}: rows were tokenized with tokenizer {', '.join(sorted(fingerprints))}, but {policy.path} has "
@@ -113,11 +115,12 @@ def inspect_ratios(
         )
     total = sum(open_rollout_file(p).metadata.num_rows for p in rollout_files(rollouts))
     overall, groups = options.new_stats(), dict[str, RatioStats]()
+    expected = tokenizer_fingerprint(policy.tokenizer) if policy is not None else None
     if policy is not None:
         policy.model.eval()
     with progress_bar("scoring rollouts", total=total) as bar:
         for path, table in iter_rollout_batches(rollouts, options.batch_size, COLUMNS):
-            check_source(path, table.column_names, set(table["tokenizer_fingerprint"].to_pylist()), policy)
+            check_source(path, table.column_names, set(table["tokenizer_fingerprint"].to_pylist()), policy, expected)
             rows = [r | {"source": path.name} for r in table.to_pylist()]
             log_rho, mask = batch_log_ratios(rows, policy)
             overall.add(log_rho, mask, rows)
