@@ -13,8 +13,9 @@ from string import Template
 
 from minpro_cli.errors import ConfigError
 from minpro_cli.fileio import write_text_atomic
+from minpro_cli.registry import KINDS as ENTRY_POINT_KINDS
 
-KINDS = {"objective": "objectives", "verifier": "verifiers", "sampler": "samplers"}
+KINDS = {group[:-1]: group for group in ENTRY_POINT_KINDS}  # "objective" → "objectives", …
 
 PYPROJECT = Template('''\
 [build-system]
