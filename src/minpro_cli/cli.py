@@ -141,6 +141,46 @@ def inspect_ratios(
 
 @app.command()
 @user_errors
+def sweep(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    grid: Annotated[
+        list[str] | None, typer.Option(help="KEY=V1,V2,… swept recipe key (repeatable; adds to sweep.grid)")
+    ] = None,
+    seeds: Annotated[int | None, typer.Option(min=1, help="runs per grid point (default sweep.seeds)")] = None,
+    jobs: Annotated[int | None, typer.Option(min=1, help="runs at a time (default sweep.jobs)")] = None,
+    quick: Annotated[bool, typer.Option(help="the recipe's smaller sweep.quick version, in RUN_DIR-quick")] = False,
+    out: Annotated[Path | None, typer.Option(help="sweep directory (default: the recipe's run_dir)")] = None,
+    report: Annotated[bool, typer.Option(help="write the report when every run has finished")] = True,
+) -> None:
+    """Train every combination of grid values × seeds; finished runs are kept, the rest resume."""
+    from minpro_cli.report import write_report
+    from minpro_cli.sweep import run_sweep
+
+    sweep_dir = run_sweep(recipe, overrides or [], grid or [], seeds, quick, jobs, out)
+    if report:
+        write_report(sweep_dir)
+
+
+@app.command("report")
+@user_errors
+def report_(
+    sweep_dir: Annotated[Path, typer.Argument(help="a directory written by `minpro sweep`")],
+    out: Annotated[Path | None, typer.Option(help="markdown file; figures go next to it (default SWEEP_DIR/report.md)")] = None,
+    line: Annotated[str | None, typer.Option(help="grid key drawn as lines (default objective.name)")] = None,
+    reference: Annotated[str, typer.Option(help="the line compared against every other in the reading")] = "minpro",
+    collapse_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="collapsed: held-out pass@1 stays below this × its best")
+    ] = 0.5,
+) -> None:
+    """Markdown report with PNG figures of a sweep: curves per panel, a table over seeds, every run."""
+    from minpro_cli.report import write_report
+
+    write_report(sweep_dir, out, line, reference, collapse_fraction)
+
+
+@app.command()
+@user_errors
 def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory written by `minpro train`")]) -> None:
     """Training curves (reward, entropy, grad norm, ratio statistics) → RUN_DIR/plots/training.png."""
     from minpro_cli.plots import plot_run

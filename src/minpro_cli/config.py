@@ -24,7 +24,9 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    path: str = Field("embedded", description="local checkpoint directory, or 'embedded'")
+    path: str = Field(
+        "embedded", description="local checkpoint directory, or a shipped model: 'embedded', 'embedded:chain'"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     trust_remote_code: bool = Field(False, description="run model code shipped with the checkpoint")
@@ -80,6 +82,9 @@ class TrainConfig(Section):
         False, description="leave out groups whose responses all got the same reward (they carry no signal)"
     )
     checkpoint_every: int = Field(5, ge=1, description="rounds between checkpoints")
+    eval_every: int = Field(
+        0, ge=0, description="rounds between held-out evaluations (eval section, data.eval) into evals.jsonl; 0: none"
+    )
     keep_checkpoints: int = Field(2, ge=1)
 
 
@@ -121,6 +126,32 @@ class EvalConfig(Section):
         return self
 
 
+class QuickSweepConfig(Section):
+    """What `minpro sweep --quick` changes: a smoke-sized version of the same study."""
+
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="replaces these keys' values in sweep.grid")
+    seeds: int | None = Field(None, ge=1)
+    overrides: list[str] = Field(default_factory=list, description="dotted KEY=VALUE applied to every run")
+
+
+class SweepConfig(Section):
+    """`minpro sweep`: one training run per combination of grid values and seed."""
+
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict, description="dotted recipe key → values, e.g. train.staleness: [0, 4, 8]"
+    )
+    seeds: int = Field(1, ge=1, description="runs per grid point; run i uses the recipe's seed + i")
+    jobs: int = Field(1, ge=1, description="runs at a time, each in its own process with cores / jobs threads")
+    quick: QuickSweepConfig = Field(default_factory=QuickSweepConfig)
+
+    @model_validator(mode="after")
+    def _grid_values_are_lists(self) -> SweepConfig:
+        empty = [key for key, values in self.grid.items() if not values]
+        if empty:
+            raise ValueError(f"sweep.grid keys with no values: {empty}")
+        return self
+
+
 class Recipe(Section):
     run_dir: str = "runs/default"
     seed: int = 0
@@ -133,6 +164,7 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     def plugin(self, kind: Kind) -> Any:
         ref: PluginRef = getattr(self, kind[:-1])
@@ -189,7 +221,11 @@ def load_recipe(path: Path | None, overrides: list[str] | None = None) -> Recipe
         key, value = parse_override(text)
         set_dotted(data, key, value)
         overridden.append(key)
-    where = source + (f" (with overrides {', '.join(overridden)})" if overridden else "")
+    return recipe_from_data(data, source + (f" (with overrides {', '.join(overridden)})" if overridden else ""))
+
+
+def recipe_from_data(data: dict[str, Any], where: str) -> Recipe:
+    """Validate a recipe mapping and its plugins' options; errors name `where` and the key."""
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

@@ -30,6 +30,9 @@ class Bar:
     def advance(self, n: int = 1, info: str | None = None) -> None:
         self.progress.update(self.task, advance=n, **({"info": info} if info is not None else {}))
 
+    def set(self, completed: int, info: str) -> None:
+        self.progress.update(self.task, completed=completed, info=info)
+
 
 @contextmanager
 def progress_bar(description: str, total: int) -> Iterator[Bar]:

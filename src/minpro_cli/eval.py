@@ -15,7 +15,7 @@ from minpro_cli.config import BenchmarkConfig, Recipe, dump_recipe
 from minpro_cli.console import console, print_metrics
 from minpro_cli.errors import MinproError
 from minpro_cli.fileio import write_json_atomic
-from minpro_cli.modeling import EMBEDDED_MODEL, Policy
+from minpro_cli.modeling import EMBEDDED_MODELS, Policy
 from minpro_cli.registry import load_plugin
 from minpro_cli.rollouts import write_rollouts
 from minpro_cli.tasks import load_problems
@@ -102,7 +102,7 @@ def compare_results(first: Path, second: Path) -> dict[str, tuple[float, float]]
 
 
 def policy_label(path: str) -> str:
-    return EMBEDDED_MODEL if path == EMBEDDED_MODEL else Path(path).resolve().name
+    return path.replace(":", "-") if path in EMBEDDED_MODELS else Path(path).resolve().name
 
 
 def benchmarks_of(recipe: Recipe) -> dict[str, BenchmarkConfig]:

@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from minpro_cli.errors import CheckpointError
 
 EMBEDDED_MODEL = "embedded"
+# model.path names of the checkpoints shipped in the package → their directory under assets/
+EMBEDDED_MODELS = {EMBEDDED_MODEL: "default_model", "embedded:chain": "chain_model"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -33,12 +35,12 @@ class Policy:
         return int(pad if pad is not None else self.tokenizer.eos_token_id)
 
 
-def embedded_model_dir() -> Path:
-    return Path(str(resources.files("minpro_cli") / "assets" / "default_model"))
+def embedded_model_dir(name: str = EMBEDDED_MODEL) -> Path:
+    return Path(str(resources.files("minpro_cli") / "assets" / EMBEDDED_MODELS[name]))
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    return embedded_model_dir() if str(path) == EMBEDDED_MODEL else Path(path)
+    return embedded_model_dir(str(path)) if str(path) in EMBEDDED_MODELS else Path(path)
 
 
 def load_policy(
@@ -49,7 +51,8 @@ def load_policy(
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(
             f"checkpoint not found: {model_dir} has no config.json "
-            "(point model.path at a directory written by save_pretrained, or use 'embedded')"
+            "(point model.path at a directory written by save_pretrained, or use one of "
+            f"{', '.join(EMBEDDED_MODELS)})"
         )
     if not any(model_dir.glob("*.safetensors")):
         raise CheckpointError(

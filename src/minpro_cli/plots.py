@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +138,33 @@ def plot_run(run_dir: Path) -> Path:
     if not metrics:
         raise MinproError(f"{metrics_path} is empty: no round has finished yet")
     return save(training_figure(metrics, f"{run_dir}: {len(metrics)} rounds"), run_dir / "plots" / "training.png")
+
+
+@dataclass
+class Band:
+    """One line of a sweep figure: the mean over seeds at each x, and the seeds' min and max."""
+
+    label: str
+    x: list[float]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+
+
+def sweep_figure(panels: dict[str, list[Band]], ylabel: str, xlabel: str = "optimizer step") -> Figure:
+    """One panel per grid point (e.g. staleness), one line per compared value (e.g. objective)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.2, 3.4), layout="constrained",
+                             sharey=True, squeeze=False)
+    colors = {}
+    for ax, (title, bands) in zip(axes[0], panels.items()):
+        for band in bands:
+            color = colors.setdefault(band.label, f"C{len(colors)}")
+            ax.plot(band.x, band.mean, color=color, label=band.label, linewidth=1.4)
+            ax.fill_between(band.x, band.low, band.high, color=color, alpha=0.18, linewidth=0)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
+    return fig

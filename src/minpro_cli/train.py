@@ -32,13 +32,23 @@ from minpro_cli.collect import load_recipe_policy, load_split, sample_rows, samp
 from minpro_cli.config import Recipe, dump_recipe
 from minpro_cli.console import console, progress_bar, warn
 from minpro_cli.errors import RolloutFileError, TrainingDivergedError
-from minpro_cli.fileio import append_jsonl, read_jsonl, write_directory_atomic, write_jsonl_atomic, write_yaml_atomic
+from minpro_cli.eval import benchmarks_of, evaluate_benchmark
+from minpro_cli.fileio import (
+    append_jsonl,
+    read_jsonl,
+    write_directory_atomic,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_yaml_atomic,
+)
 from minpro_cli.modeling import Policy, pack, pad_rows, response_logprobs, save_policy, tokenizer_fingerprint
 from minpro_cli.objectives import AdvantageEstimator, ObjectiveInputs, ObjectiveOptions
 from minpro_cli.objectives.logratios import log_token_ratio
 from minpro_cli.ratiostats import core_metrics
 from minpro_cli.rollouts import read_rollouts, write_rollouts
 from minpro_cli.tasks import Problem
+
+DIVERGED_FILE = "diverged.json"  # written when a non-finite loss or gradient stops the run
 
 
 @dataclass
@@ -231,6 +241,30 @@ class StoredRounds:
         return self.chunks[round_ % len(self.chunks)]
 
 
+class HeldOutEvals:
+    """pass@k of the current weights on the recipe's eval benchmarks before the first round,
+    every `train.eval_every` rounds and after the last: one line per evaluation in evals.jsonl.
+    Each evaluation samples with the same seed, so successive points differ by the policy only."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, completed_rounds: int) -> None:
+        self.recipe, self.path = recipe, run_dir / "evals.jsonl"
+        kept = [e for e in read_jsonl(self.path) if e["round"] <= completed_rounds] if self.path.exists() else []
+        write_jsonl_atomic(self.path, kept)  # evaluations after the checkpoint are redone
+        self.done = {e["round"] for e in kept}
+
+    def __call__(self, policy: Policy, state: LoopState) -> None:
+        every, last = self.recipe.train.eval_every, self.recipe.train.iterations
+        if not every or state.round in self.done or (state.round % every and state.round != last):
+            return
+        record: dict[str, Any] = {"round": state.round, "step": state.step}
+        for name, bench in benchmarks_of(self.recipe).items():
+            result, _ = evaluate_benchmark(self.recipe, policy, bench)
+            prefix = f"eval/{name}/" if name else "eval/"
+            record |= {prefix + key: value for key, value in result.items() if isinstance(value, float)}
+        append_jsonl(self.path, record)
+        self.done.add(state.round)
+
+
 def warn_truncated_sampling(rows: list[dict[str, Any]], objective: ObjectiveOptions, name: str) -> None:
     truncated = any(float(r["top_p"]) < 1.0 or int(r["top_k"]) > 0 for r in rows)
     if truncated and objective.uses_prefix_weight:
@@ -269,6 +303,7 @@ def run_train(recipe: Recipe) -> Path:
     if resume_from is not None:
         state, snapshots = load_checkpoint_state(resume_from, optimizer)
         console.print(f"resuming from {resume_from} (round {state.round}, step {state.step})")
+    (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a new attempt: an earlier divergence no longer stands
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.exists():  # drop lines of rounds after the checkpoint: they will be redone
         write_jsonl_atomic(metrics_path, [m for m in read_jsonl(metrics_path) if m["round"] < state.round])
@@ -277,6 +312,8 @@ def run_train(recipe: Recipe) -> Path:
     estimator = cfg.advantage or objective.default_advantage
     source = StoredRounds(recipe, policy, cfg.rollouts) if cfg.rollouts else OnlineRounds(recipe, policy, run_dir)
     policy.model.eval()
+    held_out = HeldOutEvals(recipe, run_dir, state.round)
+    held_out(policy, state)  # before the first round, or the one an interruption skipped
 
     def set_lr() -> None:
         warm = min(1.0, (state.step + 1) / recipe.optim.warmup_steps) if recipe.optim.warmup_steps else 1.0
@@ -310,6 +347,7 @@ def run_train(recipe: Recipe) -> Path:
                 )
             except TrainingDivergedError as exc:
                 last = latest_checkpoint(run_dir)
+                write_json_atomic(run_dir / DIVERGED_FILE, {"round": round_, "step": state.step, "reason": str(exc)})
                 raise TrainingDivergedError(
                     f"round {round_}, step {state.step}: {exc} (objective '{recipe.objective.name}', "
                     f"lr {recipe.optim.lr}); last good checkpoint: {last or 'none'}; "
@@ -335,6 +373,7 @@ def run_train(recipe: Recipe) -> Path:
             bar.advance(1, info=f"reward {record['reward_mean']:.3f}  loss {record.get('loss', math.nan):+.4f}")
             if state.round % cfg.checkpoint_every == 0 or state.round == cfg.iterations:
                 save_checkpoint(run_dir, policy, optimizer, state, snapshots, cfg.keep_checkpoints)
+            held_out(policy, state)
 
     final = run_dir / "final"
     def fill_final(tmp: Path) -> None:

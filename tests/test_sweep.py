@@ -1,0 +1,198 @@
+"""`minpro sweep` and `minpro report`: real runs in subprocesses, interruption, divergence."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from minpro_cli.config import load_recipe
+from minpro_cli.errors import ConfigError, MinproError
+from minpro_cli.eval import run_eval
+from minpro_cli.fileio import read_jsonl
+from minpro_cli.report import Cell, RunRecord, band, collapse_step, compare, write_report
+from minpro_cli.sweep import parse_grid, run_name, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {
+    "sampler": {"name": "hf", "options": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 40}},
+    "train": {"iterations": 3, "prompts_per_iteration": 4, "group_size": 4, "checkpoint_every": 1, "eval_every": 2},
+    "optim": {"lr": 1e-4, "warmup_steps": 0},
+    "eval": {"n_samples": 2, "k": [1], "max_problems": 6},
+}
+
+
+def sweep_recipe(tmp_path: Path, grid: dict, seeds: int = 1, **sections) -> Path:
+    data = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    for key, value in {**SMALL, **sections}.items():
+        data[key] = {**data.get(key, {}), **value}
+    data["run_dir"] = str(tmp_path / "sweep")
+    data["sweep"] = {"grid": grid, "seeds": seeds}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "minpro_cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def run_dirs(sweep_dir: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted((sweep_dir / "runs").iterdir())}
+
+
+def test_grid_parsing_and_run_names():
+    assert parse_grid(["train.staleness=0,4,8", "objective.name=grpo,minpro", "optim.lr=1e-4,3e-4"]) == {
+        "train.staleness": [0, 4, 8], "objective.name": ["grpo", "minpro"], "optim.lr": [1e-4, 3e-4]}
+    assert run_name({"objective.name": "grpo", "train.staleness": 4, "seed": 0}) == \
+        "objective.name-grpo__train.staleness-4__seed-0"
+    assert run_name({"data.train": "a/b c.jsonl"}) == "data.train-a_b_c.jsonl"
+    with pytest.raises(ConfigError, match="KEY=V1,V2"):
+        parse_grid(["train.staleness"])
+
+
+def test_a_bad_grid_value_is_refused_before_any_run_starts(tmp_path):
+    path = sweep_recipe(tmp_path, {"objective.name": ["minpro", "no_such_objective"]})
+    with pytest.raises(ConfigError, match="run objective.name-no_such_objective__seed-0.*no_such_objective"):
+        run_sweep(path, [], [], None, False, None, None)
+    assert not (tmp_path / "sweep" / "runs" / "objective.name-minpro__seed-0" / "metrics.jsonl").exists()
+    with pytest.raises(ConfigError, match="nothing to sweep"):
+        run_sweep(sweep_recipe(tmp_path, {}), [], [], None, False, None, None)
+
+
+def test_sweep_trains_every_grid_point_and_evaluates_held_out(tmp_path):
+    """Two objectives × two seeds, two at a time; each run is an ordinary train run whose
+    held-out evaluations match a standalone `minpro eval` of its final weights."""
+    path = sweep_recipe(tmp_path, {"objective.name": ["minpro", "grpo"]}, seeds=2)
+    proc = cli("sweep", str(path), "--jobs", "2")
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    sweep_dir = tmp_path / "sweep"
+    manifest = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [r["overrides"] for r in manifest["runs"]] == [
+        {"objective.name": o, "seed": s} for o in ("minpro", "grpo") for s in (0, 1)]
+    dirs = run_dirs(sweep_dir)
+    assert len(dirs) == 4
+    finals = {}
+    for name, run in dirs.items():
+        recipe = load_recipe(run / "recipe.yaml")
+        assert recipe.objective.name in name and f"seed-{recipe.seed}" in name
+        assert recipe.run_dir == str(run)
+        metrics = read_jsonl(run / "metrics.jsonl")
+        assert [m["round"] for m in metrics] == [0, 1, 2]
+        evals = read_jsonl(run / "evals.jsonl")
+        assert [e["round"] for e in evals] == [0, 2, 3]  # before training, every 2 rounds, after the last
+        assert [e["step"] for e in evals] == [0, metrics[1]["step"], metrics[2]["step"]]
+        finals[name] = evals[-1]["eval/pass@1"]
+        assert (run / "final" / "model.safetensors").is_file()
+    # seeds differ: different sampled rollouts
+    sampled = {n: [(m["reward_mean"], m["response_length_mean"]) for m in read_jsonl(d / "metrics.jsonl")]
+               for n, d in dirs.items()}
+    assert sampled["objective.name-minpro__seed-0"] != sampled["objective.name-minpro__seed-1"]
+    # the last in-loop evaluation is exactly `minpro eval` of final/ (same seed, same problems)
+    run = dirs["objective.name-grpo__seed-1"]
+    recipe = load_recipe(run / "recipe.yaml", [f"eval.policy={run / 'final'}"])
+    assert run_eval(recipe, tmp_path / "check.json")["pass@1"] == pytest.approx(finals[run.name], abs=1e-12)
+    # the report was written: one summary row per objective, every seed listed, figures exist
+    report = (sweep_dir / "report.md").read_text()
+    assert "| all runs | minpro | 2/2 |" in report and "| all runs | grpo | 2/2 |" in report
+    for name in dirs:
+        seed = name.rsplit("-", 1)[1]
+        objective = name.split("__")[0].split("-", 1)[1]
+        assert f"| all runs | {objective} | {seed} | done | 3 |" in report
+    for stem in ("heldout_pass1", "train_reward", "entropy", "grad_norm", "kl"):
+        assert (sweep_dir / "report" / f"{stem}.png").stat().st_size > 10_000
+        assert f"(report/{stem}.png)" in report
+
+
+def test_interrupted_sweep_finishes_only_the_missing_runs(tmp_path):
+    path = sweep_recipe(tmp_path, {"objective.name": ["minpro", "cispo"]},
+                        train={"iterations": 6, "eval_every": 3})
+    sweep_dir = tmp_path / "sweep"
+    first, second = (sweep_dir / "runs" / f"objective.name-{o}__seed-0" for o in ("minpro", "cispo"))
+    proc = cli("sweep", str(path), "--no-report")
+    deadline = time.monotonic() + 300
+    while not list(second.glob("checkpoints/*/.complete")):  # interrupt once the second run has a checkpoint
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "rerun the same command" in output
+    assert (first / "final").is_dir() and not (second / "final").exists()
+    first_log = (first / "train.log").read_text()
+    first_metrics = (first / "metrics.jsonl").read_text()
+
+    proc = cli("sweep", str(path))
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    assert "1 already finished" in output
+    assert (first / "train.log").read_text() == first_log  # the finished run was not touched
+    assert (first / "metrics.jsonl").read_text() == first_metrics
+    assert "resuming from" in (second / "train.log").read_text()
+    assert [m["round"] for m in read_jsonl(second / "metrics.jsonl")] == list(range(6))
+    assert [e["round"] for e in read_jsonl(second / "evals.jsonl")] == [0, 3, 6]
+
+
+def test_a_diverged_run_is_recorded_reported_and_not_rerun(tmp_path):
+    """lr 1e30 blows the weights up in the first step: the second minibatch's loss is not finite."""
+    path = sweep_recipe(tmp_path, {"optim.lr": [1e-4, 1e30]}, train={"iterations": 3, "minibatches": 2})
+    proc = cli("sweep", str(path))
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    sweep_dir = tmp_path / "sweep"
+    bad = sweep_dir / "runs" / "optim.lr-1e_30__seed-0"
+    diverged = json.loads((bad / "diverged.json").read_text())
+    assert diverged["round"] == 0 and diverged["step"] == 2 and ("nan" in diverged["reason"] or "inf" in diverged["reason"])
+    assert "diverged (recorded, not rerun): optim.lr-1e_30__seed-0" in output
+    report = (sweep_dir / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| all runs | 1e+30 | 0 |"))
+    assert "| diverged |" in row and f"| {diverged['step']} |" in row
+    log = (bad / "train.log").read_text()
+    proc = cli("sweep", str(path), "--no-report")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "2 already finished" in output
+    assert (bad / "train.log").read_text() == log
+
+
+def test_collapse_is_the_first_point_after_which_pass1_stays_below_half_its_best():
+    points = [(0, 0.2), (10, 0.4), (20, 0.15), (30, 0.3), (40, 0.19), (50, 0.1)]
+    assert collapse_step(points, 0.5) == 40  # 0.15 at step 20 recovers to 0.3; 0.19 < 0.2 never does
+    assert collapse_step(points, 0.2) is None
+    assert collapse_step([(0, 0.2), (5, 0.3)], 0.5) is None
+    assert collapse_step([(0, 0.2), (5, 0.0)], 0.5) == 5
+
+
+def record(name: str, heldout: list[float], **overrides) -> RunRecord:
+    evals = [{"round": i, "step": 10 * i, "eval/pass@1": p} for i, p in enumerate(heldout)]
+    return RunRecord(name, overrides, "done", [], evals, None)
+
+
+def test_band_and_comparison_match_hand_computation():
+    b = band("x", [[(0, 0.1), (10, 0.3)], [(0, 0.2), (12, 0.5)], [(0, 0.3)]])
+    assert b.x == [0, 11] and b.mean == pytest.approx([0.2, 0.4]) and b.low == [0.1, 0.3] and b.high == [0.3, 0.5]
+    a = Cell("p", "minpro", [record("a", [0.1, f]) for f in (0.30, 0.34, 0.32)])
+    g = Cell("p", "grpo", [record("g", [0.1, f]) for f in (0.10, 0.20, 0.12)])
+    diff = statistics.fmean([0.30, 0.34, 0.32]) - statistics.fmean([0.10, 0.20, 0.12])
+    se = math.sqrt(statistics.variance([0.30, 0.34, 0.32]) / 3 + statistics.variance([0.10, 0.20, 0.12]) / 3)
+    text = compare(a, g)
+    assert f"{diff:+.3f}" in text and f"{se:.3f}" in text and "more than 2 standard errors" in text
+    close = Cell("p", "cispo", [record("c", [0.1, f]) for f in (0.25, 0.35, 0.31)])
+    assert "no clear difference" in compare(a, close)
+
+
+def test_report_refuses_a_directory_that_is_not_a_sweep(tmp_path):
+    with pytest.raises(MinproError, match="no sweep.json"):
+        write_report(tmp_path)
+    (tmp_path / "sweep.json").write_text("{not json")
+    with pytest.raises(MinproError, match="not a sweep manifest"):
+        write_report(tmp_path)
