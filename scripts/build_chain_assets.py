@@ -24,15 +24,11 @@ What it makes (deterministic and seeded, like build_default_assets.py):
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import random
-import time
-from pathlib import Path
 
 import torch
-from build_default_assets import ASSETS, PROMPT_TEMPLATE, collate
+from build_default_assets import PROMPT_TEMPLATE, pin_determinism, sft, sft_arguments
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 MIN_OPS, MAX_OPS = 11, 13
@@ -98,17 +94,8 @@ def sampled_accuracy(model, tokenizer, problems: list[dict]) -> tuple[float, flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=ASSETS)
-    args = parser.parse_args()
-
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(2)  # reductions depend on the thread count: pin it for bitwise reruns
-    torch.use_deterministic_algorithms(True)
+    args = sft_arguments(__doc__, steps=800, lr=2e-3, batch_size=32).parse_args()
+    pin_determinism(args.seed)
 
     train, test = make_splits(args.seed, n_train=2000, n_test=500)
     for name, rows in (("arith-chain-train", train), ("arith-chain-test", test)):
@@ -117,25 +104,8 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.out / "default_model", local_files_only=True)
     model = LlamaForCausalLM.from_pretrained(args.out / "default_model", use_safetensors=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     stream = sft_examples(tokenizer, args.seed + 1, {r["question"] for r in test})
-    start = time.time()
-    for step in range(args.steps):
-        lr = args.lr * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        ids, labels = collate([next(stream) for _ in range(args.batch_size)], tokenizer.pad_token_id)
-        loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.4f}  lr {lr:.2e}  {time.time() - start:.0f}s", flush=True)
-        if step % 200 == 199:
-            model.eval()
-            print("  temperature-1 accuracy, mean length:", sampled_accuracy(model, tokenizer, train[:64]), flush=True)
-            model.train()
+    sft(model, stream, tokenizer.pad_token_id, args.steps, args.lr, args.batch_size, warmup=30)
 
     model.eval()
     accuracy, length = sampled_accuracy(model, tokenizer, train[:200])

@@ -101,20 +101,47 @@ def collate(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--boxed-fraction", type=float, default=0.6)
-    parser.add_argument("--n-ops", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ASSETS)
-    args = parser.parse_args()
+def sft(model, stream, pad_id: int, steps: int, peak_lr: float, batch_size: int, warmup: int) -> None:
+    """AdamW, linear warm-up then cosine decay, loss on the solution tokens only."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.01)
+    start = time.time()
+    for step in range(steps):
+        lr = peak_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ids, labels = collate([next(stream) for _ in range(batch_size)], pad_id)
+        loss = model(input_ids=ids, attention_mask=(ids != pad_id).long(), labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"step {step:4d}  loss {loss.item():.4f}  lr {lr:.2e}  {time.time() - start:.0f}s", flush=True)
 
-    torch.manual_seed(args.seed)
+
+def sft_arguments(doc: str | None, steps: int, lr: float, batch_size: int) -> argparse.ArgumentParser:
+    """The options both asset builders share (seed, SFT steps / lr / batch size, output)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--out", type=Path, default=ASSETS)
+    return parser
+
+
+def pin_determinism(seed: int) -> None:
+    torch.manual_seed(seed)
     torch.set_num_threads(2)  # reductions depend on the thread count: pin it for bitwise reruns
     torch.use_deterministic_algorithms(True)
+
+
+def main() -> None:
+    parser = sft_arguments(__doc__, steps=1200, lr=3e-3, batch_size=64)
+    parser.add_argument("--boxed-fraction", type=float, default=0.6)
+    parser.add_argument("--n-ops", type=int, default=2)
+    args = parser.parse_args()
+    pin_determinism(args.seed)
 
     train, test = make_splits(args.seed, n_train=2000, n_test=500, n_ops=args.n_ops)
     tasks_dir = args.out / "tasks"
@@ -138,21 +165,8 @@ def main() -> None:
         bos_token_id=None,
     )
     model = LlamaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     stream = sft_batches(tokenizer, args.seed + 1, {r["question"] for r in test}, args.n_ops, args.boxed_fraction)
-    start = time.time()
-    for step in range(args.steps):
-        lr = args.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        ids, labels = collate([next(stream) for _ in range(args.batch_size)], tokenizer.pad_token_id)
-        loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.4f}  lr {lr:.2e}  {time.time() - start:.0f}s", flush=True)
+    sft(model, stream, tokenizer.pad_token_id, args.steps, args.lr, args.batch_size, warmup=50)
 
     model.generation_config.do_sample = True  # sampling is what minpro does; keep HF's defaults honest
     model.generation_config.top_k = 0

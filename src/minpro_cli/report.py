@@ -248,7 +248,9 @@ def _dig(data: dict[str, Any], keys: tuple[str, ...]) -> Any:
 
 
 def write_report(sweep_dir: Path, out: Path | None = None, line_key: str | None = None,
-                 reference: str = "minpro", collapse_fraction: float = 0.5) -> Path:
+                 reference: str = "minpro", collapse_fraction: float = 0.5, notes: Path | None = None) -> Path:
+    if notes is not None and not notes.is_file():
+        raise MinproError(f"--notes {notes}: file not found")
     manifest, records = load_runs(sweep_dir, collapse_fraction)
     line, panel_keys = split_keys(manifest["grid"], line_key)
     out = out or sweep_dir / "report.md"
@@ -272,6 +274,7 @@ def write_report(sweep_dir: Path, out: Path | None = None, line_key: str | None 
            *table(["panel", line, "finished", "initial pass@1", "best pass@1", "final pass@1", "collapsed",
                    "diverged", "peak entropy"], [c.summary_row() for c in cells]),
            "", "## Reading", "", *reading(cells, reference), "",
+           *(["## Notes", "", notes.read_text(encoding="utf-8").strip(), ""] if notes else []),
            "## Every run", "",
            *table(["panel", line, "seed", "status", "rounds", "initial", "best", "final", "collapse step",
                    "divergence"], seed_rows(cells)), ""]

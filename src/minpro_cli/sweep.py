@@ -23,6 +23,8 @@ from itertools import product
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from minpro_cli.config import Recipe, dump_recipe, load_recipe, parse_override, recipe_from_data, set_dotted
 from minpro_cli.console import console, progress_bar
 from minpro_cli.errors import ConfigError, MinproError
@@ -82,8 +84,14 @@ def plan_runs(recipe_data: dict[str, Any], recipe: Recipe, sweep_dir: Path, wher
         data["run_dir"] = str(directory)
         run_recipe = recipe_from_data(data, f"{where}, run {name}")
         runs.append(SweepRun(name, overrides, directory, run_recipe.train.iterations))
+        planned, written = dump_recipe(run_recipe), directory / "recipe.yaml"
         if run_status(directory) == "pending":
-            write_yaml_atomic(directory / "recipe.yaml", dump_recipe(run_recipe))
+            write_yaml_atomic(written, planned)
+        elif yaml.safe_load(written.read_text(encoding="utf-8")) != planned:
+            raise ConfigError(
+                f"{where}: run {name} finished with a different recipe ({written}); a report would mix "
+                "settings: sweep into a new directory (--out) or delete that run"
+            )
     return runs
 
 
