@@ -13,5 +13,6 @@ if [ "${1:-}" = "--quick" ]; then
     $MINPRO sweep "$RECIPE" --quick
 else
     $MINPRO sweep "$RECIPE" --no-report
-    $MINPRO report runs/offpolicy-sweep --out docs/results/offpolicy-embedded.md
+    $MINPRO report runs/offpolicy-sweep --out docs/results/offpolicy-embedded.md \
+        --notes docs/results/offpolicy-embedded.notes.md
 fi

@@ -198,3 +198,23 @@ def test_report_refuses_a_directory_that_is_not_a_sweep(tmp_path):
     (tmp_path / "sweep.json").write_text("{not json")
     with pytest.raises(MinproError, match="not a sweep manifest"):
         write_report(tmp_path)
+
+
+def test_the_shipped_study_plans_45_runs_and_its_quick_version_10(tmp_path):
+    from minpro_cli.sweep import plan_runs, sweep_plan
+
+    recipe_path = ROOT / "recipes" / "offpolicy-sweep.yaml"
+    recipe, data = sweep_plan(recipe_path, [], [], None, quick=False)
+    runs = plan_runs(data, recipe, tmp_path / "full", str(recipe_path))
+    assert len(runs) == 45 and {r.overrides["objective.name"] for r in runs} == {"grpo", "gspo", "cispo", "prefix", "minpro"}
+    assert {r.overrides["train.staleness"] for r in runs} == {0, 4, 8} and {r.overrides["seed"] for r in runs} == {0, 1, 2}
+    quick, quick_data = sweep_plan(recipe_path, [], [], None, quick=True)
+    assert quick.run_dir == "runs/offpolicy-sweep-quick"
+    quick_runs = plan_runs(quick_data, quick, tmp_path / "quick", str(recipe_path))
+    assert len(quick_runs) == 10 and {r.iterations for r in quick_runs} == {6}
+    written = load_recipe(quick_runs[-1].directory / "recipe.yaml")
+    assert (written.train.staleness, written.objective.name, written.eval.max_problems) == (8, "minpro", 32)
+    assert written.sweep.grid == {}  # a run's recipe is an ordinary training recipe
+    # the command line adds to the grid and overrides the seeds
+    recipe, data = sweep_plan(recipe_path, [], ["optim.lr=1e-5,3e-5"], 1, quick=False)
+    assert len(plan_runs(data, recipe, tmp_path / "more", str(recipe_path))) == 30

@@ -170,11 +170,13 @@ class Cell:
 
 
 def cells_of(records: list[RunRecord], line: str, panel_keys: list[str]) -> list[Cell]:
+    """One cell per (panel, line), panel-major, each in the grid's order."""
     cells: dict[tuple[str, str], Cell] = {}
     for r in records:
         key = (panel_label(r.overrides, panel_keys), str(r.overrides[line]))
         cells.setdefault(key, Cell(*key, [])).runs.append(r)
-    return list(cells.values())
+    panels = list(dict.fromkeys(panel for panel, _ in cells))
+    return sorted(cells.values(), key=lambda c: panels.index(c.panel))
 
 
 def compare(a: Cell, b: Cell) -> str:

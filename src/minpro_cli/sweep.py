@@ -162,6 +162,12 @@ def execute(runs: list[SweepRun], jobs: int) -> list[SweepRun]:
     console.print(f"sweep: {len(runs)} runs, {len(runs) - len(pending)} already finished, {jobs} at a time")
     try:
         with progress_bar("sweep rounds", total=total) as bar:
+            def show() -> None:
+                statuses = [r.status() for r in runs]
+                bar.set(progress_of(runs), f"{statuses.count('done')} done, {statuses.count('diverged')} diverged, "
+                                           f"{len(failed)} failed, running: {', '.join(r.name for r in active.values())}")
+
+            show()
             while pending or active:
                 while pending and len(active) < jobs:
                     run = pending.pop(0)
@@ -174,9 +180,7 @@ def execute(runs: list[SweepRun], jobs: int) -> list[SweepRun]:
                     if proc.returncode != 0 and run.status() == "pending":
                         failed.append(run)
                         console.print(f"run {run.name} failed (exit {proc.returncode}); see {run.directory}/train.log")
-                statuses = [r.status() for r in runs]
-                bar.set(progress_of(runs), f"{statuses.count('done')} done, {statuses.count('diverged')} diverged, "
-                                           f"{len(failed)} failed, running: {', '.join(r.name for r in active.values())}")
+                show()
     except KeyboardInterrupt:
         stop(active)
         raise

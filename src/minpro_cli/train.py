@@ -249,7 +249,8 @@ class HeldOutEvals:
     def __init__(self, recipe: Recipe, run_dir: Path, completed_rounds: int) -> None:
         self.recipe, self.path = recipe, run_dir / "evals.jsonl"
         kept = [e for e in read_jsonl(self.path) if e["round"] <= completed_rounds] if self.path.exists() else []
-        write_jsonl_atomic(self.path, kept)  # evaluations after the checkpoint are redone
+        if kept or self.path.exists():
+            write_jsonl_atomic(self.path, kept)  # evaluations after the checkpoint are redone
         self.done = {e["round"] for e in kept}
 
     def __call__(self, policy: Policy, state: LoopState) -> None:
