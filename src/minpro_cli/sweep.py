@@ -87,7 +87,7 @@ def plan_runs(recipe_data: dict[str, Any], recipe: Recipe, sweep_dir: Path, wher
         planned, written = dump_recipe(run_recipe), directory / "recipe.yaml"
         if run_status(directory) == "pending":
             write_yaml_atomic(written, planned)
-        elif yaml.safe_load(written.read_text(encoding="utf-8")) != planned:
+        elif written.exists() and yaml.safe_load(written.read_text(encoding="utf-8")) != planned:
             raise ConfigError(
                 f"{where}: run {name} finished with a different recipe ({written}); a report would mix "
                 "settings: sweep into a new directory (--out) or delete that run"
