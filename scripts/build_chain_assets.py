@@ -19,7 +19,7 @@ What it makes (deterministic and seeded, like build_default_assets.py):
     that temperature-1 sampling solves a minority of held-out chains (one slip anywhere in
     ~12 steps loses the reward), so RL has room to improve.
 
-    .venv/bin/python scripts/build_chain_assets.py      # ~10 minutes on 2 CPU cores
+    .venv/bin/python scripts/build_chain_assets.py      # ~9 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
