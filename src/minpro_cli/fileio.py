@@ -65,6 +65,16 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def filter_jsonl_atomic(path: Path, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """Rewrite a JSON-lines file with only the rows `keep` accepts and return them ([] and no
+    file when there is none): how a resumed run drops the lines of rounds it will redo."""
+    if not path.exists():
+        return []
+    rows = [r for r in read_jsonl(path) if keep(r)]
+    write_jsonl_atomic(path, rows)
+    return rows
+
+
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
     """Append one line; a crash can at worst lose this line, never corrupt earlier ones."""
     with open(path, "a", encoding="utf-8") as fh:

@@ -35,10 +35,9 @@ from minpro_cli.errors import RolloutFileError, TrainingDivergedError
 from minpro_cli.eval import benchmarks_of, evaluate_benchmark
 from minpro_cli.fileio import (
     append_jsonl,
-    read_jsonl,
+    filter_jsonl_atomic,
     write_directory_atomic,
     write_json_atomic,
-    write_jsonl_atomic,
     write_yaml_atomic,
 )
 from minpro_cli.modeling import Policy, pack, pad_rows, response_logprobs, save_policy, tokenizer_fingerprint
@@ -248,9 +247,7 @@ class HeldOutEvals:
 
     def __init__(self, recipe: Recipe, run_dir: Path, completed_rounds: int) -> None:
         self.recipe, self.path = recipe, run_dir / "evals.jsonl"
-        kept = [e for e in read_jsonl(self.path) if e["round"] <= completed_rounds] if self.path.exists() else []
-        if kept or self.path.exists():
-            write_jsonl_atomic(self.path, kept)  # evaluations after the checkpoint are redone
+        kept = filter_jsonl_atomic(self.path, lambda e: e["round"] <= completed_rounds)  # later ones are redone
         self.done = {e["round"] for e in kept}
 
     def __call__(self, policy: Policy, state: LoopState) -> None:
@@ -306,8 +303,7 @@ def run_train(recipe: Recipe) -> Path:
         console.print(f"resuming from {resume_from} (round {state.round}, step {state.step})")
     (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a new attempt: an earlier divergence no longer stands
     metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.exists():  # drop lines of rounds after the checkpoint: they will be redone
-        write_jsonl_atomic(metrics_path, [m for m in read_jsonl(metrics_path) if m["round"] < state.round])
+    filter_jsonl_atomic(metrics_path, lambda m: m["round"] < state.round)  # rounds after the checkpoint are redone
 
     objective = recipe_objective(recipe)
     estimator = cfg.advantage or objective.default_advantage
