@@ -155,6 +155,10 @@ class Cell:
     line: str
     runs: list[RunRecord]
 
+    def finals(self) -> list[float]:
+        """Final held-out pass@1 of the seeds that have one."""
+        return [f for f in map(final, self.runs) if math.isfinite(f)]
+
     def summary_row(self) -> list[str]:
         collapsed = [r.collapse_step for r in self.runs if r.collapse_step is not None]
         entropy = [max((m.get("entropy", math.nan) for m in r.metrics), default=math.nan) for r in self.runs]
@@ -162,7 +166,7 @@ class Cell:
             self.panel, self.line, f"{sum(r.status == 'done' for r in self.runs)}/{len(self.runs)}",
             mean_std([r.heldout()[0][1] if r.evals else math.nan for r in self.runs]),
             mean_std([b[1] for r in self.runs if (b := best(r))]),
-            mean_std([final(r) for r in self.runs]),
+            mean_std(self.finals()),
             f"{len(collapsed)}/{len(self.runs)}" + (f" (step {statistics.fmean(collapsed):.0f})" if collapsed else ""),
             f"{sum(r.status == 'diverged' for r in self.runs)}",
             mean_std(entropy),
@@ -181,7 +185,7 @@ def cells_of(records: list[RunRecord], line: str, panel_keys: list[str]) -> list
 
 def compare(a: Cell, b: Cell) -> str:
     """Difference of final held-out pass@1 (a − b) and whether it exceeds two standard errors."""
-    fa, fb = ([final(r) for r in c.runs if math.isfinite(final(r))] for c in (a, b))
+    fa, fb = a.finals(), b.finals()
     if len(fa) < 2 or len(fb) < 2:
         return f"{a.line} vs {b.line}: too few finished seeds to compare"
     diff = statistics.fmean(fa) - statistics.fmean(fb)
@@ -196,9 +200,9 @@ def reading(cells: list[Cell], reference: str) -> list[str]:
     lines = []
     for panel in dict.fromkeys(c.panel for c in cells):
         row = [c for c in cells if c.panel == panel]
-        ranked = sorted(row, key=lambda c: -statistics.fmean([final(r) for r in c.runs if math.isfinite(final(r))] or [0]))
+        ranked = sorted(row, key=lambda c: -statistics.fmean(c.finals() or [0]))
         lines.append(f"- **{panel}**: final held-out pass@1, best first: "
-                     + ", ".join(f"{c.line} {mean_std([final(r) for r in c.runs])}" for c in ranked) + ".")
+                     + ", ".join(f"{c.line} {mean_std(c.finals())}" for c in ranked) + ".")
         ref = next((c for c in row if c.line == reference), None)
         if ref is not None:
             lines.extend(f"  - {compare(ref, other)}" for other in row if other is not ref)

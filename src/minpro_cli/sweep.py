@@ -117,12 +117,12 @@ def sweep_plan(path: Path, overrides: list[str], grid: list[str], seeds: int | N
     return recipe, data
 
 
-def progress_of(runs: list[SweepRun]) -> int:
+def progress_of(runs: list[SweepRun], statuses: list[RunStatus]) -> int:
     """Rounds finished over all runs (a finished run counts in full)."""
     total = 0
-    for run in runs:
+    for run, status in zip(runs, statuses):
         metrics = run.directory / "metrics.jsonl"
-        if run.status() != "pending":
+        if status != "pending":
             total += run.iterations
         elif metrics.exists():
             total += min(len(read_jsonl(metrics)), run.iterations)
@@ -164,7 +164,7 @@ def execute(runs: list[SweepRun], jobs: int) -> list[SweepRun]:
         with progress_bar("sweep rounds", total=total) as bar:
             def show() -> None:
                 statuses = [r.status() for r in runs]
-                bar.set(progress_of(runs), f"{statuses.count('done')} done, {statuses.count('diverged')} diverged, "
+                bar.set(progress_of(runs, statuses), f"{statuses.count('done')} done, {statuses.count('diverged')} diverged, "
                                            f"{len(failed)} failed, running: {', '.join(r.name for r in active.values())}")
 
             show()
