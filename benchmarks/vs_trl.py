@@ -26,7 +26,7 @@ from minpro_cli.modeling import embedded_model_dir, load_policy
 from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.samplers.hf import HFSampler
 from minpro_cli.tasks import load_problems
-from minpro_cli.train import training_batch, update_step
+from minpro_cli.train import Trainee, training_batch, update_step
 from minpro_cli.verifiers.math import MathVerifier
 
 STEPS, LR = 3, 1e-5
@@ -42,7 +42,7 @@ def minpro_steps() -> tuple[float, int]:
         started = time.perf_counter()
         rows, _ = sample_rows(job, problems, GROUP_SIZE, seed=step)
         policy.model.train()
-        update_step(policy, optimizer, MinPRO(), training_batch(rows, "grpo", False), grad_clip=1.0)
+        update_step(Trainee.of(policy), optimizer, MinPRO(), training_batch(rows, "grpo", False), grad_clip=1.0)
         policy.model.eval()
         times.append(time.perf_counter() - started)
     return statistics.median(times), 0

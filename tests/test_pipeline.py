@@ -21,7 +21,7 @@ from minpro_cli.objectives import ObjectiveOptions, ObjectiveOutput
 from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.ratios import inspect_ratios
 from minpro_cli.rollouts import SCHEMA, read_rollouts
-from minpro_cli.train import run_train, training_batch, update_step
+from minpro_cli.train import Trainee, run_train, training_batch, update_step
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 SMALL = [
@@ -148,9 +148,9 @@ def test_nan_loss_stops_before_touching_the_weights(tmp_path):
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
     with pytest.raises(TrainingDivergedError, match="loss is nan"):
-        update_step(policy, optimizer, NanObjective(), batch, grad_clip=1.0)
+        update_step(Trainee.of(policy), optimizer, NanObjective(), batch, grad_clip=1.0)
     assert all(torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
-    update_step(policy, optimizer, MinPRO(), batch, grad_clip=1.0)  # a finite loss still trains
+    update_step(Trainee.of(policy), optimizer, MinPRO(), batch, grad_clip=1.0)  # a finite loss still trains
     assert any(not torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
 
 

@@ -1,23 +1,40 @@
-"""Training checkpoints: HF `save_pretrained` weights plus optimizer and loop state.
+"""Training checkpoints: `torch.distributed.checkpoint` model and optimizer state, an HF export.
 
-Everything is safetensors or JSON (never pickle), and each checkpoint directory appears
-atomically with a `.complete` marker, so a resumed run never loads a half-written one.
+A checkpoint directory is loadable by plain transformers (config, safetensors weights,
+tokenizer: the HF export) and holds `dcp/`, the model and optimizer state in PyTorch's
+distributed checkpoint format, which each rank writes its own shard of and which loads
+into any number of ranks. Loop state and the stale-weight snapshots are JSON and
+safetensors; nothing is pickled. Every rank writes into `.round_NNNNN.partial`; rank 0
+renames it only after all of them finished, so a resumed run never sees a half-written one.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
-from minpro_cli.fileio import directory_done_marker, write_directory_atomic
-from minpro_cli.modeling import Policy, save_policy
+from minpro_cli.distributed import World, unwrap
+from minpro_cli.errors import CheckpointError
+from minpro_cli.fileio import directory_done_marker, publish_directory
+from minpro_cli.modeling import Policy
 
 StateDict = dict[str, torch.Tensor]
+DCP_DIR = "dcp"
+# one process without a process group is a normal way to train, not a mistake to warn about
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 @dataclass
@@ -32,63 +49,64 @@ def checkpoint_dir(run_dir: Path, round_: int) -> Path:
     return run_dir / "checkpoints" / f"round_{round_:05d}"
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    return [p for p in sorted((run_dir / "checkpoints").glob("round_*")) if directory_done_marker(p).exists()]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = [p for p in sorted((run_dir / "checkpoints").glob("round_*")) if directory_done_marker(p).exists()]
+    done = complete_checkpoints(run_dir)
     return done[-1] if done else None
-
-
-def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[StateDict, dict]:
-    state = optimizer.state_dict()
-    tensors = {
-        f"{idx}.{key}": value.contiguous()
-        for idx, per_param in state["state"].items()
-        for key, value in per_param.items()
-        if torch.is_tensor(value)
-    }
-    scalars = {
-        f"{idx}.{key}": value
-        for idx, per_param in state["state"].items()
-        for key, value in per_param.items()
-        if not torch.is_tensor(value)
-    }
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: StateDict, meta: dict) -> None:
-    per_param: dict[int, dict] = {}
-    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
-        idx, key = flat.split(".", 1)
-        per_param.setdefault(int(idx), {})[key] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
 
 
 def save_checkpoint(
     run_dir: Path,
     policy: Policy,
+    module: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     state: LoopState,
     snapshots: dict[int, StateDict],
     keep: int,
+    world: World,
 ) -> Path:
+    """Collective: every rank calls it. `module` is what trains (the model, DDP or FSDP2)."""
     target = checkpoint_dir(run_dir, state.round)
-
-    def fill(tmp: Path) -> None:
-        save_policy(policy, tmp)
-        tensors, meta = optimizer_to_tensors(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+    partial = target.with_name(f".{target.name}.partial")
+    if world.is_main:  # a partial directory left by a killed run is garbage
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    world.barrier()
+    model_state, optim_state = get_state_dict(module, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial / DCP_DIR))
+    whole = whole_weights(module)
+    if world.is_main:
+        export_hf(policy, module, whole, partial)
         for round_, weights in snapshots.items():
-            save_file(weights, str(tmp / f"snapshot_round_{round_:05d}.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps({"loop": asdict(state), "optimizer": meta}, indent=1))
-
-    write_directory_atomic(target, fill)
-    complete = [p for p in sorted((run_dir / "checkpoints").glob("round_*")) if directory_done_marker(p).exists()]
-    for old in complete[:-keep]:
-        shutil.rmtree(old)
+            save_file(weights, str(partial / f"snapshot_round_{round_:05d}.safetensors"))
+        write_loop_state(partial, state)
+        publish_directory(partial, target)
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    world.barrier()
     return target
 
 
+def whole_weights(module: torch.nn.Module) -> StateDict:
+    """Collective: the unsharded weights, on rank 0 only (other ranks get {})."""
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_hf(policy: Policy, module: torch.nn.Module, whole: StateDict, directory: Path) -> None:
+    """`save_pretrained` layout with safetensors weights, loadable by plain transformers."""
+    model = unwrap(module)
+    # gathered weights no longer share storage, so save_pretrained cannot see the tie itself
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    whole = {k: v for k, v in whole.items() if k not in tied}
+    model.save_pretrained(directory, state_dict=whole, safe_serialization=True)
+    policy.tokenizer.save_pretrained(directory)
+
+
 def write_loop_state(directory: Path, state: LoopState) -> None:
-    """trainer_state.json for a weights-only directory (final/): tells readers its step."""
+    """trainer_state.json: the loop state; in a weights-only directory (final/) it tells the step."""
     (directory / "trainer_state.json").write_text(json.dumps({"loop": asdict(state)}, indent=1))
 
 
@@ -99,12 +117,20 @@ def saved_policy_step(directory: Path) -> int | None:
 
 
 def load_checkpoint_state(
-    directory: Path, optimizer: torch.optim.Optimizer
+    directory: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[LoopState, dict[int, StateDict]]:
-    """Restore optimizer state in place; return the loop state and the weight snapshots."""
-    saved = json.loads((directory / "trainer_state.json").read_text())
-    optimizer_from_tensors(optimizer, load_file(str(directory / "optimizer.safetensors")), saved["optimizer"])
-    loop = saved["loop"]
+    """Restore model and optimizer state in place (any number of ranks); return the loop state
+    and the weight snapshots."""
+    if not (directory / DCP_DIR).is_dir():
+        raise CheckpointError(
+            f"{directory} has no {DCP_DIR}/ (written by minpro before distributed checkpoints): its weights "
+            "are an HF directory; start a new run with model.path pointing at it, or move checkpoints/ away"
+        )
+    model_state, optim_state = get_state_dict(module, optimizer)
+    loaded = {"model": model_state, "optim": optim_state}
+    dcp.load(loaded, checkpoint_id=str(directory / DCP_DIR))
+    set_state_dict(module, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    loop = json.loads((directory / "trainer_state.json").read_text())["loop"]
     state = LoopState(
         round=loop["round"],
         step=loop["step"],

@@ -66,11 +66,26 @@ def rollout(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 
 @app.command()
 @user_errors
-def train(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
-    """Update the policy: an online rollout → update loop, or on stored rollouts (train.rollouts)."""
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    nproc: Annotated[
+        int, typer.Option("--nproc", min=1, help="training processes on this machine (launches torchrun)")
+    ] = 1,
+) -> None:
+    """Update the policy: an online rollout → update loop, or on stored rollouts (train.rollouts).
+
+    With --nproc N (or under `torchrun -m minpro_cli train`) N processes share every update:
+    DDP or FSDP2 per the recipe's `distributed` section."""
+    loaded = _recipe(recipe, overrides)  # validated before any process starts
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from minpro_cli.distributed import launch
+
+        launch(nproc, ["train", str(recipe), *(overrides or [])], Path(loaded.run_dir))
+        return
     from minpro_cli.train import run_train
 
-    run_train(_recipe(recipe, overrides))
+    run_train(loaded)
 
 
 @app.command("eval")

@@ -88,6 +88,16 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
 
 
+class DistributedConfig(Section):
+    """How `minpro train` runs under torchrun (`--nproc N`); ignored in a single process."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: whole weights on every rank; fsdp: FSDP2, weights, gradients and optimizer sharded"
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl with CUDA, else gloo")
+    timeout_s: float = Field(600.0, gt=0.0, description="how long a collective waits for a silent rank")
+
+
 class BenchmarkConfig(Section):
     """One benchmark of a multi-benchmark eval; unset fields fall back to `data` / `eval` / `verifier`."""
 
@@ -163,6 +173,7 @@ class Recipe(Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
 

@@ -52,6 +52,7 @@ def progress_bar(description: str, total: int) -> Iterator[Bar]:
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
         console=console,
+        disable=console.quiet,  # ranks other than 0 of a distributed run
     )
     with progress:
         _active.append(progress)

@@ -95,15 +95,20 @@ def write_directory_atomic(final: Path, fill: Callable[[Path], None]) -> None:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         fill(tmp)
-        directory_done_marker(tmp).write_text("ok\n")
-        if final.exists():  # move the old one aside first: a crash here still leaves one complete copy
-            retired = final.with_name(f".{final.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(final, retired)
-            os.replace(tmp, final)
-            shutil.rmtree(retired)
-        else:
-            os.replace(tmp, final)
+        publish_directory(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def publish_directory(tmp: Path, final: Path) -> None:
+    """Mark a filled directory complete and rename it to `final`, replacing any earlier one."""
+    directory_done_marker(tmp).write_text("ok\n")
+    if final.exists():  # move the old one aside first: a crash here still leaves one complete copy
+        retired = final.with_name(f".{final.name}.old")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(final, retired)
+        os.replace(tmp, final)
+        shutil.rmtree(retired)
+    else:
+        os.replace(tmp, final)

@@ -1,8 +1,9 @@
 """`minpro train`: rounds of (rollout → GRPO advantages → policy updates with the objective).
 
-The update step (`update_policy`) is a function of a model, an optimizer, an objective and a
-batch: no global state and no I/O, so it can be wrapped for torchrun/FSDP unchanged. All
-file I/O of the loop lives in `run_train`.
+The update step (`update_policy`) is a function of a trainee (the module forward and backward
+go through, in a world of 1 or N ranks), an optimizer, an objective and a batch: no global
+state and no I/O. All file I/O of the loop lives in `run_train`, on rank 0; under torchrun
+every rank runs the same loop (see `distributed`).
 """
 
 from __future__ import annotations
@@ -23,24 +24,37 @@ from minpro_cli.advantages import compute_advantages, group_indices, zero_varian
 from minpro_cli.checkpoints import (
     LoopState,
     StateDict,
+    export_hf,
     latest_checkpoint,
     load_checkpoint_state,
     save_checkpoint,
+    whole_weights,
     write_loop_state,
 )
 from minpro_cli.collect import load_recipe_policy, load_split, sample_rows, sampling_job, summarize_rows
 from minpro_cli.config import Recipe, dump_recipe
 from minpro_cli.console import console, progress_bar, warn
+from minpro_cli.distributed import (
+    SINGLE,
+    World,
+    close_world,
+    full_state_dict,
+    init_world,
+    loss_share,
+    parallelize,
+    reduce_step_metrics,
+)
 from minpro_cli.errors import RolloutFileError, TrainingDivergedError
 from minpro_cli.eval import benchmarks_of, evaluate_benchmark
 from minpro_cli.fileio import (
     append_jsonl,
     filter_jsonl_atomic,
+    read_jsonl,
     write_directory_atomic,
     write_json_atomic,
     write_yaml_atomic,
 )
-from minpro_cli.modeling import Policy, pack, pad_rows, response_logprobs, save_policy, tokenizer_fingerprint
+from minpro_cli.modeling import Policy, pack, pad_rows, response_logprobs, tokenizer_fingerprint
 from minpro_cli.objectives import AdvantageEstimator, ObjectiveInputs, ObjectiveOptions
 from minpro_cli.objectives.logratios import log_token_ratio
 from minpro_cli.ratiostats import core_metrics
@@ -98,42 +112,61 @@ def training_batch(
     return RolloutBatch.from_rows(rows, advantages) if rows else None
 
 
+@dataclass
+class Trainee:
+    """What an update trains: the module forward and backward go through (the model itself,
+    or its DDP / FSDP2 wrapping) in its world of ranks, and the pad id batches are packed with."""
+
+    module: torch.nn.Module
+    pad_token_id: int
+    world: World = SINGLE
+
+    @classmethod
+    def of(cls, policy: Policy) -> Trainee:
+        return cls(policy.model, policy.pad_token_id)
+
+
 def update_step(
-    policy: Policy,
+    trainee: Trainee,
     optimizer: torch.optim.Optimizer,
     objective: ObjectiveOptions,
     batch: RolloutBatch,
     grad_clip: float,
+    real: bool = True,
 ) -> dict[str, float]:
-    """One optimizer step on one minibatch; raises before stepping if anything is not finite."""
-    packed = pack(batch.prompts, batch.responses, policy.pad_token_id)
-    device = next(policy.model.parameters()).device
-    logprobs, entropy = response_logprobs(policy.model, packed, batch.temperature, with_entropy=True)
+    """One optimizer step on this rank's share of one minibatch; raises before stepping if
+    anything is not finite. `real` False: a stand-in row that contributes nothing."""
+    module, world = trainee.module, trainee.world
+    packed = pack(batch.prompts, batch.responses, trainee.pad_token_id)
+    device = next(module.parameters()).device
+    logprobs, entropy = response_logprobs(module, packed, batch.temperature, with_entropy=True)
     old = pad_rows(batch.old_logprobs, logprobs)
     mask = packed.response_mask.to(device)
     out = objective(ObjectiveInputs(logprobs, old, batch.advantages.to(device), mask))
-    ratio_stats = core_metrics(log_token_ratio(logprobs.detach(), old).cpu(), mask.cpu())
-    if not torch.isfinite(out.loss):
-        raise TrainingDivergedError(f"loss is {out.loss.item()}")
+    loss = out.loss * loss_share(mask, objective, world, real)  # this rank's share of the global loss
+    global_loss = world.sum([loss.item()])[0]  # every rank sees the same, so all stop together
+    if not math.isfinite(global_loss):
+        raise TrainingDivergedError(f"loss is {global_loss}")
     optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), grad_clip)
+    (loss * world.size).backward()  # DDP and FSDP2 average gradients over ranks; the shares sum
+    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingDivergedError(f"gradient norm is {grad_norm.item()}")
     optimizer.step()
     assert entropy is not None
-    return {
-        "loss": out.loss.item(),
-        "grad_norm": grad_norm.item(),
+    local = {
         "entropy": float(entropy[mask].mean()),
         **out.metrics,
-        **ratio_stats,
+        **core_metrics(log_token_ratio(logprobs.detach(), old).cpu(), mask.cpu()),
     }
+    tokens = float(mask.sum()) if real else 0.0
+    return {"loss": global_loss, "grad_norm": grad_norm.item(), **reduce_step_metrics(local, tokens, world)}
 
 
 def update_policy(
-    policy: Policy,
+    trainee: Trainee,
     optimizer: torch.optim.Optimizer,
     objective: ObjectiveOptions,
     batch: RolloutBatch,
@@ -143,19 +176,23 @@ def update_policy(
     seed: int,
     before_step: Callable[[], None] = lambda: None,
 ) -> list[dict[str, float]]:
-    """`epochs` shuffled passes over the batch, `minibatches` optimizer steps per pass."""
+    """`epochs` shuffled passes over the batch, `minibatches` optimizer steps per pass; each
+    rank trains on its share of every minibatch (the same split whatever the world size)."""
     generator = torch.Generator().manual_seed(seed)
     n = len(batch.prompts)
     step_metrics = []
-    policy.model.train()
+    trainee.module.train()
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator).tolist()
         for k in range(minibatches):
             index = order[k * n // minibatches : (k + 1) * n // minibatches]
             if index:
+                mine = trainee.world.shard(index)
                 before_step()
-                step_metrics.append(update_step(policy, optimizer, objective, batch.select(index), grad_clip))
-    policy.model.eval()
+                step_metrics.append(
+                    update_step(trainee, optimizer, objective, batch.select(mine or index[:1]), grad_clip, bool(mine))
+                )
+    trainee.module.eval()
     return step_metrics
 
 
@@ -177,10 +214,11 @@ def reduce_metrics(step_metrics: list[dict[str, float]]) -> dict[str, float]:
 
 class OnlineRounds:
     """Round r samples `prompts_per_iteration` training problems with the weights of round
-    r − staleness (the paper's off-policy knob) and stores them as parquet in the run dir."""
+    r − staleness (the paper's off-policy knob) and stores them as parquet in the run dir.
+    Under torchrun each rank samples its share of the problems and rank 0 writes them all."""
 
-    def __init__(self, recipe: Recipe, policy: Policy, run_dir: Path) -> None:
-        self.recipe, self.policy, self.run_dir = recipe, policy, run_dir
+    def __init__(self, recipe: Recipe, policy: Policy, run_dir: Path, world: World = SINGLE) -> None:
+        self.recipe, self.policy, self.run_dir, self.world = recipe, policy, run_dir, world
         self.problems = load_split(recipe, "train")
         self.stale_policy = (
             Policy(copy.deepcopy(policy.model), policy.tokenizer, policy.path) if recipe.train.staleness else policy
@@ -206,14 +244,17 @@ class OnlineRounds:
         if weights is not None:
             self.stale_policy.model.load_state_dict(weights)
         self.job.policy_version = version
-        rows, _ = sample_rows(
+        world = self.world
+        mine, _ = sample_rows(
             self.job,
-            self.problems_for(round_),
+            world.shard(self.problems_for(round_)),
             self.recipe.train.group_size,
-            seed=self.recipe.seed * 100_003 + round_,
+            seed=(self.recipe.seed * 100_003 + round_) * world.size + world.rank,
             label=f"round {round_} sampling",
         )
-        write_rollouts(path, rows, dump_recipe(self.recipe))
+        rows = world.gather(mine)  # every rank has checked `path` before rank 0 writes it
+        if world.is_main:
+            write_rollouts(path, rows, dump_recipe(self.recipe))
         return rows
 
 
@@ -245,15 +286,18 @@ class HeldOutEvals:
     every `train.eval_every` rounds and after the last: one line per evaluation in evals.jsonl.
     Each evaluation samples with the same seed, so successive points differ by the policy only."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, completed_rounds: int) -> None:
+    def __init__(self, recipe: Recipe, run_dir: Path, completed_rounds: int, world: World = SINGLE) -> None:
         self.recipe, self.path = recipe, run_dir / "evals.jsonl"
-        kept = filter_jsonl_atomic(self.path, lambda e: e["round"] <= completed_rounds)  # later ones are redone
-        self.done = {e["round"] for e in kept}
+        if world.is_main:  # evaluations after the checkpoint are redone
+            filter_jsonl_atomic(self.path, lambda e: e["round"] <= completed_rounds)
+        kept = read_jsonl(self.path) if self.path.exists() else []  # other ranks may see it before the filter
+        self.done = {e["round"] for e in kept if e["round"] <= completed_rounds}
+
+    def due(self, state: LoopState) -> bool:
+        every, last = self.recipe.train.eval_every, self.recipe.train.iterations
+        return bool(every) and state.round not in self.done and (state.round % every == 0 or state.round == last)
 
     def __call__(self, policy: Policy, state: LoopState) -> None:
-        every, last = self.recipe.train.eval_every, self.recipe.train.iterations
-        if not every or state.round in self.done or (state.round % every and state.round != last):
-            return
         record: dict[str, Any] = {"round": state.round, "step": state.step}
         for name, bench in benchmarks_of(self.recipe).items():
             result, _ = evaluate_benchmark(self.recipe, policy, bench)
@@ -285,32 +329,65 @@ def recipe_objective(recipe: Recipe) -> ObjectiveOptions:
 
 
 def run_train(recipe: Recipe) -> Path:
+    """The training loop; under torchrun (WORLD_SIZE > 1) every rank runs it."""
+    world = init_world(recipe.distributed.backend, recipe.distributed.timeout_s)
+    quiet = console.quiet
+    console.quiet = quiet or not world.is_main  # one rank speaks
+    try:
+        return train_loop(recipe, world)
+    finally:
+        console.quiet = quiet
+        close_world(world)
+
+
+def train_loop(recipe: Recipe, world: World) -> Path:
     cfg, run_dir = recipe.train, Path(recipe.run_dir)
     staleness = 0 if cfg.rollouts else cfg.staleness  # stored rollouts carry their own staleness
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_yaml_atomic(run_dir / "config.yaml", dump_recipe(recipe))
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_yaml_atomic(run_dir / "config.yaml", dump_recipe(recipe))
+    world.barrier()
     resume_from = latest_checkpoint(run_dir)
     policy = load_recipe_policy(recipe, str(resume_from) if resume_from else None)
+    sharded = world.size > 1 and recipe.distributed.strategy == "fsdp"
+    # FSDP2 shards the model in place: sampling and evaluation run on a whole copy
+    plain = Policy(copy.deepcopy(policy.model), policy.tokenizer, policy.path) if sharded else policy
+    source = StoredRounds(recipe, policy, cfg.rollouts) if cfg.rollouts else OnlineRounds(recipe, plain, run_dir, world)
+    trainee = Trainee(parallelize(policy.model, recipe.distributed.strategy, world), policy.pad_token_id, world)
     optimizer = torch.optim.AdamW(
-        policy.model.parameters(),
+        trainee.module.parameters(),
         lr=recipe.optim.lr,
         betas=recipe.optim.betas,
         weight_decay=recipe.optim.weight_decay,
     )
     state, snapshots = LoopState(), {}
     if resume_from is not None:
-        state, snapshots = load_checkpoint_state(resume_from, optimizer)
+        state, snapshots = load_checkpoint_state(resume_from, trainee.module, optimizer)
         console.print(f"resuming from {resume_from} (round {state.round}, step {state.step})")
-    (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a new attempt: an earlier divergence no longer stands
     metrics_path = run_dir / "metrics.jsonl"
-    filter_jsonl_atomic(metrics_path, lambda m: m["round"] < state.round)  # rounds after the checkpoint are redone
+    if world.is_main:
+        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a new attempt: an earlier divergence no longer stands
+        filter_jsonl_atomic(metrics_path, lambda m: m["round"] < state.round)  # rounds after the checkpoint are redone
+
+    def refresh_plain() -> None:  # collective under FSDP2
+        if sharded:
+            plain.model.load_state_dict(full_state_dict(trainee.module, world))
 
     objective = recipe_objective(recipe)
     estimator = cfg.advantage or objective.default_advantage
-    source = StoredRounds(recipe, policy, cfg.rollouts) if cfg.rollouts else OnlineRounds(recipe, policy, run_dir)
-    policy.model.eval()
-    held_out = HeldOutEvals(recipe, run_dir, state.round)
-    held_out(policy, state)  # before the first round, or the one an interruption skipped
+    trainee.module.eval()
+    held_out = HeldOutEvals(recipe, run_dir, state.round, world)
+
+    def evaluate() -> None:
+        if held_out.due(state):
+            refresh_plain()
+            if world.is_main:
+                held_out(plain, state)
+            else:
+                held_out.done.add(state.round)
+            world.barrier()
+
+    evaluate()  # before the first round, or the one an interruption skipped
 
     def set_lr() -> None:
         warm = min(1.0, (state.step + 1) / recipe.optim.warmup_steps) if recipe.optim.warmup_steps else 1.0
@@ -326,8 +403,10 @@ def run_train(recipe: Recipe) -> Path:
         for round_ in range(state.round, cfg.iterations):
             started = time.perf_counter()
             if staleness:
-                snapshots[round_] = {k: v.detach().clone() for k, v in policy.model.state_dict().items()}
+                snapshots[round_] = full_state_dict(trainee.module, world)
                 state.snapshot_steps[round_] = state.step
+            elif not cfg.rollouts:
+                refresh_plain()
             sample_round = max(0, round_ - staleness)
             weights = snapshots.get(sample_round) if staleness else None
             version = state.snapshot_steps.get(sample_round, state.step) if staleness else state.step
@@ -339,12 +418,14 @@ def run_train(recipe: Recipe) -> Path:
                 warn(f"round {round_}: every group's responses got the same reward; no update this round")
             try:
                 step_metrics = [] if batch is None else update_policy(
-                    policy, optimizer, objective, batch, cfg.epochs, cfg.minibatches,
+                    trainee, optimizer, objective, batch, cfg.epochs, cfg.minibatches,
                     recipe.optim.grad_clip, seed=recipe.seed * 100_003 + round_, before_step=count_step,
                 )
             except TrainingDivergedError as exc:
                 last = latest_checkpoint(run_dir)
-                write_json_atomic(run_dir / DIVERGED_FILE, {"round": round_, "step": state.step, "reason": str(exc)})
+                if world.is_main:
+                    record = {"round": round_, "step": state.step, "reason": str(exc)}
+                    write_json_atomic(run_dir / DIVERGED_FILE, record)
                 raise TrainingDivergedError(
                     f"round {round_}, step {state.step}: {exc} (objective '{recipe.objective.name}', "
                     f"lr {recipe.optim.lr}); last good checkpoint: {last or 'none'}; "
@@ -366,18 +447,24 @@ def run_train(recipe: Recipe) -> Path:
                 **reduce_metrics(step_metrics),
                 "time_s": time.perf_counter() - started,
             }
-            append_jsonl(metrics_path, record)
+            if world.is_main:
+                append_jsonl(metrics_path, record)
             bar.advance(1, info=f"reward {record['reward_mean']:.3f}  loss {record.get('loss', math.nan):+.4f}")
             if state.round % cfg.checkpoint_every == 0 or state.round == cfg.iterations:
-                save_checkpoint(run_dir, policy, optimizer, state, snapshots, cfg.keep_checkpoints)
-            held_out(policy, state)
+                save_checkpoint(
+                    run_dir, policy, trainee.module, optimizer, state, snapshots, cfg.keep_checkpoints, world
+                )
+            evaluate()
 
     final = run_dir / "final"
-    def fill_final(tmp: Path) -> None:
-        save_policy(policy, tmp)
-        write_loop_state(tmp, state)
+    whole = whole_weights(trainee.module)
+    if world.is_main:
 
-    write_directory_atomic(final, fill_final)
-    console.print(f"final weights: {final}")
+        def fill_final(tmp: Path) -> None:
+            export_hf(policy, trainee.module, whole, tmp)
+            write_loop_state(tmp, state)
+
+        write_directory_atomic(final, fill_final)
+        console.print(f"final weights: {final}")
+    world.barrier()
     return final
-

@@ -1,0 +1,216 @@
+"""Training across processes under torchrun: one code path for 1 and N ranks.
+
+Every rank holds the whole round's rollouts (group advantages need whole groups) and trains
+on its contiguous share of each minibatch. A rank's loss is rescaled so that the sum over
+ranks is the loss one process computes on the whole minibatch: token-mean divides by the
+*global* trained-token count, seq-mean by the global sequence count (`loss_share`). DDP and
+FSDP2 average gradients over ranks, so the rescaled loss is multiplied by the world size
+before backward: N ranks take the optimizer step one process takes, up to float summation
+order. On one rank nothing is wrapped and every factor is exactly 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+from itertools import chain
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from minpro_cli.errors import MinproError
+from minpro_cli.objectives import ObjectiveOptions
+
+T = TypeVar("T")
+Strategy = Literal["ddp", "fsdp"]
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's rank among `size` training processes (size 1: no process group)."""
+
+    rank: int = 0
+    size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives run
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _all_reduce(self, values: list[float], op: dist.ReduceOp.RedOpType) -> list[float]:
+        if self.size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=op)
+        return tensor.tolist()
+
+    def sum(self, values: list[float]) -> list[float]:
+        return self._all_reduce(values, dist.ReduceOp.SUM)
+
+    def max(self, values: list[float]) -> list[float]:
+        return self._all_reduce(values, dist.ReduceOp.MAX)
+
+    def shard(self, items: list[T]) -> list[T]:
+        """This rank's contiguous share; shares differ in length by at most one."""
+        n = len(items)
+        return items[self.rank * n // self.size : (self.rank + 1) * n // self.size]
+
+    def gather(self, items: list[Any]) -> list[Any]:
+        """Every rank's JSON-serialisable list, concatenated in rank order, on every rank.
+
+        JSON, not `all_gather_object`: that pickles, and rows carry user data."""
+        if self.size == 1:
+            return items
+        payload = torch.frombuffer(bytearray(json.dumps(items).encode()), dtype=torch.uint8).to(self.device)
+        lengths = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.size)]
+        dist.all_gather(lengths, torch.tensor([payload.numel()], device=self.device))
+        width = int(max(n.item() for n in lengths))
+        buffers = [torch.zeros(width, dtype=torch.uint8, device=self.device) for _ in range(self.size)]
+        dist.all_gather(buffers, torch.nn.functional.pad(payload, (0, width - payload.numel())))
+        parts = [json.loads(bytes(b[: int(n.item())].tolist())) for b, n in zip(buffers, lengths)]
+        return list(chain(*parts))
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+
+SINGLE = World()
+
+
+def init_world(backend: str, timeout_s: float) -> World:
+    """The process group torchrun asked for (WORLD_SIZE > 1), or the single-process world."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return SINGLE
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), device=device)
+
+
+def close_world(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parallelize(model: torch.nn.Module, strategy: Strategy, world: World) -> torch.nn.Module:
+    """The module forward and backward go through: the model itself on one rank; on N, DDP,
+    or FSDP2 with each transformer block (the model's `_no_split_modules`) its own unit."""
+    if world.size == 1:
+        return model
+    if strategy == "ddp":
+        device_ids = [world.device.index] if world.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    from torch.distributed.fsdp import fully_shard
+
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in block_names:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+def is_sharded(module: torch.nn.Module, world: World) -> bool:
+    """FSDP2: no rank holds whole parameters, so a rank alone cannot run the model."""
+    return world.size > 1 and not isinstance(module, torch.nn.parallel.DistributedDataParallel)
+
+
+def full_state_dict(module: torch.nn.Module, world: World) -> dict[str, torch.Tensor]:
+    """Whole, detached CPU copies of every weight, on every rank (collective under FSDP2)."""
+    if not is_sharded(module, world):
+        return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(module).state_dict().items()}
+    weights = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
+
+
+def loss_denominator(mask: torch.Tensor, objective: ObjectiveOptions) -> tuple[float, float]:
+    """(count, width) of the normaliser `aggregate_loss` divides by on this batch: trained
+    tokens (token-mean), sequences with a trained token (seq-mean-*), or rows × L."""
+    if objective.loss_agg == "token-mean":
+        return float(mask.sum()), 1.0
+    if objective.loss_agg == "seq-mean-token-sum-norm":
+        width = objective.max_response_length or mask.shape[-1]
+        return float(mask.shape[0]), float(width)
+    return float((mask.sum(-1) > 0).sum()), 1.0
+
+
+def loss_share(mask: torch.Tensor, objective: ObjectiveOptions, world: World, real: bool = True) -> float:
+    """Factor turning this rank's locally normalised loss into its share of the global loss.
+
+    With local normaliser n_r and global N (Σ_r n_r; for seq-mean-token-sum-norm without a
+    fixed L, rows Σ_r B_r times the widest rank's width, as one process pads to), the global
+    loss Σ_r local_r · n_r / N equals one process's loss on the whole minibatch. A rank whose
+    share of the minibatch is empty runs a stand-in row (`real` False) that contributes 0."""
+    if world.size == 1:
+        return 1.0
+    count, width = loss_denominator(mask, objective) if real else (0.0, 0.0)
+    total_count, total_width = world.sum([count])[0], world.max([width])[0]
+    return count * width / max(total_count * total_width, 1.0)
+
+
+def reduce_step_metrics(metrics: dict[str, float], weight: float, world: World) -> dict[str, float]:
+    """Per-rank step metrics → one set: `*_min` the minimum, `*_max` the maximum, the rest the
+    mean weighted by each rank's trained tokens (exact for means; quantiles are approximate)."""
+    if world.size == 1:
+        return metrics
+    ranks = world.gather([[metrics, weight]])
+    out: dict[str, float] = {}
+    for key in sorted({k for m, _ in ranks for k in m}):
+        pairs = [(m[key], w) for m, w in ranks if key in m and m[key] == m[key] and w > 0]  # skip NaN
+        if not pairs:
+            out[key] = float("nan")
+        elif key.endswith("_min"):
+            out[key] = min(v for v, _ in pairs)
+        elif key.endswith("_max"):
+            out[key] = max(v for v, _ in pairs)
+        else:
+            out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+    return out
+
+
+def torchrun_command(nproc: int, stage_args: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "-m", "minpro_cli", *stage_args,
+    ]  # fmt: skip
+
+
+def launch(nproc: int, stage_args: list[str], run_dir: Path) -> None:
+    """`minpro train --nproc N`: run the stage under torchrun; a failed rank becomes one clear error."""
+    from minpro_cli.checkpoints import latest_checkpoint
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    process = subprocess.Popen(torchrun_command(nproc, stage_args), env=env)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
+        process.wait()
+        raise
+    if code != 0:
+        last = latest_checkpoint(run_dir)
+        raise MinproError(
+            f"distributed training stopped: torchrun exited with code {code} (its report above names the rank "
+            f"that failed and why); last complete checkpoint: {last or 'none'}; rerun the same command to resume "
+            "from it"
+        )

@@ -1,0 +1,188 @@
+"""Training under torchrun: N gloo ranks on CPU take the update one process takes.
+
+Tolerance: the ranks' loss shares and gradients are summed in another order than one
+process sums them, so float32 results differ by rounding only: the first step's loss agrees
+to ~1e-9, weights after 6 steps to ~5e-7. The tests allow 1e-6 on losses (absolute: a
+GRPO loss is a small difference of large terms), 1e-5 relative on gradient norms and
+entropy and 1e-5 on weights; ten times that after the 24 steps of the resume test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minpro_cli.collect import run_rollout
+from minpro_cli.config import load_recipe
+from minpro_cli.distributed import World, loss_denominator, loss_share, reduce_step_metrics
+from minpro_cli.objectives import ObjectiveOptions, aggregate_loss
+from minpro_cli.train import run_train
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+SMALL = [
+    "rollout.num_prompts=8", "rollout.group_size=4", "sampler.options.max_new_tokens=40",
+    "train.prompts_per_iteration=3", "train.minibatches=2", "train.checkpoint_every=1",
+    "optim.lr=1e-4", "optim.warmup_steps=0",
+]  # fmt: skip
+
+
+class AllShards:
+    """The collectives `loss_share` makes, answered from every shard's mask at once."""
+
+    def __init__(self, masks: list[torch.Tensor], objective: ObjectiveOptions) -> None:
+        self.size = len(masks)
+        self.denominators = [loss_denominator(m, objective) for m in masks]
+
+    def sum(self, values: list[float]) -> list[float]:
+        return [sum(count for count, _ in self.denominators)]
+
+    def max(self, values: list[float]) -> list[float]:
+        return [max(width for _, width in self.denominators)]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"loss_agg": "token-mean"},
+        {"loss_agg": "seq-mean-token-mean"},
+        {"loss_agg": "seq-mean-token-sum"},
+        {"loss_agg": "seq-mean-token-sum-norm"},
+        {"loss_agg": "seq-mean-token-sum-norm", "max_response_length": 9},
+    ],
+)
+def test_rank_shares_of_the_loss_sum_to_the_whole_batch_loss(options):
+    torch.manual_seed(0)
+    lengths = [5, 1, 7, 3, 0, 6, 2]  # one row with no trained token
+    per_token = torch.randn(len(lengths), 7, dtype=torch.float64)
+    mask = torch.arange(7).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    objective = ObjectiveOptions(**options)
+    whole = aggregate_loss(per_token, mask, objective.loss_agg, objective.max_response_length)
+    # three ranks, each padding its rows only to its own longest response, as `pack` does
+    shards = [slice(0, 2), slice(2, 5), slice(5, 7)]
+    widths = [max(max(lengths[s]), 1) for s in shards]
+    masks = [mask[s, :w] for s, w in zip(shards, widths)]
+    world = AllShards(masks, objective)
+    total = sum(
+        aggregate_loss(per_token[s, :w], m, objective.loss_agg, objective.max_response_length)
+        * loss_share(m, objective, world)  # type: ignore[arg-type]
+        for s, w, m in zip(shards, widths, masks)
+    )
+    assert float(total) == pytest.approx(float(whole), rel=1e-12)
+
+
+def test_stand_in_rank_contributes_nothing_and_one_rank_is_exactly_one():
+    mask = torch.tensor([[True, True, False]])
+    objective = ObjectiveOptions()
+    assert loss_share(mask, objective, World()) == 1.0
+    assert loss_share(mask, objective, AllShards([mask, mask], objective), real=False) == 0.0  # type: ignore[arg-type]
+
+
+class GatheredWorld(World):
+    def gather(self, items):  # what the other rank sent, then ours
+        return [[{"ratio_mean": 3.0, "ratio_min": 0.1, "ratio_max": 2.0, "kl": float("nan")}, 3.0], *items]
+
+
+def test_step_metrics_are_token_weighted_across_ranks():
+    mine = {"ratio_mean": 1.0, "ratio_min": 0.5, "ratio_max": 4.0, "kl": 0.2}
+    out = reduce_step_metrics(mine, 1.0, GatheredWorld(rank=1, size=2))
+    assert out == {"kl": 0.2, "ratio_max": 4.0, "ratio_mean": (3.0 * 3 + 1.0 * 1) / 4, "ratio_min": 0.1}
+    assert reduce_step_metrics(mine, 1.0, World()) is mine
+
+
+@pytest.fixture(scope="module")
+def rollouts(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("rollouts")
+    return run_rollout(load_recipe(QUICKSTART, [f"run_dir={run_dir}", *SMALL]))
+
+
+def minpro_train(run_dir: Path, *overrides: str, nproc: int = 2, tag: str = "") -> subprocess.Popen:
+    env = {**os.environ, "MINPRO_TEST_TAG": tag, "COLUMNS": "1000"}  # rich must not wrap the paths
+    command = [sys.executable, "-m", "minpro_cli", "train", str(QUICKSTART), f"run_dir={run_dir}", *SMALL, *overrides]
+    return subprocess.Popen(
+        [*command, f"--nproc={nproc}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_training(one: Path, two: Path, slack: float = 1.0) -> None:
+    """Same metrics and weights within the module's tolerances, times `slack` for long runs."""
+    a, b = metrics(one), metrics(two)
+    assert [m["round"] for m in a] == [m["round"] for m in b]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-6 * slack)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5 * slack)
+        assert y["entropy"] == pytest.approx(x["entropy"], rel=1e-5 * slack)  # a token mean: exact up to rounding
+        assert y["responses_trained"] == x["responses_trained"]
+    wa, wb = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
+    assert sorted(wa) == sorted(wb)
+    base = load_file(str(QUICKSTART.parents[1] / "src/minpro_cli/assets/default_model/model.safetensors"))
+    assert any((wa[k] - base[k]).abs().max() > 1e-4 for k in wa)  # training moved the weights
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], atol=1e-5 * slack, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "loss_agg"), [("ddp", "token-mean"), ("fsdp", "seq-mean-token-sum-norm")]
+)
+def test_two_gloo_ranks_train_like_one_process(tmp_path, rollouts, strategy, loss_agg):
+    common = [f"train.rollouts={rollouts}", "train.iterations=3", f"objective.options.loss_agg={loss_agg}"]
+    run_train(load_recipe(QUICKSTART, [f"run_dir={tmp_path / 'one'}", *SMALL, *common]))
+    # 3 prompts × 4 responses per round in 2 minibatches of 6: 3 rows per rank, odd token counts
+    two = minpro_train(tmp_path / "two", *common, f"distributed.strategy={strategy}")
+    output, _ = two.communicate(timeout=300)
+    assert two.returncode == 0, output
+    assert_same_training(tmp_path / "one", tmp_path / "two")
+    checkpoint = tmp_path / "two" / "checkpoints" / "round_00003"
+    assert sorted(p.name for p in (checkpoint / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+
+def rank_pid(tag: str, rank: int) -> int | None:
+    """The worker process torchrun started for `rank` of the run tagged `tag`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"MINPRO_TEST_TAG={tag}".encode() in environ and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def test_killed_rank_stops_the_job_and_a_rerun_resumes_from_the_last_checkpoint(tmp_path, rollouts):
+    common = [f"train.rollouts={rollouts}", "train.iterations=12"]
+    run_dir = tmp_path / "cut"
+    job = minpro_train(run_dir, *common, tag=str(tmp_path))
+    marker = run_dir / "checkpoints" / "round_00003" / ".complete"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pid = rank_pid(str(tmp_path), 1)
+    assert pid is not None and job.poll() is None, "the run ended before rank 1 could be killed"
+    os.kill(pid, signal.SIGKILL)
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == 2
+    assert "distributed training stopped" in output and "SIGKILL" in output
+    last = output.split("last complete checkpoint: ")[1].split(";")[0]
+    assert Path(last).name.startswith("round_") and not (run_dir / "final").exists()
+    stopped_at = int(Path(last).name.split("_")[1])
+    assert 3 <= stopped_at < 12
+
+    resumed = minpro_train(run_dir, *common)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert f"resuming from {last} (round {stopped_at}," in output
+    assert [m["round"] for m in metrics(run_dir)] == list(range(12))  # none lost, none twice
+    run_train(load_recipe(QUICKSTART, [f"run_dir={tmp_path / 'straight'}", *SMALL, *common]))
+    assert_same_training(tmp_path / "straight", run_dir, slack=10)  # 24 steps of rounding, not 6
