@@ -1,0 +1,157 @@
+"""`vllm` sampler: offline `vllm.LLM` in a separate environment, weights synced every round.
+
+vLLM pins its own torch and transformers, so it never shares minpro's environment: the
+sampler starts `worker.py` with the vllm environment's interpreter (made by
+`scripts/setup_vllm.sh`) and talks JSON lines over a pipe. Before sampling it exports the
+policy's weights (safetensors) to a scratch directory whenever they changed, and the
+worker reloads them in place: each round samples with the weights being trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import select
+import shutil
+import subprocess
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from safetensors.torch import save_file
+
+from minpro_cli.errors import MinproError
+from minpro_cli.modeling import Policy, model_fingerprint
+from minpro_cli.samplers import Generation
+
+WORKER = Path(__file__).with_name("worker.py")
+PYTHON_ENV = "MINPRO_VLLM_PYTHON"
+
+
+def default_python() -> str:
+    return os.environ.get(PYTHON_ENV, ".venv-vllm/bin/python")
+
+
+class Worker:
+    """One vLLM engine in a child process, and the scratch directory its weights come from."""
+
+    def __init__(self, python: str, timeout_s: float) -> None:
+        if not Path(python).is_file():
+            raise MinproError(
+                f"sampler 'vllm': no vllm environment at {python}; make it with scripts/setup_vllm.sh, "
+                f"or point sampler.options.python (or ${PYTHON_ENV}) at its interpreter"
+            )
+        self.timeout_s = timeout_s
+        self.weights = Path(tempfile.mkdtemp(prefix="minpro-vllm-"))
+        self.process = subprocess.Popen(
+            [python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+        self.fingerprint: str | None = None
+        weakref.finalize(self, Worker.close, self.process, self.weights)
+
+    @staticmethod
+    def close(process: subprocess.Popen, weights: Path) -> None:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        shutil.rmtree(weights, ignore_errors=True)
+
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        try:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass  # the worker is gone: reported below
+        ready, _, _ = select.select([self.process.stdout], [], [], self.timeout_s)
+        line = self.process.stdout.readline() if ready else ""
+        if not line:
+            state = f"exited with code {self.process.poll()}" if self.process.poll() is not None else "timed out"
+            raise MinproError(
+                f"sampler 'vllm': the vLLM worker {state} during '{request['op']}' (its log is above); "
+                "check sampler.options (memory_fraction, max_model_len) and the vllm environment"
+            )
+        reply = json.loads(line)
+        if "error" in reply:
+            raise MinproError(f"sampler 'vllm': vLLM failed during '{request['op']}': {reply['error']}")
+        return reply
+
+    def sync(self, policy: Policy, engine: dict[str, Any]) -> None:
+        """Load the policy's weights into vLLM unless it already has exactly these."""
+        fingerprint = model_fingerprint(policy.model)
+        if fingerprint == self.fingerprint:
+            return
+        export_untied(policy, self.weights)
+        if self.fingerprint is None:
+            self.call({"op": "load", "model": str(self.weights), "engine": engine})
+        else:
+            self.call({"op": "reload", "model": str(self.weights)})
+        self.fingerprint = fingerprint
+
+
+def export_untied(policy: Policy, directory: Path) -> None:
+    """HF layout with every weight in the file and ties broken. vLLM's in-place reload puts a
+    tied output head back from its old copy (vLLM 0.32 logs "ParallelLMHead: Failed to load
+    weights"), so the head of each round must be a weight of its own; the values are equal."""
+    config = copy.deepcopy(policy.model.config)
+    config.tie_word_embeddings = False
+    config.save_pretrained(directory)
+    weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in policy.model.state_dict().items()}
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    policy.tokenizer.save_pretrained(directory)
+
+
+class VLLMSampler(BaseModel):
+    """Samples with offline vLLM; records log μ of the distribution actually sampled.
+
+    vLLM runs with `logprobs_mode=processed_logprobs`, so the recorded log-prob is the one
+    after temperature and any top-k / top-p truncation, as DESIGN.md §4 asks. No truncation
+    unless set here. Each prompt gets its own seed (`seed + i`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    python: str = Field(default_factory=default_python, description="the vllm environment's interpreter")
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    max_new_tokens: int = Field(64, ge=1)
+    memory_fraction: float = Field(
+        0.1, gt=0.0, le=1.0, description="vLLM gpu_memory_utilization (on CPU: the share of RAM it reserves)"
+    )
+    max_model_len: int | None = Field(None, ge=1, description="longest prompt + response (default: the model's)")
+    dtype: str = Field("auto", description="vLLM dtype; float32 matches minpro's default training dtype")
+    engine_options: dict[str, Any] = Field(default_factory=dict, description="more vllm.LLM keyword arguments")
+    timeout_s: float = Field(900.0, gt=0.0, description="longest wait for one reply (startup included)")
+
+    _worker: Worker | None = PrivateAttr(None)
+
+    def engine(self) -> dict[str, Any]:
+        options = {
+            "dtype": self.dtype,
+            "gpu_memory_utilization": self.memory_fraction,
+            "seed": 0,
+            "generation_config": "vllm",  # not the model's defaults (a repetition penalty would change μ)
+        }
+        if self.max_model_len is not None:
+            options["max_model_len"] = self.max_model_len
+        return options | self.engine_options
+
+    def generate(self, policy: Policy, prompts: list[list[int]], seed: int) -> list[Generation]:
+        if self._worker is None:
+            self._worker = Worker(self.python, self.timeout_s)
+        self._worker.sync(policy, self.engine())
+        sampling = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,  # 0 disables top-k in vLLM too
+            "max_tokens": self.max_new_tokens,
+        }
+        reply = self._worker.call({"op": "generate", "prompts": prompts, "seed": seed, "sampling": sampling})
+        return [Generation(**g) for g in reply["generations"]]

@@ -1,0 +1,74 @@
+"""The vLLM side of the `vllm` sampler: runs in the vllm environment, never imports minpro.
+
+Started by `minpro_vllm.sampler` as `<vllm-python> worker.py`, it reads one JSON request per
+line on stdin and answers one JSON line on the protocol pipe (the original stdout; vLLM's
+own logging is moved to stderr):
+
+    {"op": "load", "model": DIR, "engine": {...LLM kwargs}}            → {"ok": true}
+    {"op": "reload", "model": DIR}   weights re-read from DIR in place  → {"ok": true}
+    {"op": "generate", "prompts": [[ids]], "seed": S, "sampling": {...}} → {"generations": [...]}
+
+Errors come back as {"error": "..."}; the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+
+def generation(output: Any) -> dict[str, Any]:
+    completion = output.outputs[0]
+    # logprobs=0 returns the sampled token's entry only; the mode is processed_logprobs, so this
+    # is log μ of the distribution after temperature and any top-k / top-p truncation
+    logprobs = [entry[token].logprob for entry, token in zip(completion.logprobs, completion.token_ids)]
+    return {
+        "token_ids": list(completion.token_ids),
+        "logprobs": logprobs,
+        "finish_reason": "length" if completion.finish_reason == "length" else "stop",
+    }
+
+
+class Engine:
+    def __init__(self) -> None:
+        self.llm: Any = None
+
+    def load(self, model: str, engine: dict[str, Any]) -> dict[str, Any]:
+        from vllm import LLM
+
+        self.llm = LLM(model=model, logprobs_mode="processed_logprobs", **engine)
+        return {"ok": True}
+
+    def reload(self, model: str) -> dict[str, Any]:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model})
+        self.llm.reset_prefix_cache()  # cached prefixes hold the old weights' keys and values
+        return {"ok": True}
+
+    def generate(self, prompts: list[list[int]], seed: int, sampling: dict[str, Any]) -> dict[str, Any]:
+        from vllm import SamplingParams
+
+        params = [SamplingParams(seed=seed + i, logprobs=0, **sampling) for i in range(len(prompts))]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return {"generations": [generation(o) for o in outputs]}
+
+
+def serve() -> None:
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything vLLM (or a child it starts) prints goes to stderr
+    engine = Engine()
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request.pop("op")
+        try:
+            reply = getattr(engine, op)(**request)
+        except Exception as exc:  # noqa: BLE001 - reported to the sampler, which raises it there
+            traceback.print_exc()
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        protocol.write(json.dumps(reply) + "\n")
+
+
+if __name__ == "__main__":
+    serve()
