@@ -1,2 +1,3 @@
-"""Example minpro plugins, one per entry-point group: `sapo` (objective), `regex` (verifier),
-`openai` (sampler). Each is a peer of the built-ins: installing this package is enough."""
+"""Example minpro plugins: `sapo` (objective) and `regex` (verifier). Each is a peer of the
+built-ins: installing this package is enough. Sampler plugins with real back ends live in
+plugins/minpro-openai and plugins/minpro-vllm."""

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,20 +39,21 @@ class OpenAICompletionsSampler(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k (sent as -1)")
     max_new_tokens: int = Field(64, ge=1)
-    batch_size: int = Field(64, ge=1, description="prompts per request")
+    concurrency: int = Field(32, ge=1, description="requests in flight (one prompt each; the server batches them)")
     timeout_s: float = Field(300.0, gt=0.0, description="per request")
+    max_retries: int = Field(4, ge=0, description="retries of a failed request (refused, timeout, 429, 5xx)")
+    backoff_s: float = Field(1.0, ge=0.0, description="wait before the first retry; doubles each time")
 
     def generate(self, policy: Policy, prompts: list[list[int]], seed: int) -> list[Generation]:
-        out: list[Generation] = []
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start : start + self.batch_size]
-            out.extend(self._request(chunk, seed + start))
-        return out
+        # one prompt per request: a request's seed seeds each of its prompts alike, so a group of
+        # equal prompts in one request would get equal responses
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(lambda i: self._request(prompts[i], seed + i), range(len(prompts))))
 
-    def _request(self, prompts: list[list[int]], seed: int) -> list[Generation]:
+    def _request(self, prompt: list[int], seed: int) -> Generation:
         body = {
             "model": self.model,
-            "prompt": prompts,
+            "prompt": prompt,
             "max_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -64,18 +68,30 @@ class OpenAICompletionsSampler(BaseModel):
         request = urllib.request.Request(
             f"{self.base_url.rstrip('/')}/completions", data=json.dumps(body).encode(), headers=headers
         )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                payload = json.load(response)
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")[:300]
-            raise MinproError(f"sampler 'openai': {self.base_url} answered {exc.code}: {detail}") from None
-        except (urllib.error.URLError, TimeoutError) as exc:
-            raise MinproError(f"sampler 'openai': cannot reach {self.base_url} ({exc}); is the server up?") from None
-        choices = sorted(payload.get("choices", []), key=lambda c: c.get("index", 0))
-        if len(choices) != len(prompts):
-            raise MinproError(f"sampler 'openai': {len(choices)} choices for {len(prompts)} prompts")
-        return [parse_choice(choice) for choice in choices]
+        choices = self._send(request).get("choices", [])
+        if len(choices) != 1:
+            raise MinproError(f"sampler 'openai': {len(choices)} choices for one prompt (expected 1)")
+        return parse_choice(choices[0])
+
+    def _send(self, request: urllib.request.Request) -> dict[str, Any]:
+        """POST with retries; the last failure becomes one clear error."""
+        for attempt in range(self.max_retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    return json.load(response)
+            except urllib.error.HTTPError as exc:
+                detail = exc.read().decode(errors="replace")[:300]
+                failure = f"{self.base_url} answered {exc.code}: {detail}"
+                if exc.code != 429 and exc.code < 500:
+                    raise MinproError(f"sampler 'openai': {failure}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+                reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+                failure = f"cannot reach {self.base_url} ({reason or type(exc).__name__}); is the server up?"
+            if attempt < self.max_retries:
+                time.sleep(self.backoff_s * 2**attempt * random.uniform(0.75, 1.25))
+        raise MinproError(
+            f"sampler 'openai': {failure} (after {self.max_retries + 1} attempts, timeout_s {self.timeout_s})"
+        )
 
 
 def parse_choice(choice: dict[str, Any]) -> Generation:
