@@ -9,11 +9,13 @@ worker reloads them in place: each round samples with the weights being trained.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import tempfile
 import weakref
@@ -46,20 +48,25 @@ class Worker:
             )
         self.timeout_s = timeout_s
         self.weights = Path(tempfile.mkdtemp(prefix="minpro-vllm-"))
-        self.process = subprocess.Popen(
-            [python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        self.process = subprocess.Popen(  # its own process group: vLLM starts engine processes of its own
+            [python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            start_new_session=True,
         )
         self.fingerprint: str | None = None
         weakref.finalize(self, Worker.close, self.process, self.weights)
 
     @staticmethod
     def close(process: subprocess.Popen, weights: Path) -> None:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        """End of input lets vLLM shut its engine down; whatever is left of the group is killed."""
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
         shutil.rmtree(weights, ignore_errors=True)
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -138,6 +145,9 @@ class VLLMSampler(BaseModel):
             "gpu_memory_utilization": self.memory_fraction,
             "seed": 0,
             "generation_config": "vllm",  # not the model's defaults (a repetition penalty would change μ)
+            # vLLM 0.32 on CPU fails on a seeded request whose prefill was split across steps
+            # ("CPU Generator does not use offset"): prefill whole prompts
+            "enable_chunked_prefill": False,
         }
         if self.max_model_len is not None:
             options["max_model_len"] = self.max_model_len
