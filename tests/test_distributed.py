@@ -25,6 +25,7 @@ from minpro_cli.collect import run_rollout
 from minpro_cli.config import load_recipe
 from minpro_cli.distributed import World, loss_denominator, loss_share, reduce_step_metrics
 from minpro_cli.objectives import ObjectiveOptions, aggregate_loss
+from minpro_cli.rollouts import read_rollouts
 from minpro_cli.train import run_train
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
@@ -186,3 +187,21 @@ def test_killed_rank_stops_the_job_and_a_rerun_resumes_from_the_last_checkpoint(
     assert [m["round"] for m in metrics(run_dir)] == list(range(12))  # none lost, none twice
     run_train(load_recipe(QUICKSTART, [f"run_dir={tmp_path / 'straight'}", *SMALL, *common]))
     assert_same_training(tmp_path / "straight", run_dir, slack=10)  # 24 steps of rounding, not 6
+
+
+def test_online_rounds_are_sampled_by_both_ranks_and_written_once(tmp_path):
+    run_dir = tmp_path / "online"
+    job = minpro_train(run_dir, "train.iterations=2", "train.staleness=1", "train.group_size=2", "train.eval_every=1",
+                       "eval.max_problems=3", "eval.n_samples=2", "eval.k=[1,2]", "distributed.strategy=fsdp")
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, output
+
+    rows = read_rollouts(run_dir / "rollouts" / "round_00001.parquet").to_pylist()
+    assert len(rows) == 3 * 2 and len({r["prompt_id"] for r in rows}) == 3  # every prompt of the round, once
+    assert len({r["seed"] for r in rows}) == 2  # each rank sampled its share with its own seed
+    assert {r["policy_version"] for r in rows} == {0}  # staleness 1: round 1 samples round 0's weights
+    assert [e["round"] for e in (json.loads(line) for line in (run_dir / "evals.jsonl").read_text().splitlines())] == [
+        0, 1, 2
+    ]
+    assert [m["round"] for m in metrics(run_dir)] == [0, 1]
+    assert output.count("final weights:") == 1  # one rank speaks

@@ -164,6 +164,14 @@ def test_a_diverged_run_is_recorded_reported_and_not_rerun(tmp_path):
     assert (bad / "train.log").read_text() == log
     with pytest.raises(ConfigError, match="run optim.lr-0.0001__seed-0 finished with a different recipe"):
         run_sweep(path, ["optim.warmup_steps=1"], [], None, False, None, None)
+    # a run finished before minpro had a section: the section's defaults are not a change
+    good = sweep_dir / "runs" / "optim.lr-0.0001__seed-0" / "recipe.yaml"
+    older = yaml.safe_load(good.read_text())
+    older.pop("distributed")
+    good.write_text(yaml.safe_dump(older))
+    proc = cli("sweep", str(path), "--no-report")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "2 already finished" in output, output
 
 
 def test_collapse_is_the_first_point_after_which_pass1_stays_below_half_its_best():

@@ -87,12 +87,18 @@ def plan_runs(recipe_data: dict[str, Any], recipe: Recipe, sweep_dir: Path, wher
         planned, written = dump_recipe(run_recipe), directory / "recipe.yaml"
         if run_status(directory) == "pending":
             write_yaml_atomic(written, planned)
-        elif written.exists() and yaml.safe_load(written.read_text(encoding="utf-8")) != planned:
+        elif written.exists() and finished_recipe(written) != planned:
             raise ConfigError(
                 f"{where}: run {name} finished with a different recipe ({written}); a report would mix "
                 "settings: sweep into a new directory (--out) or delete that run"
             )
     return runs
+
+
+def finished_recipe(path: Path) -> dict[str, Any]:
+    """A run's recipe.yaml with today's defaults filled in: a section minpro added since the run
+    finished (with its default) is not a different recipe."""
+    return dump_recipe(recipe_from_data(yaml.safe_load(path.read_text(encoding="utf-8")), str(path)))
 
 
 def sweep_plan(path: Path, overrides: list[str], grid: list[str], seeds: int | None, quick: bool) -> tuple[
