@@ -122,7 +122,7 @@ def test_interrupted_sweep_finishes_only_the_missing_runs(tmp_path):
     first, second = (sweep_dir / "runs" / f"objective.name-{o}__seed-0" for o in ("minpro", "cispo"))
     proc = cli("sweep", str(path), "--no-report")
     deadline = time.monotonic() + 300
-    while not list(second.glob("checkpoints/*/.complete")):  # interrupt once the second run has a checkpoint
+    while not list(second.glob("checkpoints/round_*/.complete")):  # interrupt once the second run has a checkpoint
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)

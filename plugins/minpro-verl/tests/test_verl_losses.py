@@ -4,16 +4,20 @@ scratch .venv-verl); skipped elsewhere."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
-
-verl = pytest.importorskip("verl")
-from verl.trainer.ppo.core_algos import get_policy_loss_fn
-from verl.workers.config import FSDPActorConfig
 
 from minpro_cli.objectives import ObjectiveInputs
 from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.objectives.prefix import PrefixRatio
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("verl") is None, reason="verl is not installed (opt-in)")
+if importlib.util.find_spec("verl") is not None:
+    import verl
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+    from verl.workers.config import FSDPActorConfig
 
 OBJECTIVES = {"minpro": MinPRO, "prefix": PrefixRatio}
 
