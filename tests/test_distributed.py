@@ -205,3 +205,18 @@ def test_online_rounds_are_sampled_by_both_ranks_and_written_once(tmp_path):
     ]
     assert [m["round"] for m in metrics(run_dir)] == [0, 1]
     assert output.count("final weights:") == 1  # one rank speaks
+
+
+def test_fsdp_checkpoint_resumes_in_one_process(tmp_path, rollouts):
+    """dcp/ reshards on load: 2 FSDP2 ranks train 2 rounds, one plain process finishes the run."""
+    common = [f"train.rollouts={rollouts}"]
+    run_dir = tmp_path / "switch"
+    two = minpro_train(run_dir, *common, "train.iterations=2", "distributed.strategy=fsdp")
+    output, _ = two.communicate(timeout=300)
+    assert two.returncode == 0, output
+    by_two_ranks = (run_dir / "metrics.jsonl").read_text()
+    run_train(load_recipe(QUICKSTART, [f"run_dir={run_dir}", *SMALL, *common, "train.iterations=3"]))
+    lines = (run_dir / "metrics.jsonl").read_text()
+    assert lines.startswith(by_two_ranks) and len(lines.splitlines()) == 3  # rounds 0–1 kept, round 2 added
+    run_train(load_recipe(QUICKSTART, [f"run_dir={tmp_path / 'straight'}", *SMALL, *common, "train.iterations=3"]))
+    assert_same_training(tmp_path / "straight", run_dir)
