@@ -116,13 +116,13 @@ def test_sweep_trains_every_grid_point_and_evaluates_held_out(tmp_path):
 
 
 def test_interrupted_sweep_finishes_only_the_missing_runs(tmp_path):
-    path = sweep_recipe(tmp_path, {"objective.name": ["minpro", "cispo"]},
-                        train={"iterations": 4, "eval_every": 2})
+    # a checkpoint every round: the interrupt lands with rounds still to go, not in the last one
+    path = sweep_recipe(tmp_path, {"objective.name": ["minpro", "cispo"]}, train={**SMALL["train"], "iterations": 4})
     sweep_dir = tmp_path / "sweep"
     first, second = (sweep_dir / "runs" / f"objective.name-{o}__seed-0" for o in ("minpro", "cispo"))
     proc = cli("sweep", str(path), "--no-report")
     deadline = time.monotonic() + 300
-    while not list(second.glob("checkpoints/round_*/.complete")):  # interrupt once the second run has a checkpoint
+    while not (second / "checkpoints" / "round_00001" / ".complete").exists():  # interrupt after its first checkpoint
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
