@@ -218,7 +218,7 @@ class OnlineRounds:
     Under torchrun each rank samples its share of the problems and rank 0 writes them all."""
 
     def __init__(self, recipe: Recipe, policy: Policy, run_dir: Path, world: World = SINGLE) -> None:
-        self.recipe, self.policy, self.run_dir, self.world = recipe, policy, run_dir, world
+        self.recipe, self.run_dir, self.world = recipe, run_dir, world
         self.problems = load_split(recipe, "train")
         self.stale_policy = (
             Policy(copy.deepcopy(policy.model), policy.tokenizer, policy.path) if recipe.train.staleness else policy
