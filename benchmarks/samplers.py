@@ -19,8 +19,8 @@ import torch
 from common import measure, timed
 from minpro_vllm.sampler import VLLMSampler
 
-from minpro_cli.modeling import Policy, load_policy, pack, response_logprobs
-from minpro_cli.samplers import Generation
+from minpro_cli.modeling import Policy, load_policy
+from minpro_cli.samplers import Generation, policy_logprobs
 from minpro_cli.samplers.hf import HFSampler
 from minpro_cli.tasks import load_problems, render_prompt
 
@@ -32,11 +32,9 @@ def batch(policy: Policy, n_prompts: int, group: int) -> list[list[int]]:
 
 
 def logprob_gap(policy: Policy, prompts: list[list[int]], generations: list[Generation]) -> float:
-    packed = pack(prompts, [g.token_ids for g in generations], policy.pad_token_id)
-    with torch.no_grad():
-        recomputed, _ = response_logprobs(policy.model, packed)
-    return max(float((recomputed[i, : len(g.logprobs)] - torch.tensor(g.logprobs)).abs().max())
-               for i, g in enumerate(generations) if g.logprobs)
+    recomputed = policy_logprobs(policy, prompts, generations)
+    return max(float((full - torch.tensor(g.logprobs)).abs().max()) for full, g in zip(recomputed, generations)
+               if g.logprobs)
 
 
 def process_tree_peak_mb(pid: int) -> float:

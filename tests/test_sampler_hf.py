@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from minpro_cli.modeling import pack, response_logprobs
+from minpro_cli.samplers import policy_logprobs
 from minpro_cli.samplers.hf import HFSampler, truncate_logits
 
 PROMPTS = ["Compute 12+7-3.\n", "Compute 5-9.\n", "Compute 40+1+2-8.\n"]
@@ -21,14 +21,12 @@ def encode(policy, texts):
 def test_logprobs_match_a_forward_pass_of_the_same_weights(policy, temperature):
     prompts = encode(policy, PROMPTS) * 4
     gens = HFSampler(temperature=temperature, max_new_tokens=40).generate(policy, prompts, seed=3)
-    packed = pack(prompts, [g.token_ids for g in gens], policy.pad_token_id)
-    with torch.no_grad():
-        recomputed, _ = response_logprobs(policy.model, packed, temperature)
+    recomputed = policy_logprobs(policy, prompts, gens, temperature)
     # fp32 logit noise between the cached and the full forward is scaled by 1/T
     tolerance = 1e-4 / min(temperature, 1.0)
-    for i, g in enumerate(gens):
+    for full, g in zip(recomputed, gens):
         assert len(g.logprobs) == len(g.token_ids)
-        torch.testing.assert_close(recomputed[i, : len(g.token_ids)], torch.tensor(g.logprobs), atol=tolerance, rtol=0)
+        torch.testing.assert_close(full, torch.tensor(g.logprobs), atol=tolerance, rtol=0)
 
 
 def test_response_ends_at_the_first_eos(policy):
@@ -69,10 +67,7 @@ def test_truncated_sampling_records_renormalised_logprobs(policy):
     """With top-k the recorded μ is the renormalised one: above the untruncated log-prob."""
     prompts = encode(policy, PROMPTS)
     gens = HFSampler(top_k=2, max_new_tokens=20).generate(policy, prompts, seed=5)
-    packed = pack(prompts, [g.token_ids for g in gens], policy.pad_token_id)
-    with torch.no_grad():
-        full, _ = response_logprobs(policy.model, packed, 1.0)
-    for i, g in enumerate(gens):
+    for full, g in zip(policy_logprobs(policy, prompts, gens), gens):
         recorded = torch.tensor(g.logprobs)
-        assert (recorded >= full[i, : len(g.token_ids)] - 1e-5).all()
+        assert (recorded >= full - 1e-5).all()
         assert all(lp <= 1e-6 and math.isfinite(lp) for lp in g.logprobs)

@@ -20,8 +20,9 @@ import torch
 
 from minpro_cli.conformance import check_plugin
 from minpro_cli.errors import MinproError
-from minpro_cli.modeling import embedded_model_dir, load_policy, pack, response_logprobs
+from minpro_cli.modeling import embedded_model_dir, load_policy
 from minpro_cli.registry import load_sampler
+from minpro_cli.samplers import policy_logprobs
 
 REQUESTS: list[dict] = []
 
@@ -184,9 +185,6 @@ def test_real_vllm_server_logprobs_match_transformers(vllm_server, temperature):
     out = sampler.generate(policy, prompts, seed=5)
     assert len({tuple(g.token_ids) for g in out}) > 1  # one group, different responses
     assert any(g.token_ids[-1] == policy.eos_token_id and g.finish_reason == "stop" for g in out)
-    packed = pack(prompts, [g.token_ids for g in out], policy.pad_token_id)
-    with torch.no_grad():
-        recomputed, _ = response_logprobs(policy.model, packed, temperature)
-    for i, g in enumerate(out):
-        torch.testing.assert_close(recomputed[i, : len(g.logprobs)], torch.tensor(g.logprobs), atol=1e-3, rtol=0)
+    for full, g in zip(policy_logprobs(policy, prompts, out, temperature), out):
+        torch.testing.assert_close(full, torch.tensor(g.logprobs), atol=1e-3, rtol=0)
     assert sampler.generate(policy, prompts, seed=5) == out  # the seeds make it reproducible

@@ -15,7 +15,8 @@ import pytest
 import torch
 from minpro_vllm.sampler import PYTHON_ENV, VLLMSampler
 
-from minpro_cli.modeling import load_policy, pack, response_logprobs
+from minpro_cli.modeling import load_policy
+from minpro_cli.samplers import policy_logprobs
 
 ROOT = Path(__file__).resolve().parents[3]
 PYTHON = os.environ.get(PYTHON_ENV, str(ROOT / ".venv-vllm" / "bin" / "python"))
@@ -29,13 +30,8 @@ def prompts(policy) -> list[list[int]]:
 
 
 def max_gap(policy, prompt_ids, generations, temperature: float) -> float:
-    packed = pack(prompt_ids, [g.token_ids for g in generations], policy.pad_token_id)
-    with torch.no_grad():
-        recomputed, _ = response_logprobs(policy.model, packed, temperature)
-    return max(
-        float((recomputed[i, : len(g.logprobs)] - torch.tensor(g.logprobs)).abs().max())
-        for i, g in enumerate(generations)
-    )
+    recomputed = policy_logprobs(policy, prompt_ids, generations, temperature)
+    return max(float((full - torch.tensor(g.logprobs)).abs().max()) for full, g in zip(recomputed, generations))
 
 
 @pytest.fixture(scope="module")

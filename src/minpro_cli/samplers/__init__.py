@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from minpro_cli.modeling import Policy
+import torch
+
+from minpro_cli.modeling import Policy, pack, response_logprobs
 
 
 @dataclass
@@ -29,3 +31,14 @@ class Sampler(Protocol):
     top_k: int
 
     def generate(self, policy: Policy, prompts: list[list[int]], seed: int) -> list[Generation]: ...
+
+
+def policy_logprobs(
+    policy: Policy, prompts: list[list[int]], generations: list[Generation], temperature: float = 1.0
+) -> list[torch.Tensor]:
+    """log π(o_t | …) of each generation's tokens under `policy` at `temperature`, from one full
+    forward pass: what a sampler's recorded `logprobs` must equal (untruncated sampling)."""
+    packed = pack(prompts, [g.token_ids for g in generations], policy.pad_token_id)
+    with torch.no_grad():
+        recomputed, _ = response_logprobs(policy.model, packed, temperature)
+    return [recomputed[i, : len(g.token_ids)].cpu() for i, g in enumerate(generations)]
