@@ -36,6 +36,7 @@ def coefficients(mask: list[list[bool]], mode: str, max_len: int | None) -> list
     lengths = [sum(row) for row in mask]
     n_tokens = sum(lengths)
     nonempty = sum(1 for n in lengths if n > 0)
+    longest = max([1, *(t + 1 for row in mask for t in range(width) if row[t])])  # last trained column
     out = []
     for b in range(rows):
         row = []
@@ -49,7 +50,7 @@ def coefficients(mask: list[list[bool]], mode: str, max_len: int | None) -> list
             elif mode == "seq-mean-token-sum":
                 row.append(1.0 / nonempty)
             elif mode == "seq-mean-token-sum-norm":
-                row.append(1.0 / (rows * (max_len if max_len is not None else width)))
+                row.append(1.0 / (rows * (max_len if max_len is not None else longest)))
             else:
                 raise ValueError(mode)
         out.append(row)

@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 
 from minpro_cli.collect import run_rollout
 from minpro_cli.config import load_recipe
-from minpro_cli.distributed import World, loss_denominator, loss_share, reduce_step_metrics
-from minpro_cli.objectives import ObjectiveOptions, aggregate_loss
+from minpro_cli.distributed import World, reduce_step_metrics
+from minpro_cli.objectives import MinibatchCounts, ObjectiveOptions, minibatch_counts
 from minpro_cli.rollouts import read_rollouts
 from minpro_cli.train import run_train
 
@@ -34,20 +34,6 @@ SMALL = [
     "train.prompts_per_iteration=3", "train.minibatches=2", "train.checkpoint_every=1",
     "optim.lr=1e-4", "optim.warmup_steps=0",
 ]  # fmt: skip
-
-
-class AllShards:
-    """The collectives `loss_share` makes, answered from every shard's mask at once."""
-
-    def __init__(self, masks: list[torch.Tensor], objective: ObjectiveOptions) -> None:
-        self.size = len(masks)
-        self.denominators = [loss_denominator(m, objective) for m in masks]
-
-    def sum(self, values: list[float]) -> list[float]:
-        return [sum(count for count, _ in self.denominators)]
-
-    def max(self, values: list[float]) -> list[float]:
-        return [max(width for _, width in self.denominators)]
 
 
 @pytest.mark.parametrize(
@@ -60,31 +46,21 @@ class AllShards:
         {"loss_agg": "seq-mean-token-sum-norm", "max_response_length": 9},
     ],
 )
-def test_rank_shares_of_the_loss_sum_to_the_whole_batch_loss(options):
+def test_shares_normalised_by_the_minibatch_counts_sum_to_the_whole_batch_loss(options):
     torch.manual_seed(0)
     lengths = [5, 1, 7, 3, 0, 6, 2]  # one row with no trained token
     per_token = torch.randn(len(lengths), 7, dtype=torch.float64)
     mask = torch.arange(7).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
     objective = ObjectiveOptions(**options)
-    whole = aggregate_loss(per_token, mask, objective.loss_agg, objective.max_response_length)
-    # three ranks, each padding its rows only to its own longest response, as `pack` does
+    whole = objective.aggregate(per_token, mask)
+    # three shares (micro-batches or ranks), each padded only to its own longest response, as `pack` does
     shards = [slice(0, 2), slice(2, 5), slice(5, 7)]
     widths = [max(max(lengths[s]), 1) for s in shards]
-    masks = [mask[s, :w] for s, w in zip(shards, widths)]
-    world = AllShards(masks, objective)
-    total = sum(
-        aggregate_loss(per_token[s, :w], m, objective.loss_agg, objective.max_response_length)
-        * loss_share(m, objective, world)  # type: ignore[arg-type]
-        for s, w, m in zip(shards, widths, masks)
-    )
+    with minibatch_counts(MinibatchCounts.of_lengths(lengths)):
+        total = sum(objective.aggregate(per_token[s, :w], mask[s, :w]) for s, w in zip(shards, widths))
     assert float(total) == pytest.approx(float(whole), rel=1e-12)
-
-
-def test_stand_in_rank_contributes_nothing_and_one_rank_is_exactly_one():
-    mask = torch.tensor([[True, True, False]])
-    objective = ObjectiveOptions()
-    assert loss_share(mask, objective, World()) == 1.0
-    assert loss_share(mask, objective, AllShards([mask, mask], objective), real=False) == 0.0  # type: ignore[arg-type]
+    alone = sum(objective.aggregate(per_token[s, :w], mask[s, :w]) for s, w in zip(shards, widths))
+    assert float(alone) != pytest.approx(float(whole), rel=1e-6)  # without the counts, the shares do not add up
 
 
 class GatheredWorld(World):

@@ -75,8 +75,10 @@ def test_constant_normaliser_uses_max_response_length(name):
     options = {"loss_agg": "seq-mean-token-sum-norm", "max_response_length": 32}
     check_against_reference(name, options, random_batch(3, False))
     short = load_objective(name, **options)(random_batch(3, False)).loss
-    padded_width = load_objective(name, loss_agg="seq-mean-token-sum-norm")(random_batch(3, False)).loss
-    assert short.item() == pytest.approx(padded_width.item() * 11 / 32, rel=1e-12)
+    longest = load_objective(name, loss_agg="seq-mean-token-sum-norm")(random_batch(3, False)).loss
+    mask = random_batch(3, False).response_mask
+    span = int(max(t + 1 for t in range(mask.shape[1]) if mask[:, t].any()))  # the last trained column
+    assert short.item() == pytest.approx(longest.item() * span / 32, rel=1e-12)
 
 
 def test_reference_sees_clipping_on_these_inputs():

@@ -14,7 +14,7 @@ from minpro_cli.collect import run_rollout
 from minpro_cli.config import load_recipe
 from minpro_cli.registry import discover
 from minpro_cli.rollouts import read_rollouts, write_rollouts
-from minpro_cli.train import recipe_objective, run_train, training_batch
+from minpro_cli.train import generation_budget, run_train, training_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -51,12 +51,22 @@ def test_train_runs_with_each_objective_by_name(tmp_path, stored_rollouts, name)
     assert moved > 0, f"{name}: one optimizer step left every weight unchanged"
 
 
-def test_dr_grpo_normaliser_is_the_sampler_length(tmp_path):
-    recipe = load_recipe(QUICKSTART, [f"run_dir={tmp_path}", *SMALL, "objective.name=dr_grpo", "objective.options={}"])
-    assert recipe_objective(recipe).max_response_length == 40
-    pinned = load_recipe(QUICKSTART, [f"run_dir={tmp_path}", *SMALL, "objective.name=dr_grpo",
-                                      "objective.options={max_response_length: 64}"])
-    assert recipe_objective(pinned).max_response_length == 64
+def test_dr_grpo_normaliser_is_the_sampler_length(tmp_path, stored_rollouts):
+    """Dr.GRPO's L is the sampler's max_new_tokens (40 here), not the longest response: the
+    logged loss of one step is Σ ℓ / (B · 40) with ℓ_t = −Â·ρ_t = −Â on-policy."""
+    recipe = load_recipe(QUICKSTART, [f"run_dir={tmp_path}", *SMALL, "objective.name=dr_grpo", "objective.options={}",
+                                      f"train.rollouts={stored_rollouts}"])
+    assert generation_budget(recipe) == 40
+    run_train(recipe)
+    (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_rollouts(stored_rollouts).to_pylist()
+    batch = training_batch(rows, "dr_grpo", drop_zero_variance=False)
+    assert batch is not None and max(len(r) for r in batch.responses) < 40
+    expected = -sum(float(a) * len(r) for a, r in zip(batch.advantages, batch.responses)) / (len(rows) * 40)
+    # the stored μ equals π_θ at step 0 up to sampling-vs-training rounding, so ρ ≈ 1
+    assert record["loss"] == pytest.approx(expected, abs=1e-5)
+    longest = max(len(r) for r in batch.responses)
+    assert abs(expected * 40 / longest - expected) > 1e-3  # the other normaliser would be told apart
 
 
 def test_rloo_with_zero_variance_groups_dropped(stored_rollouts):

@@ -62,7 +62,8 @@ def sample_rows(
             chunk = list(range(start, min(start + PROMPTS_PER_CHUNK, len(problems))))
             chunk_seed = seed * 1_000_003 + chunk_index
             expanded = [prompt_ids[i] for i in chunk for _ in range(group_size)]
-            generations = job.sampler.generate(job.policy, expanded, seed=chunk_seed)
+            with job.policy.autocast():  # μ is computed at the precision π_θ trains at
+                generations = job.sampler.generate(job.policy, expanded, seed=chunk_seed)
             responses = [tok.decode(gen.token_ids, skip_special_tokens=True) for gen in generations]
             answers = [problems[chunk[offset // group_size]].answer for offset in range(len(generations))]
             results = verify_batch(job.verifier, responses, answers)

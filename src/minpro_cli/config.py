@@ -10,12 +10,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from minpro_cli.errors import ConfigError, PluginError
 from minpro_cli.objectives import AdvantageEstimator
 from minpro_cli.registry import Kind, format_validation_error, load_plugin
+from minpro_cli.schedule import Schedule
 from minpro_cli.tasks import PresetName
 
 
@@ -27,9 +29,31 @@ class ModelConfig(Section):
     path: str = Field(
         "embedded", description="local checkpoint directory, or a shipped model: 'embedded', 'embedded:chain'"
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="compute precision (autocast); weights and AdamW states stay float32. float16: rollout and "
+        "eval only (training it would need loss scaling)",
+    )
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or mps")
     trust_remote_code: bool = Field(False, description="run model code shipped with the checkpoint")
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, value: str) -> str:
+        try:
+            device = torch.device(value)
+        except RuntimeError:
+            raise ValueError(f"'{value}' is not a device: use cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"'{value}' but this torch ({torch.__version__}) sees no CUDA device; on a GPU machine install a "
+                "CUDA build of torch (README: 'On a GPU'), or use model.device=cpu"
+            )
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"'{value}' but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("'mps' but this torch has no MPS backend; use model.device=cpu")
+        return value
 
 
 class DataConfig(Section):
@@ -64,7 +88,9 @@ class OptimConfig(Section):
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
-    warmup_steps: int = Field(0, ge=0)
+    schedule: Schedule = Field("constant", description="lr after warm-up: constant, linear or cosine decay")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up from lr/warmup_steps to lr")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="linear/cosine decay ends at lr × min_lr_ratio")
 
 
 class TrainConfig(Section):
@@ -86,6 +112,16 @@ class TrainConfig(Section):
         0, ge=0, description="rounds between held-out evaluations (eval section, data.eval) into evals.jsonl; 0: none"
     )
     keep_checkpoints: int = Field(2, ge=1)
+    micro_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="tokens (rows × longest prompt + response, padding included) per forward/backward; each "
+        "optimizer step accumulates micro-batches within it, and the update does not depend on it. None: one "
+        "forward/backward per minibatch",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in backward: less memory, ~30% more compute"
+    )
 
 
 class DistributedConfig(Section):

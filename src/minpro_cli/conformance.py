@@ -210,8 +210,6 @@ def check_plugin(kind: Kind, name: str, options: dict[str, Any], policy: Callabl
         return results
     plugin = cls(**options)
     if kind == "objectives":
-        if plugin.loss_agg == "seq-mean-token-sum-norm" and plugin.max_response_length is None:
-            plugin = plugin.model_copy(update={"max_response_length": 16})  # as `minpro train` sets it
         return results + objective_checks(plugin)
     if kind == "verifiers":
         return results + verifier_checks(plugin)

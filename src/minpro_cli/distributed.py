@@ -1,16 +1,17 @@
 """Training across processes under torchrun: one code path for 1 and N ranks.
 
 Every rank holds the whole round's rollouts (group advantages need whole groups) and trains
-on its contiguous share of each minibatch. A rank's loss is rescaled so that the sum over
-ranks is the loss one process computes on the whole minibatch: token-mean divides by the
-*global* trained-token count, seq-mean by the global sequence count (`loss_share`). DDP and
-FSDP2 average gradients over ranks, so the rescaled loss is multiplied by the world size
+on its contiguous share of each minibatch. Every micro-batch's loss, on every rank, is
+normalised by the counts of the whole minibatch (`objectives.minibatch_counts`), so the
+losses of all ranks sum to the loss one process computes on the whole minibatch. DDP and
+FSDP2 average gradients over ranks, so each rank's loss is multiplied by the world size
 before backward: N ranks take the optimizer step one process takes, up to float summation
 order. On one rank nothing is wrapped and every factor is exactly 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,7 +28,6 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from minpro_cli.errors import MinproError
-from minpro_cli.objectives import ObjectiveOptions
 
 T = TypeVar("T")
 Strategy = Literal["ddp", "fsdp"]
@@ -60,8 +60,12 @@ class World:
 
     def shard(self, items: list[T]) -> list[T]:
         """This rank's contiguous share; shares differ in length by at most one."""
+        return self.shard_of(items, self.rank)
+
+    def shard_of(self, items: list[T], rank: int) -> list[T]:
+        """Rank `rank`'s share: every rank can tell how much work every other rank has."""
         n = len(items)
-        return items[self.rank * n // self.size : (self.rank + 1) * n // self.size]
+        return items[rank * n // self.size : (rank + 1) * n // self.size]
 
     def gather(self, items: list[Any]) -> list[Any]:
         """Every rank's JSON-serialisable list, concatenated in rank order, on every rank.
@@ -142,40 +146,20 @@ def full_state_dict(module: torch.nn.Module, world: World) -> dict[str, torch.Te
     return {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
 
 
-def loss_denominator(mask: torch.Tensor, objective: ObjectiveOptions) -> tuple[float, float]:
-    """(count, width) of the normaliser `aggregate_loss` divides by on this batch: trained
-    tokens (token-mean), sequences with a trained token (seq-mean-*), or rows × L."""
-    if objective.loss_agg == "token-mean":
-        return float(mask.sum()), 1.0
-    if objective.loss_agg == "seq-mean-token-sum-norm":
-        width = objective.max_response_length or mask.shape[-1]
-        return float(mask.shape[0]), float(width)
-    return float((mask.sum(-1) > 0).sum()), 1.0
+def gradient_sync(module: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager[Any]:
+    """DDP: all-reduce gradients only on the last micro-batch of a step (`no_sync` before it).
+    Wrap forward and backward: DDP decides at forward time."""
+    if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return module.no_sync()
 
 
-def loss_share(mask: torch.Tensor, objective: ObjectiveOptions, world: World, real: bool = True) -> float:
-    """Factor turning this rank's locally normalised loss into its share of the global loss.
-
-    With local normaliser n_r and global N (Σ_r n_r; for seq-mean-token-sum-norm without a
-    fixed L, rows Σ_r B_r times the widest rank's width, as one process pads to), the global
-    loss Σ_r local_r · n_r / N equals one process's loss on the whole minibatch. A rank whose
-    share of the minibatch is empty runs a stand-in row (`real` False) that contributes 0."""
-    if world.size == 1:
-        return 1.0
-    count, width = loss_denominator(mask, objective) if real else (0.0, 0.0)
-    total_count, total_width = world.sum([count])[0], world.max([width])[0]
-    return count * width / max(total_count * total_width, 1.0)
-
-
-def reduce_step_metrics(metrics: dict[str, float], weight: float, world: World) -> dict[str, float]:
-    """Per-rank step metrics → one set: `*_min` the minimum, `*_max` the maximum, the rest the
-    mean weighted by each rank's trained tokens (exact for means; quantiles are approximate)."""
-    if world.size == 1:
-        return metrics
-    ranks = world.gather([[metrics, weight]])
+def combine_metrics(parts: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """(metrics, weight) pairs → one set: `*_min` the minimum, `*_max` the maximum, the rest
+    the weighted mean; NaN values and zero weights are left out."""
     out: dict[str, float] = {}
-    for key in sorted({k for m, _ in ranks for k in m}):
-        pairs = [(m[key], w) for m, w in ranks if key in m and m[key] == m[key] and w > 0]  # skip NaN
+    for key in sorted({k for m, _ in parts for k in m}):
+        pairs = [(m[key], w) for m, w in parts if key in m and m[key] == m[key] and w > 0]  # skip NaN
         if not pairs:
             out[key] = float("nan")
         elif key.endswith("_min"):
@@ -185,6 +169,14 @@ def reduce_step_metrics(metrics: dict[str, float], weight: float, world: World) 
         else:
             out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
     return out
+
+
+def reduce_step_metrics(metrics: dict[str, float], weight: float, world: World) -> dict[str, float]:
+    """Per-rank step metrics → one set (`combine_metrics` weighted by each rank's trained
+    tokens: exact for means; quantiles are approximate)."""
+    if world.size == 1:
+        return metrics
+    return combine_metrics([(m, w) for m, w in world.gather([[metrics, weight]])])
 
 
 def torchrun_command(nproc: int, stage_args: list[str]) -> list[str]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -21,9 +24,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class Policy:
+    """Float32 weights, a tokenizer, and the precision forward passes compute in (`model.dtype`)."""
+
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     path: Path
+    compute_dtype: torch.dtype = torch.float32
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        return autocast(self.model.device, self.compute_dtype)
+
+    def copy(self) -> Policy:
+        """The same policy with its own copy of the weights (stale-weight sampling, FSDP2)."""
+        return Policy(copy.deepcopy(self.model), self.tokenizer, self.path, self.compute_dtype)
 
     @property
     def eos_token_id(self) -> int:
@@ -46,7 +59,10 @@ def resolve_model_path(path: str | Path) -> Path:
 def load_policy(
     path: str | Path, dtype: str = "float32", trust_remote_code: bool = False, device: str = "cpu"
 ) -> Policy:
-    """Load weights (safetensors only, never pickle) and tokenizer from a local directory."""
+    """Load weights (safetensors only, never pickle) and tokenizer from a local directory.
+
+    Weights are float32 whatever `dtype` says: `dtype` is the compute precision (autocast),
+    so that training keeps float32 master weights and every stage computes alike."""
     model_dir = resolve_model_path(path)
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(
@@ -62,7 +78,7 @@ def load_policy(
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir,
-            dtype=DTYPES[dtype],
+            dtype=torch.float32,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             local_files_only=True,
@@ -74,7 +90,7 @@ def load_policy(
         raise CheckpointError(f"cannot load checkpoint {model_dir}: {exc}".splitlines()[0]) from exc
     if tokenizer.eos_token_id is None:
         raise CheckpointError(f"tokenizer in {model_dir} has no eos_token; set one in tokenizer_config.json")
-    return Policy(model=model.to(device), tokenizer=tokenizer, path=model_dir)
+    return Policy(model=model.to(device), tokenizer=tokenizer, path=model_dir, compute_dtype=DTYPES[dtype])
 
 
 def save_policy(policy: Policy, directory: Path) -> None:
@@ -150,27 +166,157 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def response_logprobs(
-    model: PreTrainedModel, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log π(o_t | q, o_<t) of each response token (B, R), from logits divided by temperature.
+# logit post-processing after the head (soft-capping, scaling): such models take the
+# full-vocabulary path, since the chunked head reproduces a plain linear layer only
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
+CHUNK_ELEMENTS = 2**25  # tokens × vocabulary entries per chunk: 128 MB of float32 logits
 
-    Entropy (detached) of the same distribution is returned when asked; it needs the full
-    softmax, which the log-prob gather alone does not.
+
+def chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk of the head: ~2^25 logits, e.g. 682 tokens at 49k, 221 at 152k."""
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype) -> contextlib.AbstractContextManager[None]:
+    """Compute in `dtype` while weights (and AdamW states) stay float32: mixed precision."""
+    device_type = torch.device(device).type
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
+def response_logprobs(
+    model: torch.nn.Module, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(o_t | q, o_<t) of each response token (B, R) float32, from logits / temperature.
+
+    The head runs chunk by chunk over the response tokens (`ChunkedLogProbs`): memory is
+    O(B·R + chunk·V), never a (B, R, V) float32 tensor, and padding costs nothing past the
+    decoder. Entropy (detached) of the same distribution comes from the same chunks when asked.
+    `model` may be wrapped (DDP, FSDP2): forward goes through the wrapper.
     """
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    head = inner.get_output_embeddings()
     device = next(model.parameters()).device
+    mask = batch.response_mask.to(device)
+    targets = batch.response_ids.to(device)[mask]
+    if not isinstance(head, torch.nn.Linear) or any(
+        getattr(inner.config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS
+    ):
+        return _full_vocabulary_logprobs(model, batch, temperature, with_entropy)
+    inner.set_output_embeddings(torch.nn.Identity())  # the model returns hidden states
+    try:
+        hidden = _forward_response_columns(model, batch, device)
+    finally:
+        inner.set_output_embeddings(head)
+    logprobs, entropy = ChunkedLogProbs.apply(
+        hidden[mask], head.weight, head.bias, targets, temperature, with_entropy, chunk_tokens(head.out_features)
+    )
+    zeros = torch.zeros(mask.shape, dtype=logprobs.dtype, device=device)
+    return zeros.masked_scatter(mask, logprobs), zeros.masked_scatter(mask, entropy) if with_entropy else None
+
+
+def _forward_response_columns(model: torch.nn.Module, batch: PackedBatch, device: torch.device) -> torch.Tensor:
+    """The model's output at the columns that predict the response tokens: (B, R, ·)."""
     response_len = batch.response_ids.shape[1]
-    logits = model(
-        input_ids=batch.input_ids.to(device),
-        attention_mask=batch.attention_mask.to(device),
-        position_ids=batch.position_ids.to(device),
+    return model(
+        input_ids=batch.input_ids.to(device, non_blocking=True),
+        attention_mask=batch.attention_mask.to(device, non_blocking=True),
+        position_ids=batch.position_ids.to(device, non_blocking=True),
         logits_to_keep=response_len + 1,
         use_cache=False,
     ).logits[:, :-1]
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def _full_vocabulary_logprobs(
+    model: torch.nn.Module, batch: PackedBatch, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's own logits (whatever follows its head), log-softmax over the full vocabulary."""
+    device = next(model.parameters()).device
+    logp_all = torch.log_softmax(_forward_response_columns(model, batch, device).float() / temperature, dim=-1)
     logprobs = logp_all.gather(-1, batch.response_ids.to(device).unsqueeze(-1)).squeeze(-1)
+    logprobs = logprobs * batch.response_mask.to(device)
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            entropy = -(logp_all.exp() * logp_all).sum(-1) * batch.response_mask.to(device)
     return logprobs, entropy
+
+
+class ChunkedLogProbs(torch.autograd.Function):
+    """log softmax(h·Wᵀ + b)/T at the target ids, and the entropy, `chunk` tokens at a time.
+
+    Forward keeps only h (N, H) and the targets; backward recomputes each chunk's logits z:
+        ∂ log p_y / ∂z = (onehot(y) − softmax(z)) / T
+        ∂h = g·(onehot − p)/T · W        ∂W = Σ_chunks ((onehot − p)/T · g)ᵀ · h
+    Logits are formed in the compute dtype (autocast's, else h's) and reduced in float32
+    (float64 inputs stay float64). Entropy H = logsumexp(z) − Σ p·z is detached.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        temperature: float,
+        with_entropy: bool,
+        chunk: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        device_type = hidden.device.type
+        compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        ctx.compute, ctx.temperature, ctx.chunk = compute, temperature, chunk
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        accumulate = torch.promote_types(compute, torch.float32)
+        logprobs = torch.empty(hidden.shape[0], dtype=accumulate, device=hidden.device)
+        entropy = torch.zeros_like(logprobs)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = _chunk_logits(hidden[rows], weight, bias, compute, temperature)
+            normaliser = logits.logsumexp(-1)
+            logprobs[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - normaliser
+            if with_entropy:
+                entropy[rows] = normaliser - (torch.softmax(logits, -1) * logits).sum(-1)
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logprobs: torch.Tensor, _grad_entropy: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        hidden, weight, bias, targets = ctx.saved_tensors
+        compute, temperature, chunk = ctx.compute, ctx.temperature, ctx.chunk
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        accumulate = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if need_bias else None
+        w = weight.to(compute)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            g = grad_logprobs[rows].to(accumulate)
+            logits = _chunk_logits(hidden[rows], weight, bias, compute, temperature)
+            grad_logits = torch.softmax(logits, -1).mul_(-g[:, None])
+            grad_logits[torch.arange(g.shape[0], device=g.device), targets[rows]] += g
+            grad_logits /= temperature
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_logits.to(compute) @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad_logits.to(compute).T @ hidden[rows].to(compute)).to(accumulate)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None, None, None, None,
+        )  # fmt: skip
+
+
+def _chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compute: torch.dtype, temperature: float
+) -> torch.Tensor:
+    logits = hidden.to(compute) @ weight.to(compute).T
+    if bias is not None:
+        logits = logits + bias.to(compute)
+    logits = logits.to(torch.promote_types(compute, torch.float32))
+    return logits / temperature if temperature != 1.0 else logits

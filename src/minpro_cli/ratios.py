@@ -52,7 +52,8 @@ def target_logprobs(policy: Policy, rows: list[dict[str, Any]]) -> torch.Tensor:
     for temperature, index in by_temperature.items():
         packed = pack([rows[i]["prompt_token_ids"] for i in index], [rows[i]["response_token_ids"] for i in index],
                       policy.pad_token_id)
-        logprobs, _ = response_logprobs(policy.model, packed, temperature)
+        with policy.autocast():
+            logprobs, _ = response_logprobs(policy.model, packed, temperature)
         out[index, : logprobs.shape[1]] = logprobs.float().cpu()
     return out
 

@@ -335,10 +335,13 @@ class RatioStats:
         return out
 
 
-def core_metrics(log_rho: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+def step_ratio_stats() -> RatioStats:
+    """The accumulator of one optimizer step's trained tokens (`core_metrics` reads it)."""
+    return RatioStats(detail=False, thresholds=(0.5,))
+
+
+def core_metrics(stats: RatioStats) -> dict[str, float]:
     """The per-update statistics `minpro train` logs, from the same accumulator as inspect-ratios."""
-    stats = RatioStats(detail=False, thresholds=(0.5,))
-    stats.add(log_rho, mask)
     report = stats.report()
     out: dict[str, float] = {}
     for key in QUANTITIES:

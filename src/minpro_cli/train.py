@@ -8,13 +8,12 @@ every rank runs the same loop (see `distributed`).
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +37,14 @@ from minpro_cli.distributed import (
     SINGLE,
     World,
     close_world,
+    combine_metrics,
     full_state_dict,
+    gradient_sync,
     init_world,
-    loss_share,
     parallelize,
     reduce_step_metrics,
 )
-from minpro_cli.errors import RolloutFileError, TrainingDivergedError
+from minpro_cli.errors import ConfigError, RolloutFileError, TrainingDivergedError
 from minpro_cli.eval import benchmarks_of, evaluate_benchmark
 from minpro_cli.fileio import (
     append_jsonl,
@@ -54,11 +54,18 @@ from minpro_cli.fileio import (
     write_json_atomic,
     write_yaml_atomic,
 )
-from minpro_cli.modeling import Policy, pack, pad_rows, response_logprobs, tokenizer_fingerprint
-from minpro_cli.objectives import AdvantageEstimator, ObjectiveInputs, ObjectiveOptions
+from minpro_cli.modeling import Policy, autocast, pack, pad_rows, response_logprobs, tokenizer_fingerprint
+from minpro_cli.objectives import (
+    AdvantageEstimator,
+    MinibatchCounts,
+    ObjectiveInputs,
+    ObjectiveOptions,
+    minibatch_counts,
+)
 from minpro_cli.objectives.logratios import log_token_ratio
-from minpro_cli.ratiostats import core_metrics
+from minpro_cli.ratiostats import RatioStats, core_metrics, step_ratio_stats
 from minpro_cli.rollouts import read_rollouts, write_rollouts
+from minpro_cli.schedule import lr_multiplier
 from minpro_cli.tasks import Problem
 
 DIVERGED_FILE = "diverged.json"  # written when a non-finite loss or gradient stops the run
@@ -115,54 +122,121 @@ def training_batch(
 @dataclass
 class Trainee:
     """What an update trains: the module forward and backward go through (the model itself,
-    or its DDP / FSDP2 wrapping) in its world of ranks, and the pad id batches are packed with."""
+    or its DDP / FSDP2 wrapping) in its world of ranks, the pad id batches are packed with,
+    the compute precision, and the token budget of one forward/backward (None: no split)."""
 
     module: torch.nn.Module
     pad_token_id: int
     world: World = SINGLE
+    compute_dtype: torch.dtype = torch.float32
+    micro_batch_tokens: int | None = None
 
     @classmethod
-    def of(cls, policy: Policy) -> Trainee:
-        return cls(policy.model, policy.pad_token_id)
+    def of(cls, policy: Policy, micro_batch_tokens: int | None = None) -> Trainee:
+        return cls(policy.model, policy.pad_token_id, SINGLE, policy.compute_dtype, micro_batch_tokens)
+
+
+def micro_batches(prompt_lengths: list[int], response_lengths: list[int], budget: int | None) -> list[list[int]]:
+    """Row indices of each micro-batch. A packed micro-batch holds rows × (longest prompt +
+    longest response) tokens; rows go longest first into the current micro-batch while that
+    stays within `budget` (a row over the budget alone gets one). None: one micro-batch, in order."""
+    n = len(prompt_lengths)
+    if budget is None or n == 0:
+        return [list(range(n))] if n else []
+    order = sorted(range(n), key=lambda i: prompt_lengths[i] + response_lengths[i], reverse=True)
+    out: list[list[int]] = []
+    current: list[int] = []
+    widest_prompt = widest_response = 0
+    for i in order:
+        prompt, response = max(widest_prompt, prompt_lengths[i]), max(widest_response, max(response_lengths[i], 1))
+        if current and (len(current) + 1) * (prompt + response) > budget:
+            out.append(current)
+            current, prompt, response = [], prompt_lengths[i], max(response_lengths[i], 1)
+        current.append(i)
+        widest_prompt, widest_response = prompt, response
+    return [*out, current]
+
+
+@dataclass
+class StepTally:
+    """Metrics of one optimizer step, accumulated over its micro-batches: exact token-weighted
+    means, extremes, and the ratio statistics of every trained token."""
+
+    ratios: RatioStats = field(default_factory=step_ratio_stats)
+    objective: list[tuple[dict[str, float], float]] = field(default_factory=list)
+    entropy_sum: float = 0.0
+    tokens: float = 0.0
+
+    def add(self, metrics: dict[str, float], log_rho: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor) -> None:
+        tokens = float(mask.sum())
+        self.objective.append((metrics, tokens))
+        self.ratios.add(log_rho.cpu(), mask.cpu())
+        self.entropy_sum += float(entropy[mask].double().sum())
+        self.tokens += tokens
+
+    def metrics(self) -> dict[str, float]:
+        entropy = self.entropy_sum / self.tokens if self.tokens else math.nan
+        return {"entropy": entropy, **combine_metrics(self.objective), **core_metrics(self.ratios)}
 
 
 def update_step(
     trainee: Trainee,
     optimizer: torch.optim.Optimizer,
     objective: ObjectiveOptions,
-    batch: RolloutBatch,
+    minibatch: RolloutBatch,
     grad_clip: float,
-    real: bool = True,
+    length_budget: int | None = None,
 ) -> dict[str, float]:
-    """One optimizer step on this rank's share of one minibatch; raises before stepping if
-    anything is not finite. `real` False: a stand-in row that contributes nothing."""
+    """One optimizer step on one minibatch: this rank's share of it, cut into micro-batches
+    within `trainee.micro_batch_tokens`, gradients accumulated, then one step.
+
+    Every micro-batch's loss is normalised by the counts of the whole minibatch (all
+    micro-batches, all ranks; `length_budget` is Dr.GRPO's L when the objective pins none),
+    so the step is the same however the minibatch is cut. Every rank runs the same number of
+    forward/backward passes (a rank with fewer runs stand-ins that contribute 0), as DDP and
+    FSDP2 need. Raises before stepping if the loss or the gradient is not finite.
+    """
     module, world = trainee.module, trainee.world
-    packed = pack(batch.prompts, batch.responses, trainee.pad_token_id)
     device = next(module.parameters()).device
-    logprobs, entropy = response_logprobs(module, packed, batch.temperature, with_entropy=True)
-    old = pad_rows(batch.old_logprobs, logprobs)
-    mask = packed.response_mask.to(device)
-    out = objective(ObjectiveInputs(logprobs, old, batch.advantages.to(device), mask))
-    loss = out.loss * loss_share(mask, objective, world, real)  # this rank's share of the global loss
-    global_loss = world.sum([loss.item()])[0]  # every rank sees the same, so all stop together
-    if not math.isfinite(global_loss):
-        raise TrainingDivergedError(f"loss is {global_loss}")
+    counts = MinibatchCounts.of_lengths([len(r) for r in minibatch.responses], length_budget)
+    plans = [
+        [[share[i] for i in micro] for micro in micro_batches(
+            [len(minibatch.prompts[j]) for j in share], [len(minibatch.responses[j]) for j in share],
+            trainee.micro_batch_tokens,
+        )]
+        for share in (world.shard_of(list(range(len(minibatch.prompts))), rank) for rank in range(world.size))
+    ]  # fmt: skip
+    mine, passes = plans[world.rank], max(len(plan) for plan in plans)
     optimizer.zero_grad(set_to_none=True)
-    (loss * world.size).backward()  # DDP and FSDP2 average gradients over ranks; the shares sum
+    tally, loss_sum = StepTally(), torch.zeros((), dtype=torch.float64, device=device)
+    with minibatch_counts(counts):
+        for k in range(passes):
+            real = k < len(mine)
+            part = minibatch.select(mine[k] if real else [0])
+            packed = pack(part.prompts, part.responses, trainee.pad_token_id)
+            with gradient_sync(module, k == passes - 1):  # forward and backward: DDP decides at forward
+                with autocast(device, trainee.compute_dtype):
+                    logprobs, entropy = response_logprobs(module, packed, part.temperature, with_entropy=True)
+                old = pad_rows(part.old_logprobs, logprobs)
+                mask = packed.response_mask.to(device)
+                out = objective(ObjectiveInputs(logprobs, old, part.advantages.to(device), mask))
+                loss = out.loss if real else out.loss * 0.0
+                (loss * world.size).backward()  # DDP and FSDP2 average gradients over ranks
+            loss_sum += loss.detach().double()
+            if real:
+                assert entropy is not None
+                tally.add(out.metrics, log_token_ratio(logprobs.detach(), old), entropy, mask)
+    global_loss = world.sum([loss_sum.item()])[0]  # every rank sees the same, so all stop together
+    if not math.isfinite(global_loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDivergedError(f"loss is {global_loss}")
     grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingDivergedError(f"gradient norm is {grad_norm.item()}")
     optimizer.step()
-    assert entropy is not None
-    local = {
-        "entropy": float(entropy[mask].mean()),
-        **out.metrics,
-        **core_metrics(log_token_ratio(logprobs.detach(), old).cpu(), mask.cpu()),
-    }
-    tokens = float(mask.sum()) if real else 0.0
-    return {"loss": global_loss, "grad_norm": grad_norm.item(), **reduce_step_metrics(local, tokens, world)}
+    return {"loss": global_loss, "grad_norm": grad_norm.item(), **reduce_step_metrics(tally.metrics(), tally.tokens, world)}
 
 
 def update_policy(
@@ -175,6 +249,7 @@ def update_policy(
     grad_clip: float,
     seed: int,
     before_step: Callable[[], None] = lambda: None,
+    length_budget: int | None = None,
 ) -> list[dict[str, float]]:
     """`epochs` shuffled passes over the batch, `minibatches` optimizer steps per pass; each
     rank trains on its share of every minibatch (the same split whatever the world size)."""
@@ -187,10 +262,9 @@ def update_policy(
         for k in range(minibatches):
             index = order[k * n // minibatches : (k + 1) * n // minibatches]
             if index:
-                mine = trainee.world.shard(index)
                 before_step()
                 step_metrics.append(
-                    update_step(trainee, optimizer, objective, batch.select(mine or index[:1]), grad_clip, bool(mine))
+                    update_step(trainee, optimizer, objective, batch.select(index), grad_clip, length_budget)
                 )
     trainee.module.eval()
     return step_metrics
@@ -221,7 +295,7 @@ class OnlineRounds:
         self.recipe, self.run_dir, self.world = recipe, run_dir, world
         self.problems = load_split(recipe, "train")
         self.stale_policy = (
-            Policy(copy.deepcopy(policy.model), policy.tokenizer, policy.path) if recipe.train.staleness else policy
+            policy.copy() if recipe.train.staleness else policy
         )
         self.job = sampling_job(recipe, self.stale_policy)
 
@@ -317,15 +391,10 @@ def warn_truncated_sampling(rows: list[dict[str, Any]], objective: ObjectiveOpti
         )
 
 
-def recipe_objective(recipe: Recipe) -> ObjectiveOptions:
-    """The recipe's objective; a constant-normaliser objective without a length gets the
-    sampler's max_new_tokens (Dr.GRPO's L_max), not the padded width of each batch."""
-    objective: ObjectiveOptions = recipe.plugin("objectives")
-    if objective.loss_agg == "seq-mean-token-sum-norm" and objective.max_response_length is None:
-        length = getattr(recipe.plugin("samplers"), "max_new_tokens", None)
-        if isinstance(length, int):
-            objective = objective.model_copy(update={"max_response_length": length})
-    return objective
+def generation_budget(recipe: Recipe) -> int | None:
+    """The sampler's max_new_tokens: Dr.GRPO's constant L when the objective pins none."""
+    length = getattr(recipe.plugin("samplers"), "max_new_tokens", None)
+    return length if isinstance(length, int) else None
 
 
 def run_train(recipe: Recipe) -> Path:
@@ -342,6 +411,11 @@ def run_train(recipe: Recipe) -> Path:
 
 def train_loop(recipe: Recipe, world: World) -> Path:
     cfg, run_dir = recipe.train, Path(recipe.run_dir)
+    if recipe.model.dtype == "float16":
+        raise ConfigError(
+            "model.dtype=float16 cannot train: float16 gradients underflow without loss scaling, which minpro does "
+            "not do; train with model.dtype=bfloat16 (float16 is for rollout and eval)"
+        )
     staleness = 0 if cfg.rollouts else cfg.staleness  # stored rollouts carry their own staleness
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -351,9 +425,17 @@ def train_loop(recipe: Recipe, world: World) -> Path:
     policy = load_recipe_policy(recipe, str(resume_from) if resume_from else None)
     sharded = world.size > 1 and recipe.distributed.strategy == "fsdp"
     # FSDP2 shards the model in place: sampling and evaluation run on a whole copy
-    plain = Policy(copy.deepcopy(policy.model), policy.tokenizer, policy.path) if sharded else policy
+    plain = policy.copy() if sharded else policy
     source = StoredRounds(recipe, policy, cfg.rollouts) if cfg.rollouts else OnlineRounds(recipe, plain, run_dir, world)
-    trainee = Trainee(parallelize(policy.model, recipe.distributed.strategy, world), policy.pad_token_id, world)
+    if recipe.train.activation_checkpointing:  # per decoder layer (per sharded block under FSDP2)
+        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainee = Trainee(
+        parallelize(policy.model, recipe.distributed.strategy, world),
+        policy.pad_token_id,
+        world,
+        policy.compute_dtype,
+        cfg.micro_batch_tokens,
+    )
     optimizer = torch.optim.AdamW(
         trainee.module.parameters(),
         lr=recipe.optim.lr,
@@ -373,7 +455,7 @@ def train_loop(recipe: Recipe, world: World) -> Path:
         if sharded:
             plain.model.load_state_dict(full_state_dict(trainee.module, world))
 
-    objective = recipe_objective(recipe)
+    objective: ObjectiveOptions = recipe.plugin("objectives")
     estimator = cfg.advantage or objective.default_advantage
     trainee.module.eval()
     held_out = HeldOutEvals(recipe, run_dir, state.round, world)
@@ -390,9 +472,10 @@ def train_loop(recipe: Recipe, world: World) -> Path:
     evaluate()  # before the first round, or the one an interruption skipped
 
     def set_lr() -> None:
-        warm = min(1.0, (state.step + 1) / recipe.optim.warmup_steps) if recipe.optim.warmup_steps else 1.0
+        o = recipe.optim
+        total = cfg.iterations * cfg.epochs * cfg.minibatches
         for group in optimizer.param_groups:
-            group["lr"] = recipe.optim.lr * warm
+            group["lr"] = o.lr * lr_multiplier(state.step, total, o.schedule, o.warmup_steps, o.min_lr_ratio)
 
     def count_step() -> None:
         set_lr()
@@ -420,6 +503,7 @@ def train_loop(recipe: Recipe, world: World) -> Path:
                 step_metrics = [] if batch is None else update_policy(
                     trainee, optimizer, objective, batch, cfg.epochs, cfg.minibatches,
                     recipe.optim.grad_clip, seed=recipe.seed * 100_003 + round_, before_step=count_step,
+                    length_budget=generation_budget(recipe),
                 )
             except TrainingDivergedError as exc:
                 last = latest_checkpoint(run_dir)

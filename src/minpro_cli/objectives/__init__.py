@@ -8,11 +8,16 @@ An objective plugin is a subclass of `ObjectiveOptions` (a Pydantic model: its f
 the objective's options, validated on load) whose `__call__` maps `ObjectiveInputs` to
 `ObjectiveOutput`. No model and no optimizer inside: only tensors in, loss and metrics out.
 It reduces its per-token losses with `self.aggregate`, so `loss_agg` means the same thing
-for every objective. Register it under the `minpro.objectives` entry-point group.
+for every objective, and so `minpro train` can normalise every micro-batch by the counts of
+its whole minibatch (`MinibatchCounts`) without the objective knowing it was cut. Register it
+under the `minpro.objectives` entry-point group.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -58,7 +63,10 @@ class ObjectiveOptions(BaseModel):
 
     loss_agg: LossAgg = Field("token-mean", description="how per-token losses become one scalar")
     max_response_length: int | None = Field(
-        None, ge=1, description="constant normaliser L of seq-mean-token-sum-norm (default: padded width)"
+        None,
+        ge=1,
+        description="constant normaliser L of seq-mean-token-sum-norm (default: the sampler's max_new_tokens "
+        "in minpro train, else the longest response of the minibatch)",
     )
 
     @model_validator(mode="after")
@@ -76,6 +84,49 @@ class ObjectiveOptions(BaseModel):
         return aggregate_loss(per_token, mask, self.loss_agg, self.max_response_length)
 
 
+@dataclass(frozen=True)
+class MinibatchCounts:
+    """The counts a minibatch's loss is normalised by, over all of it: every micro-batch on
+    every rank. `length` is L of seq-mean-token-sum-norm when the objective pins none."""
+
+    tokens: int  # Σ_i |o_i|, trained tokens
+    sequences: int  # rows with at least one trained token
+    rows: int  # all rows, fully masked ones included (Dr.GRPO's B)
+    length: int  # the longest response, or the generation budget minpro train sets
+
+    @classmethod
+    def of_lengths(cls, lengths: Sequence[int], length: int | None = None) -> MinibatchCounts:
+        """Counts of rows with `lengths` trained tokens each."""
+        return cls(
+            tokens=sum(lengths),
+            sequences=sum(1 for n in lengths if n > 0),
+            rows=len(lengths),
+            length=length if length is not None else max([1, *lengths]),
+        )
+
+    @classmethod
+    def of_mask(cls, mask: torch.Tensor) -> MinibatchCounts:
+        """Counts of one (B, T) batch; its longest response ends at its last trained column."""
+        columns = torch.arange(1, mask.shape[-1] + 1, device=mask.device)
+        span = int((mask * columns).max()) if mask.numel() else 0
+        return cls.of_lengths([int(n) for n in mask.sum(-1).tolist()], max(span, 1))
+
+
+_MINIBATCH: ContextVar[MinibatchCounts | None] = ContextVar("minpro_minibatch_counts", default=None)
+
+
+@contextmanager
+def minibatch_counts(counts: MinibatchCounts) -> Iterator[None]:
+    """Inside this block `aggregate_loss` divides by `counts` instead of the batch's own counts:
+    the loss of a micro-batch becomes its exact share of the minibatch's loss, so summed
+    gradients over micro-batches (and ranks) equal the whole minibatch's gradient."""
+    token = _MINIBATCH.set(counts)
+    try:
+        yield
+    finally:
+        _MINIBATCH.reset(token)
+
+
 def aggregate_loss(
     per_token: torch.Tensor, mask: torch.Tensor, mode: LossAgg, max_response_length: int | None = None
 ) -> torch.Tensor:
@@ -84,27 +135,32 @@ def aggregate_loss(
     token-mean:               Σ_{i,t} ℓ_it / Σ_i |o_i|
     seq-mean-token-mean:      (1/B') Σ_i (1/|o_i|) Σ_t ℓ_it
     seq-mean-token-sum:       (1/B') Σ_i Σ_t ℓ_it
-    seq-mean-token-sum-norm:  Σ_{i,t} ℓ_it / (B · L)      (Dr.GRPO; L = max_response_length, else T)
+    seq-mean-token-sum-norm:  Σ_{i,t} ℓ_it / (B · L)      (Dr.GRPO; L = max_response_length, else the longest response)
 
     |o_i| counts row i's trained tokens, B is the number of rows and B' the number of rows
     with at least one trained token (a fully masked row is not a sequence of the batch). The
     constant normaliser B·L is TRL's `dr_grpo`; verl's `seq-mean-token-sum-norm` divides by
     L only, a constant factor B apart. An empty batch gives 0.
+
+    Σ_i |o_i|, B', B and the default L are the counts of the whole minibatch when
+    `minibatch_counts` is in force (`minpro train` with micro-batches or ranks), else of
+    this batch. Only the numerators are sums over the rows given here.
     """
+    counts = _MINIBATCH.get() or MinibatchCounts.of_mask(mask)
     maskf = mask.to(per_token.dtype)
     masked = per_token * maskf
     if mode == "token-mean":
-        return masked.sum() / maskf.sum().clamp(min=1.0)
+        return masked.sum() / max(counts.tokens, 1)
     if mode == "seq-mean-token-sum-norm":
-        length = max_response_length if max_response_length is not None else per_token.shape[-1]
-        return masked.sum() / (per_token.shape[0] * length)
-    lengths = maskf.sum(-1)
-    seq_loss = masked.sum(-1)
+        length = max_response_length if max_response_length is not None else counts.length
+        return masked.sum() / max(counts.rows * length, 1)
     if mode == "seq-mean-token-mean":
-        seq_loss = seq_loss / lengths.clamp(min=1.0)
-    elif mode != "seq-mean-token-sum":
+        seq_loss = masked.sum(-1) / maskf.sum(-1).clamp(min=1.0)
+    elif mode == "seq-mean-token-sum":
+        seq_loss = masked.sum(-1)
+    else:
         raise ValueError(f"unknown loss_agg {mode!r}")
-    return seq_loss.sum() / (lengths > 0).sum().clamp(min=1)
+    return seq_loss.sum() / max(counts.sequences, 1)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:

@@ -39,6 +39,6 @@ def policy_logprobs(
     """log π(o_t | …) of each generation's tokens under `policy` at `temperature`, from one full
     forward pass: what a sampler's recorded `logprobs` must equal (untruncated sampling)."""
     packed = pack(prompts, [g.token_ids for g in generations], policy.pad_token_id)
-    with torch.no_grad():
+    with torch.no_grad(), policy.autocast():
         recomputed, _ = response_logprobs(policy.model, packed, temperature)
     return [recomputed[i, : len(g.token_ids)].cpu() for i, g in enumerate(generations)]
