@@ -132,6 +132,7 @@ def sampling_job(recipe: Recipe, policy: Policy) -> SamplingJob:
 
 
 def load_recipe_policy(recipe: Recipe, path: str | None = None) -> Policy:
+    recipe.model.check_device()
     return load_policy(
         path or recipe.model.path,
         dtype=recipe.model.dtype,

@@ -39,21 +39,25 @@ class ModelConfig(Section):
 
     @field_validator("device")
     @classmethod
-    def _device_exists(cls, value: str) -> str:
+    def _device_is_a_device(cls, value: str) -> str:
         try:
-            device = torch.device(value)
+            torch.device(value)
         except RuntimeError:
             raise ValueError(f"'{value}' is not a device: use cpu, cuda, cuda:N or mps") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(
-                f"'{value}' but this torch ({torch.__version__}) sees no CUDA device; on a GPU machine install a "
-                "CUDA build of torch (README: 'On a GPU'), or use model.device=cpu"
-            )
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"'{value}' but only {torch.cuda.device_count()} CUDA device(s) are visible")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError("'mps' but this torch has no MPS backend; use model.device=cpu")
         return value
+
+    def check_device(self) -> None:
+        """Before a stage loads the model: a device this torch cannot use is a one-line error."""
+        device, build = torch.device(self.device), f"this torch ({torch.__version__})"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            problem = f"{build} sees no CUDA device; on a GPU machine install a CUDA build of torch (README: 'On a GPU')"
+        elif device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            problem = f"only {torch.cuda.device_count()} CUDA device(s) are visible"
+        elif device.type == "mps" and not torch.backends.mps.is_available():
+            problem = f"{build} has no MPS backend"
+        else:
+            return
+        raise ConfigError(f"model.device is '{self.device}' but {problem}, or use model.device=cpu")
 
 
 class DataConfig(Section):

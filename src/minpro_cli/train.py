@@ -411,6 +411,7 @@ def run_train(recipe: Recipe) -> Path:
 
 def train_loop(recipe: Recipe, world: World) -> Path:
     cfg, run_dir = recipe.train, Path(recipe.run_dir)
+    recipe.model.check_device()  # before anything is written
     if recipe.model.dtype == "float16":
         raise ConfigError(
             "model.dtype=float16 cannot train: float16 gradients underflow without loss scaling, which minpro does "

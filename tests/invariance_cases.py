@@ -1,0 +1,78 @@
+"""The micro-batch invariance grid, shared by the one-process test and its torchrun worker.
+
+Each case trains a copy of the embedded model for 3 optimizer steps on one synthetic
+minibatch (ragged prompts and responses, ratios off 1, mixed-sign advantages) and returns
+the final weights. Cases differ in objective, `loss_agg` and micro-batch budget; the claim
+under test is that the budget (and the world size) never changes the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from minpro_cli.distributed import SINGLE, World, parallelize
+from minpro_cli.modeling import Policy, load_policy, pack, response_logprobs
+from minpro_cli.objectives import ObjectiveOptions
+from minpro_cli.registry import load_objective
+from minpro_cli.train import RolloutBatch, Trainee, update_step
+
+OBJECTIVES = ["minpro", "grpo", "gspo", "cispo"]
+LOSS_AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+BUDGETS = ["whole", "half", "one-row"]
+ROWS, STEPS, LR = 8, 3, 0.5
+
+
+def synthetic_minibatch(policy: Policy, dtype: torch.dtype) -> RolloutBatch:
+    """Ragged rows whose behaviour log-probs are the model's own plus noise (ratios ≠ 1)."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = policy.model.config.vocab_size
+    prompts = [torch.randint(3, vocab, (int(n),), generator=gen).tolist() for n in torch.randint(2, 9, (ROWS,), generator=gen)]
+    responses = [torch.randint(3, vocab, (int(n),), generator=gen).tolist() for n in torch.randint(1, 12, (ROWS,), generator=gen)]
+    model = policy.model.to(dtype)
+    with torch.no_grad():
+        current, _ = response_logprobs(model, pack(prompts, responses, policy.pad_token_id))
+    noise = 0.3 * torch.randn(current.shape, generator=gen, dtype=current.dtype)
+    old = [(current[i, : len(r)] + noise[i, : len(r)]).tolist() for i, r in enumerate(responses)]
+    advantages = torch.randn(ROWS, generator=gen, dtype=dtype)
+    return RolloutBatch(prompts, responses, old, advantages, temperature=1.0)
+
+
+def budget_tokens(batch: RolloutBatch, budget: str) -> int:
+    whole = ROWS * (max(map(len, batch.prompts)) + max(map(len, batch.responses)))
+    return {"whole": whole, "half": whole // 2, "one-row": 1}[budget]
+
+
+def objective_for(name: str, loss_agg: str) -> ObjectiveOptions:
+    return load_objective(name, loss_agg=loss_agg)
+
+
+def train_case(
+    base: Policy, batch: RolloutBatch, objective: ObjectiveOptions, budget: int, world: World = SINGLE
+) -> dict[str, torch.Tensor]:
+    model = copy.deepcopy(base.model)
+    module = parallelize(model, "ddp", world)
+    trainee = Trainee(module, base.pad_token_id, world, torch.float32, budget)
+    # plain SGD without clipping: the step is linear in the gradient, so a wrong constant in
+    # the normaliser shows (AdamW and clipping would divide it out)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    for _ in range(STEPS):
+        update_step(trainee, optimizer, objective, batch, grad_clip=1e9)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def cases() -> list[tuple[str, str, str]]:
+    return [(o, a, b) for o in OBJECTIVES for a in LOSS_AGGS for b in BUDGETS]
+
+
+def run_grid(dtype: torch.dtype, world: World = SINGLE) -> dict[str, torch.Tensor]:
+    """Final weights of every case, keyed `objective/loss_agg/budget/parameter`."""
+    base = load_policy("embedded")
+    base.model.to(dtype)
+    batch = synthetic_minibatch(base, dtype)
+    out = {}
+    for name, loss_agg, budget in cases():
+        weights = train_case(base, batch, objective_for(name, loss_agg), budget_tokens(batch, budget), world)
+        out |= {f"{name}/{loss_agg}/{budget}/{k}": v for k, v in weights.items()}
+    return out

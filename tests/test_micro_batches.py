@@ -1,0 +1,107 @@
+"""Micro-batches: the update is the same whatever the token budget and the world size.
+
+Tolerances. float64: weights after 3 SGD steps agree to ≤ 1e-6 of the update itself
+(‖w_a − w_b‖ / ‖w_b − w_0‖; measured ≤ 4e-14). float32: padding and summation order differ
+between micro-batch cuts, and a ratio within rounding of a clip bound may land on the other
+side, so ≤ 5e-4 of the update (measured ≤ 1.1e-4). SGD without clipping, because its step is linear in the gradient:
+AdamW and clipping divide a constant factor out, and would hide a normaliser off by one.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from invariance_cases import BUDGETS, ROWS, budget_tokens, cases, run_grid, synthetic_minibatch
+from minpro_cli.modeling import load_policy
+from minpro_cli.train import micro_batches
+
+HERE = Path(__file__).resolve().parent
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 5e-4}
+
+
+def relative_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
+    gap = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a) ** 0.5
+    moved = sum(float((b[k].double() - start[k].double()).norm() ** 2) for k in b) ** 0.5
+    assert moved > 1e-3, "the steps left the weights where they were: nothing was tested"
+    return gap / moved
+
+
+def case_weights(grid: dict[str, torch.Tensor], case: str) -> dict[str, torch.Tensor]:
+    return {k[len(case) + 1 :]: v for k, v in grid.items() if k.startswith(case + "/")}
+
+
+def test_micro_batches_cover_every_row_once_within_the_budget():
+    prompts, responses = [5, 3, 9, 2, 7, 4, 6], [10, 1, 3, 8, 0, 12, 5]
+    for budget in (1, 20, 40, 60, 1000):
+        plan = micro_batches(prompts, responses, budget)
+        assert sorted(i for micro in plan for i in micro) == list(range(7))
+        for micro in plan:
+            tokens = len(micro) * (max(prompts[i] for i in micro) + max(max(responses[i] for i in micro), 1))
+            assert len(micro) == 1 or tokens <= budget, (budget, micro)
+    assert len(micro_batches(prompts, responses, 1)) == 7  # one row each
+    assert micro_batches(prompts, responses, 1000) == [[5, 0, 2, 6, 3, 4, 1]]  # longest (prompt + response) first
+    assert micro_batches(prompts, responses, None) == [list(range(7))]  # no budget: as given
+
+
+@pytest.fixture(scope="module", params=[torch.float64, torch.float32], ids=["float64", "float32"])
+def one_process(request) -> tuple[torch.dtype, dict[str, torch.Tensor]]:
+    return request.param, run_grid(request.param)
+
+
+def start_weights(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) for k, v in load_policy("embedded").model.state_dict().items()}
+
+
+def test_budgets_really_cut_the_minibatch():
+    policy = load_policy("embedded")
+    batch = synthetic_minibatch(policy, torch.float64)
+    counts = [len(micro_batches(list(map(len, batch.prompts)), list(map(len, batch.responses)), budget_tokens(batch, b)))
+              for b in BUDGETS]
+    assert counts[0] == 1 and 2 <= counts[1] < ROWS and counts[2] == ROWS
+
+
+def test_weights_do_not_depend_on_the_micro_batch_budget(one_process):
+    dtype, grid = one_process
+    start = start_weights(dtype)
+    worst = 0.0
+    for name, loss_agg, budget in cases():
+        if budget == "whole":
+            continue
+        whole = case_weights(grid, f"{name}/{loss_agg}/whole")
+        gap = relative_gap(case_weights(grid, f"{name}/{loss_agg}/{budget}"), whole, start)
+        assert gap <= TOLERANCE[dtype], f"{name} {loss_agg} {budget}: {gap:.2e}"
+        worst = max(worst, gap)
+    print(f"{dtype}: worst relative gap {worst:.2e}")
+
+
+def test_objectives_and_modes_are_told_apart(one_process):
+    """The grid is not trivially equal: another objective or mode gives other weights."""
+    dtype, grid = one_process
+    start = start_weights(dtype)
+    base = case_weights(grid, "minpro/token-mean/whole")
+    for other in ("grpo/token-mean/whole", "minpro/seq-mean-token-sum/whole", "minpro/seq-mean-token-sum-norm/whole"):
+        assert relative_gap(case_weights(grid, other), base, start) > 100 * TOLERANCE[dtype], other
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_two_gloo_ranks_take_the_one_process_step_for_every_budget(tmp_path, one_process, dtype):
+    one_dtype, grid = one_process
+    if str(one_dtype) != f"torch.{dtype}":
+        pytest.skip("compared with the one-process grid of the same dtype")
+    out = tmp_path / "two.safetensors"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(HERE / "invariance_worker.py"), str(out), dtype]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    two = load_file(str(out))
+    start = start_weights(one_dtype)
+    for name, loss_agg, budget in cases():
+        case = f"{name}/{loss_agg}/{budget}"
+        gap = relative_gap(case_weights(two, case), case_weights(grid, f"{name}/{loss_agg}/whole"), start)
+        assert gap <= TOLERANCE[one_dtype], f"2 ranks, {case}: {gap:.2e}"
