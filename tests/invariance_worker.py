@@ -8,9 +8,9 @@ from __future__ import annotations
 import sys
 
 import torch
+from invariance_cases import run_grid
 from safetensors.torch import save_file
 
-from invariance_cases import run_grid
 from minpro_cli.distributed import close_world, init_world
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import minpro_cli.modeling as modeling
+from minpro_cli import modeling
 from minpro_cli.collect import run_rollout
 from minpro_cli.config import load_recipe
 from minpro_cli.errors import ConfigError
