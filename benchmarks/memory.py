@@ -4,9 +4,11 @@ log-softmax) and today's (micro-batches within a token budget, chunked log-probs
 checkpointing), side by side in one run.
 
     .venv/bin/python benchmarks/memory.py [--sizes 32 64 128 256] [--repeats 3] [--vocab 49152]
+    .venv/bin/python benchmarks/memory.py --model runs/smollm2/model --sizes 64 --paths new
 
 The model is a random-init Llama with SmolLM2's 49,152-token vocabulary (4 layers, 256 wide,
-~20M parameters, most of them in the head); responses are ~256 tokens after ~32-token prompts.
+~20M parameters, most of them in the head), or a local checkpoint (`--model`); responses are
+~256 tokens after ~32-token prompts.
 Each measurement is one optimizer step (MinPRO, AdamW) in a fresh forked process, so its peak
 resident memory is that step's own (GPU: peak allocated). Configurations are interleaved and
 repeated; min / median / max over the repeats are printed. The old path is not run where its
@@ -21,18 +23,20 @@ import time
 from collections.abc import Callable
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from common import Measurement, measure
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 import minpro_cli.train as train_module
-from common import Measurement, measure
-from minpro_cli.modeling import _full_vocabulary_logprobs
+from minpro_cli.modeling import _full_vocabulary_logprobs, load_policy
 from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.train import RolloutBatch, Trainee, update_step
 
 PROMPT_TOKENS, RESPONSE_TOKENS = 32, 256
 
 
-def build_model(vocab: int) -> LlamaForCausalLM:
+def build_model(vocab: int, path: str | None) -> PreTrainedModel:
+    if path:
+        return load_policy(path).model
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
@@ -50,15 +54,15 @@ def minibatch(n: int, vocab: int) -> RolloutBatch:
     return RolloutBatch(prompts, responses, old, torch.randn(n, generator=gen), temperature=1.0)
 
 
-def step(n: int, vocab: int, path: str, budget: int) -> Callable[[], tuple[float, int]]:
+def step(n: int, vocab: int, path: str, budget: int, model_path: str | None) -> Callable[[], tuple[float, int]]:
     def run() -> tuple[float, int]:
-        model = build_model(vocab)
-        batch = minibatch(n, vocab)
+        model = build_model(vocab, model_path)
+        batch = minibatch(n, model.config.vocab_size)
         if path == "old":  # what update_step did before micro-batches and the chunked head
             train_module.response_logprobs = lambda m, b, t, with_entropy: _full_vocabulary_logprobs(m, b, t, with_entropy)
             trainee = Trainee(model, 0)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             trainee = Trainee(model, 0, micro_batch_tokens=budget)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         started = time.perf_counter()
@@ -73,39 +77,49 @@ def spread(values: list[float], fmt: str) -> str:
     return "/".join(format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
 
 
+def extrapolated_gb(measured: dict[int, list[Measurement]], n: int) -> float:
+    """Peak memory at n responses, linear in n through the two largest measured sizes."""
+    (k0, m0), (k1, m1) = [(k, ms[0].peak_mb) for k, ms in sorted(measured.items())[-2:]]
+    return (m1 + (m1 - m0) / (k1 - k0) * (n - k1)) / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=49_152)
+    parser.add_argument("--model", help="a local checkpoint instead of the random-init model")
+    parser.add_argument("--paths", nargs="+", choices=["old", "new"], default=["old", "new"])
     parser.add_argument("--budget", type=int, default=8192, help="micro_batch_tokens of the new path")
     parser.add_argument("--max-gb", type=float, default=18.0, help="skip old-path sizes estimated above this")
     args = parser.parse_args()
-    results: dict[tuple[str, int], list[Measurement]] = {}
+    results: dict[str, dict[int, list[Measurement]]] = {path: {} for path in args.paths}
     for repeat in range(args.repeats):
         for n in args.sizes:
-            for path in ("old", "new"):
-                done = [m.peak_mb for (p, k), ms in results.items() if p == path for m in ms[:1] if k < n]
-                sizes = [k for (p, k) in results if p == path and k < n]
-                if path == "old" and len(sizes) >= 2:
-                    (k0, k1), (m0, m1) = sizes[-2:], done[-2:]
-                    if (m1 + (m1 - m0) / (k1 - k0) * (n - k1)) / 1024 > args.max_gb:
-                        continue
-                results.setdefault((path, n), []).append(measure(step(n, args.vocab, path, args.budget)))
-                m = results[(path, n)][-1]
+            for path in args.paths:
+                measured = results[path]
+                if path == "old" and len(measured) >= 2 and n not in measured and extrapolated_gb(measured, n) > args.max_gb:
+                    continue
+                if path == "old" and repeat and n not in measured:
+                    continue
+                m = measure(step(n, args.vocab, path, args.budget, args.model))
+                measured.setdefault(n, []).append(m)
                 print(f"  repeat {repeat + 1}: {path} {n:4d} responses: {m.seconds:7.1f} s, {m.peak_mb:7.0f} MB", flush=True)
-    print(f"\none optimizer step, vocabulary {args.vocab}, ~{PROMPT_TOKENS}+{RESPONSE_TOKENS} tokens per response, "
+    model = args.model or f"random-init Llama, vocabulary {args.vocab}"
+    print(f"\none optimizer step, {model}, ~{PROMPT_TOKENS}+{RESPONSE_TOKENS} tokens per response, "
+          f"new path: micro_batch_tokens {args.budget} + chunked head + activation checkpointing; "
           f"{torch.get_num_threads()} threads; min/median/max of {args.repeats}")
-    print(f"{'responses':>9} | {'old: peak MB':>20} {'old: tokens/s':>17} | {'new: peak MB':>20} {'new: tokens/s':>17}")
+    header = "".join(f" | {path + ': peak MB':>20} {path + ': tokens/s':>17}" for path in args.paths)
+    print(f"{'responses':>9}{header}")
     for n in args.sizes:
-        cells = []
-        for path in ("old", "new"):
-            ms = results.get((path, n))
+        cells = ""
+        for path in args.paths:
+            ms = results[path].get(n)
             if ms:
-                cells += [spread([m.peak_mb for m in ms], ".0f"), spread([m.tokens_per_s for m in ms], ".0f")]
+                cells += f" | {spread([m.peak_mb for m in ms], '.0f'):>20} {spread([m.tokens_per_s for m in ms], '.0f'):>17}"
             else:
-                cells += ["not run (est. > max-gb)", "–"]
-        print(f"{n:9d} | {cells[0]:>20} {cells[1]:>17} | {cells[2]:>20} {cells[3]:>17}")
+                cells += f" | {f'not run: est. {extrapolated_gb(results[path], n):.0f} GB':>20} {'–':>17}"
+        print(f"{n:9d}{cells}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from invariance_cases import BUDGETS, ROWS, budget_tokens, cases, run_grid, synt
 from safetensors.torch import load_file
 
 from minpro_cli.modeling import load_policy
-from minpro_cli.train import micro_batches
+from minpro_cli.distributed import World
+from minpro_cli.train import RolloutBatch, micro_batch_plan, micro_batches
 
 HERE = Path(__file__).resolve().parent
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 5e-4}
@@ -105,3 +106,15 @@ def test_two_gloo_ranks_take_the_one_process_step_for_every_budget(tmp_path, one
         case = f"{name}/{loss_agg}/{budget}"
         gap = relative_gap(case_weights(two, case), case_weights(grid, f"{name}/{loss_agg}/whole"), start)
         assert gap <= TOLERANCE[one_dtype], f"2 ranks, {case}: {gap:.2e}"
+
+
+def test_every_rank_makes_as_many_passes_as_the_busiest():
+    """Rank 0 gets the two long rows (one micro-batch each), rank 1 two short ones (one
+    micro-batch): both make 2 passes, so DDP/FSDP2 collectives line up."""
+    batch = RolloutBatch(prompts=[[1] * 10, [1] * 10, [1], [1]], responses=[[2] * 10, [2] * 10, [2], [2]],
+                         old_logprobs=[[0.0] * 10, [0.0] * 10, [0.0], [0.0]], advantages=torch.zeros(4), temperature=1.0)
+    first, passes0 = micro_batch_plan(batch, World(rank=0, size=2), budget=30)
+    second, passes1 = micro_batch_plan(batch, World(rank=1, size=2), budget=30)
+    assert first == [[0], [1]] and second == [[2, 3]]
+    assert passes0 == passes1 == 2
+    assert micro_batch_plan(batch, World(), budget=None) == ([[0, 1, 2, 3]], 1)

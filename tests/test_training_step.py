@@ -94,11 +94,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
         m = copy.deepcopy(model)
         if checkpointing:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         m.train()
         logprobs, _ = response_logprobs(m, batch)
         logprobs.sum().backward()
-        assert m.is_gradient_checkpointing == checkpointing
+        assert m.is_activation_checkpointing == checkpointing
         return {k: p.grad for k, p in m.named_parameters()}
 
     plain, checkpointed = grads(False), grads(True)

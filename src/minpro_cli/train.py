@@ -157,6 +157,18 @@ def micro_batches(prompt_lengths: list[int], response_lengths: list[int], budget
     return [*out, current]
 
 
+def micro_batch_plan(minibatch: RolloutBatch, world: World, budget: int | None) -> tuple[list[list[int]], int]:
+    """This rank's micro-batches (row indices into the minibatch) and the number of forward /
+    backward passes every rank makes: the most any rank needs (each can tell every share)."""
+    rows = list(range(len(minibatch.prompts)))
+    plans = []
+    for rank in range(world.size):
+        share = world.shard_of(rows, rank)
+        cut = micro_batches([len(minibatch.prompts[i]) for i in share], [len(minibatch.responses[i]) for i in share], budget)
+        plans.append([[share[i] for i in micro] for micro in cut])
+    return plans[world.rank], max(len(plan) for plan in plans)
+
+
 @dataclass
 class StepTally:
     """Metrics of one optimizer step, accumulated over its micro-batches: exact token-weighted
@@ -199,14 +211,7 @@ def update_step(
     module, world = trainee.module, trainee.world
     device = next(module.parameters()).device
     counts = MinibatchCounts.of_lengths([len(r) for r in minibatch.responses], length_budget)
-    plans = [
-        [[share[i] for i in micro] for micro in micro_batches(
-            [len(minibatch.prompts[j]) for j in share], [len(minibatch.responses[j]) for j in share],
-            trainee.micro_batch_tokens,
-        )]
-        for share in (world.shard_of(list(range(len(minibatch.prompts))), rank) for rank in range(world.size))
-    ]  # fmt: skip
-    mine, passes = plans[world.rank], max(len(plan) for plan in plans)
+    mine, passes = micro_batch_plan(minibatch, world, trainee.micro_batch_tokens)
     optimizer.zero_grad(set_to_none=True)
     tally, loss_sum = StepTally(), torch.zeros((), dtype=torch.float64, device=device)
     with minibatch_counts(counts):
@@ -429,7 +434,7 @@ def train_loop(recipe: Recipe, world: World) -> Path:
     plain = policy.copy() if sharded else policy
     source = StoredRounds(recipe, policy, cfg.rollouts) if cfg.rollouts else OnlineRounds(recipe, plain, run_dir, world)
     if recipe.train.activation_checkpointing:  # per decoder layer (per sharded block under FSDP2)
-        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     trainee = Trainee(
         parallelize(policy.model, recipe.distributed.strategy, world),
         policy.pad_token_id,
