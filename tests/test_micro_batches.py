@@ -18,8 +18,8 @@ import torch
 from invariance_cases import BUDGETS, ROWS, budget_tokens, cases, run_grid, synthetic_minibatch
 from safetensors.torch import load_file
 
-from minpro_cli.modeling import load_policy
 from minpro_cli.distributed import World
+from minpro_cli.modeling import load_policy
 from minpro_cli.train import RolloutBatch, micro_batch_plan, micro_batches
 
 HERE = Path(__file__).resolve().parent
