@@ -111,13 +111,20 @@ def assert_same_training(one: Path, two: Path, slack: float = 1.0) -> None:
 
 
 @pytest.mark.parametrize(
-    ("strategy", "loss_agg"), [("ddp", "token-mean"), ("fsdp", "seq-mean-token-sum-norm")]
+    ("strategy", "loss_agg", "memory"),
+    [
+        ("ddp", "token-mean", []),
+        ("fsdp", "seq-mean-token-sum-norm", []),
+        # micro-batches of ~1–2 rows, so ranks make different numbers of passes (stand-ins), and
+        # activation checkpointing inside FSDP2's per-block shards
+        ("fsdp", "seq-mean-token-mean", ["train.micro_batch_tokens=80", "train.activation_checkpointing=true"]),
+    ],
 )
-def test_two_gloo_ranks_train_like_one_process(tmp_path, rollouts, strategy, loss_agg):
+def test_two_gloo_ranks_train_like_one_process(tmp_path, rollouts, strategy, loss_agg, memory):
     common = [f"train.rollouts={rollouts}", "train.iterations=3", f"objective.options.loss_agg={loss_agg}"]
     run_train(load_recipe(QUICKSTART, [f"run_dir={tmp_path / 'one'}", *SMALL, *common]))
     # 3 prompts × 4 responses per round in 2 minibatches of 6: 3 rows per rank, odd token counts
-    two = minpro_train(tmp_path / "two", *common, f"distributed.strategy={strategy}")
+    two = minpro_train(tmp_path / "two", *common, f"distributed.strategy={strategy}", *memory)
     output, _ = two.communicate(timeout=300)
     assert two.returncode == 0, output
     assert_same_training(tmp_path / "one", tmp_path / "two")

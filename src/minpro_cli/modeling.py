@@ -155,10 +155,10 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> P
 
 def pad_rows(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
     """Per-row lists right-padded with zeros into a tensor of the shape, dtype and device of `like`."""
-    out = torch.zeros_like(like)
+    out = torch.zeros(like.shape, dtype=like.dtype)  # filled on the host, moved once
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row, dtype=out.dtype)
-    return out
+    return out.to(like.device, non_blocking=True)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
