@@ -64,6 +64,7 @@ def step(n: int, vocab: int, path: str, budget: int, model_path: str | None) -> 
         else:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             trainee = Trainee(model, 0, micro_batch_tokens=budget)
+        model.train()  # as update_policy does: checkpointing only acts in training mode
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         started = time.perf_counter()
         update_step(trainee, optimizer, MinPRO(), batch, grad_clip=1.0)
