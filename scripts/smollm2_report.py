@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import torch
 
 
 def per_problem(samples: Path) -> dict[str, float]:
@@ -52,11 +54,13 @@ def main() -> None:
     figures.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "plots" / "training.png", figures / "training.png")
     train, objective = recipe["train"], recipe["objective"]
+    device = recipe["model"]["device"]
+    where = f"{os.cpu_count()} CPU cores" if device == "cpu" else f"a {torch.cuda.get_device_name()}"
     lines = [
-        "# SmolLM2-135M-Instruct learns small sums with MinPRO, on 2 CPU cores",
+        f"# SmolLM2-135M-Instruct learns small sums with MinPRO, on {where}",
         "",
         f"Made by `bash scripts/smollm2_rl.sh` in {args.minutes:.0f} minutes (install, eval, train, eval) on",
-        "2 CPU cores; this file is written by `scripts/smollm2_report.py`.",
+        f"{where}; this file is written by `scripts/smollm2_report.py`.",
         "",
         (f"| held-out ({after['n_problems']} problems × {after['n_samples']} samples, "
          f"T = {recipe['sampler']['options']['temperature']}) | pass@1 | s.e. |"),
@@ -80,7 +84,7 @@ def main() -> None:
         (f"* Training: `recipes/smollm2-rl.yaml` — {train['iterations']} rounds × {train['prompts_per_iteration']} "
          f"prompts × {train['group_size']} samples, {train['minibatches']} optimizer steps per round, lr "
          f"{recipe['optim']['lr']} ({recipe['optim']['schedule']}), micro-batches of {train['micro_batch_tokens']} "
-         "tokens, activation checkpointing, float32 on CPU."),
+         f"tokens, activation checkpointing, {recipe['model']['dtype']} on {recipe['model']['device']}."),
         f"* Training reward {metrics[0]['reward_mean']:.3f} in the first round → {metrics[-1]['reward_mean']:.3f} in the last;",
         f"  mean response length {metrics[0]['response_length_mean']:.0f} → {metrics[-1]['response_length_mean']:.0f} tokens.",
         "",
