@@ -70,8 +70,12 @@ def test_online_loop_with_staleness_writes_everything(tmp_path):
     assert sum(p.numel() for p in plain.parameters()) > 500_000
 
 
+SCHEDULED = ["optim.schedule=cosine", "optim.warmup_steps=2", "optim.min_lr_ratio=0.1"]
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    reference = run_train(recipe(tmp_path / "straight"))
+    """A cosine schedule with warm-up continues exactly where the interruption left it."""
+    reference = run_train(recipe(tmp_path / "straight", *SCHEDULED))
     real_update = train_module.update_policy
     calls = {"n": 0}
 
@@ -83,12 +87,15 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "update_policy", interrupt_on_third_round)
     with pytest.raises(KeyboardInterrupt):
-        run_train(recipe(tmp_path / "cut"))
+        run_train(recipe(tmp_path / "cut", *SCHEDULED))
     assert not (tmp_path / "cut" / "final").exists()
     monkeypatch.setattr(train_module, "update_policy", real_update)
-    resumed = run_train(recipe(tmp_path / "cut"))
+    resumed = run_train(recipe(tmp_path / "cut", *SCHEDULED))
     metrics = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [0, 1, 2]
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lr"] for m in metrics] == [m["lr"] for m in straight]
+    assert len({m["lr"] for m in metrics}) == 3  # the rate really changed from round to round
     a, b = load_file(str(reference / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)

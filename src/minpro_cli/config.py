@@ -124,7 +124,7 @@ class TrainConfig(Section):
         "forward/backward per minibatch",
     )
     activation_checkpointing: bool = Field(
-        False, description="recompute each decoder layer's activations in backward: less memory, ~30% more compute"
+        False, description="recompute each decoder layer's activations in backward: far less memory, one more forward pass"
     )
 
 
