@@ -198,8 +198,6 @@ def response_logprobs(
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     head = inner.get_output_embeddings()
     device = next(model.parameters()).device
-    mask = batch.response_mask.to(device)
-    targets = batch.response_ids.to(device)[mask]
     if not isinstance(head, torch.nn.Linear) or any(
         getattr(inner.config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS
     ):
@@ -209,6 +207,8 @@ def response_logprobs(
         hidden = _forward_response_columns(model, batch, device)
     finally:
         inner.set_output_embeddings(head)
+    mask = batch.response_mask.to(device)
+    targets = batch.response_ids.to(device)[mask]
     logprobs, entropy = ChunkedLogProbs.apply(
         hidden[mask], head.weight, head.bias, targets, temperature, with_entropy, chunk_tokens(head.out_features)
     )
@@ -271,9 +271,10 @@ class ChunkedLogProbs(torch.autograd.Function):
         accumulate = torch.promote_types(compute, torch.float32)
         logprobs = torch.empty(hidden.shape[0], dtype=accumulate, device=hidden.device)
         entropy = torch.zeros_like(logprobs)
+        w, b = weight.to(compute), None if bias is None else bias.to(compute)  # cast once, not per chunk
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            logits = _chunk_logits(hidden[rows], weight, bias, compute, temperature)
+            logits = _chunk_logits(hidden[rows], w, b, temperature)
             normaliser = logits.logsumexp(-1)
             logprobs[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - normaliser
             if with_entropy:
@@ -290,18 +291,19 @@ class ChunkedLogProbs(torch.autograd.Function):
         accumulate = torch.promote_types(weight.dtype, torch.float32)
         grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if need_bias else None
-        w = weight.to(compute)
+        w, b = weight.to(compute), None if bias is None else bias.to(compute)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             g = grad_logprobs[rows].to(accumulate)
-            logits = _chunk_logits(hidden[rows], weight, bias, compute, temperature)
+            logits = _chunk_logits(hidden[rows], w, b, temperature)
             grad_logits = torch.softmax(logits, -1).mul_(-g[:, None])
             grad_logits[torch.arange(g.shape[0], device=g.device), targets[rows]] += g
             grad_logits /= temperature
+            grad_compute = grad_logits.to(compute)
             if grad_hidden is not None:
-                grad_hidden[rows] = (grad_logits.to(compute) @ w).to(hidden.dtype)
+                grad_hidden[rows] = (grad_compute @ w).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += (grad_logits.to(compute).T @ hidden[rows].to(compute)).to(accumulate)
+                grad_weight += (grad_compute.T @ hidden[rows].to(compute)).to(accumulate)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
         return (
@@ -313,10 +315,11 @@ class ChunkedLogProbs(torch.autograd.Function):
 
 
 def _chunk_logits(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compute: torch.dtype, temperature: float
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
 ) -> torch.Tensor:
-    logits = hidden.to(compute) @ weight.to(compute).T
+    """(chunk, V) logits / T: formed in the dtype of `weight` (the compute dtype), reduced in ≥ float32."""
+    logits = hidden.to(weight.dtype) @ weight.T
     if bias is not None:
-        logits = logits + bias.to(compute)
-    logits = logits.to(torch.promote_types(compute, torch.float32))
+        logits = logits + bias
+    logits = logits.to(torch.promote_types(weight.dtype, torch.float32))
     return logits / temperature if temperature != 1.0 else logits

@@ -143,15 +143,16 @@ def micro_batches(prompt_lengths: list[int], response_lengths: list[int], budget
     n = len(prompt_lengths)
     if budget is None or n == 0:
         return [list(range(n))] if n else []
-    order = sorted(range(n), key=lambda i: prompt_lengths[i] + response_lengths[i], reverse=True)
+    responses = [max(n, 1) for n in response_lengths]  # `pack` pads responses to at least 1 column
+    order = sorted(range(n), key=lambda i: prompt_lengths[i] + responses[i], reverse=True)
     out: list[list[int]] = []
     current: list[int] = []
     widest_prompt = widest_response = 0
     for i in order:
-        prompt, response = max(widest_prompt, prompt_lengths[i]), max(widest_response, max(response_lengths[i], 1))
+        prompt, response = max(widest_prompt, prompt_lengths[i]), max(widest_response, responses[i])
         if current and (len(current) + 1) * (prompt + response) > budget:
             out.append(current)
-            current, prompt, response = [], prompt_lengths[i], max(response_lengths[i], 1)
+            current, prompt, response = [], prompt_lengths[i], responses[i]
         current.append(i)
         widest_prompt, widest_response = prompt, response
     return [*out, current]
@@ -462,6 +463,7 @@ def train_loop(recipe: Recipe, world: World) -> Path:
             plain.model.load_state_dict(full_state_dict(trainee.module, world))
 
     objective: ObjectiveOptions = recipe.plugin("objectives")
+    length_budget = generation_budget(recipe)
     estimator = cfg.advantage or objective.default_advantage
     trainee.module.eval()
     held_out = HeldOutEvals(recipe, run_dir, state.round, world)
@@ -509,7 +511,7 @@ def train_loop(recipe: Recipe, world: World) -> Path:
                 step_metrics = [] if batch is None else update_policy(
                     trainee, optimizer, objective, batch, cfg.epochs, cfg.minibatches,
                     recipe.optim.grad_clip, seed=recipe.seed * 100_003 + round_, before_step=count_step,
-                    length_budget=generation_budget(recipe),
+                    length_budget=length_budget,
                 )
             except TrainingDivergedError as exc:
                 last = latest_checkpoint(run_dir)
