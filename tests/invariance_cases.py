@@ -44,10 +44,6 @@ def budget_tokens(batch: RolloutBatch, budget: str) -> int:
     return {"whole": whole, "half": whole // 2, "one-row": 1}[budget]
 
 
-def objective_for(name: str, loss_agg: str) -> ObjectiveOptions:
-    return load_objective(name, loss_agg=loss_agg)
-
-
 def train_case(
     base: Policy, batch: RolloutBatch, objective: ObjectiveOptions, budget: int, world: World = SINGLE
 ) -> dict[str, torch.Tensor]:
@@ -73,6 +69,6 @@ def run_grid(dtype: torch.dtype, world: World = SINGLE) -> dict[str, torch.Tenso
     batch = synthetic_minibatch(base, dtype)
     out = {}
     for name, loss_agg, budget in cases():
-        weights = train_case(base, batch, objective_for(name, loss_agg), budget_tokens(batch, budget), world)
+        weights = train_case(base, batch, load_objective(name, loss_agg=loss_agg), budget_tokens(batch, budget), world)
         out |= {f"{name}/{loss_agg}/{budget}/{k}": v for k, v in weights.items()}
     return out

@@ -22,12 +22,17 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
-def ragged_batch(policy: Policy, seed: int = 0):
+def ragged_rows(policy: Policy, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompts and responses of uneven lengths, random token ids."""
     gen = torch.Generator().manual_seed(seed)
     vocab = policy.model.config.vocab_size
     prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (3, 7, 5, 2)]
     responses = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (6, 1, 9, 4)]
-    return pack(prompts, responses, policy.pad_token_id)
+    return prompts, responses
+
+
+def ragged_batch(policy: Policy, seed: int = 0):
+    return pack(*ragged_rows(policy, seed), policy.pad_token_id)
 
 
 def full_vocabulary_reference(model: torch.nn.Module, batch, temperature: float):
@@ -107,14 +112,10 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def rollout_batch(policy: Policy, seed: int = 0, advantages: tuple[float, ...] = (1.0, -0.5, 0.8, -1.2)) -> RolloutBatch:
-    packed = ragged_batch(policy, seed)
-    lengths = packed.response_mask.sum(-1).tolist()
-    prompts = [row[m.bool()].tolist() for row, m in zip(packed.input_ids[:, : -packed.response_ids.shape[1]],
-                                                        packed.attention_mask[:, : -packed.response_ids.shape[1]])]
-    responses = [packed.response_ids[i, :n].tolist() for i, n in enumerate(lengths)]
+    prompts, responses = ragged_rows(policy, seed)
     with torch.no_grad():
-        current, _ = response_logprobs(policy.model, packed)
-    old = [(current[i, :n] - 0.05).tolist() for i, n in enumerate(lengths)]
+        current, _ = response_logprobs(policy.model, pack(prompts, responses, policy.pad_token_id))
+    old = [(current[i, : len(r)] - 0.05).tolist() for i, r in enumerate(responses)]
     return RolloutBatch(prompts, responses, old, torch.tensor(advantages), 1.0)
 
 
