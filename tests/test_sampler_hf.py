@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from minpro_cli.samplers import policy_logprobs
-from minpro_cli.samplers.hf import HFSampler, truncate_logits
+from minpro_cli.samplers import hf, policy_logprobs
+from minpro_cli.samplers.hf import HFSampler, inverse_cdf_draw, truncate_logits
 
 PROMPTS = ["Compute 12+7-3.\n", "Compute 5-9.\n", "Compute 40+1+2-8.\n"]
 
@@ -71,3 +71,36 @@ def test_truncated_sampling_records_renormalised_logprobs(policy):
         recorded = torch.tensor(g.logprobs)
         assert (recorded >= full - 1e-5).all()
         assert all(lp <= 1e-6 and math.isfinite(lp) for lp in g.logprobs)
+
+
+def test_inverse_cdf_draw_by_hand():
+    """p = (0.5, 0.3, 0, 0.2): C = (0.5, 0.8, 0.8, 1.0); u picks the first v with u < C_v."""
+    logp = torch.log(torch.tensor([0.5, 0.3, 0.0, 0.2])).expand(6, 4)
+    uniform = torch.tensor([0.0, 0.49, 0.5, 0.79, 0.8, 0.999])
+    assert inverse_cdf_draw(logp, uniform).tolist() == [0, 0, 1, 1, 3, 3]  # token 2 (p = 0) never
+
+
+def test_inverse_cdf_draw_frequencies_match_the_probabilities():
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.tensor([0.05, 0.6, 0.0, 0.25, 0.1])
+    n = 200_000
+    draws = inverse_cdf_draw(probs.log().expand(n, 5), torch.rand(n, generator=generator))
+    frequencies = torch.bincount(draws, minlength=5).double() / n
+    # 5 standard errors of a binomial proportion at n = 200k: ≤ 0.0055
+    assert (frequencies - probs.double()).abs().max() < 5 * math.sqrt(0.25 / n)
+    assert frequencies[2] == 0
+
+
+def test_dropping_ended_rows_changes_no_token_or_logprob(policy, monkeypatch):
+    """Rows leave the batch as they end (COMPACT_EVERY); each row keeps its own uniforms, so the
+    samples equal those of a batch that never drops a row. Float64 weights: no near-ties; T = 2.5: the draws are far from deterministic."""
+    policy.model.double()
+    prompts = encode(policy, PROMPTS) * 5
+    compacted = HFSampler(temperature=2.5, max_new_tokens=50).generate(policy, prompts, seed=4)
+    monkeypatch.setattr(hf, "COMPACT_EVERY", 0)  # 0 × ended ≥ rows never holds: nothing dropped
+    full = HFSampler(temperature=2.5, max_new_tokens=50).generate(policy, prompts, seed=4)
+    lengths = [len(g.token_ids) for g in full]
+    assert min(lengths) < max(lengths)  # rows did end at different steps
+    assert [g.token_ids for g in compacted] == [g.token_ids for g in full]
+    for a, b in zip(compacted, full):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-9, rtol=0)

@@ -7,8 +7,12 @@ default, no processed-vs-raw score ambiguity).
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from minpro_cli.modeling import Policy, positions_from_mask
 from minpro_cli.samplers import Generation
@@ -54,55 +58,127 @@ class HFSampler(BaseModel):
     def _generate_batch(
         self, policy: Policy, prompts: list[list[int]], generator: torch.Generator
     ) -> list[Generation]:
+        """Decode until every row has ended. Rows that ended leave the batch (and the KV cache)
+        once they are 1/COMPACT_EVERY of it, so the cost follows the tokens actually sampled."""
         model, device = policy.model, policy.model.device
         batch, prompt_len = len(prompts), max(len(p) for p in prompts)
-        input_ids = torch.full((batch, prompt_len), policy.pad_token_id, dtype=torch.long, device=device)
-        attention = torch.zeros_like(input_ids)
+        width = prompt_len + self.max_new_tokens
+        input_ids = torch.full((batch, prompt_len), policy.pad_token_id, dtype=torch.long)
+        attention = torch.ones((batch, width), dtype=torch.long)  # every column it will need, allocated once
         for i, p in enumerate(prompts):
             input_ids[i, prompt_len - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention[i, prompt_len - len(p) :] = 1
-        positions = positions_from_mask(attention)
+            attention[i, : prompt_len - len(p)] = 0  # left padding; step t attends to the first prompt_len + t
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        step_pos = positions_from_mask(attention[:, :prompt_len])
 
         tokens = torch.full((batch, self.max_new_tokens), policy.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros((batch, self.max_new_tokens), device=device)
         lengths = torch.full((batch,), self.max_new_tokens, dtype=torch.long, device=device)
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        past = None
-        step_ids, step_pos = input_ids, positions
+        ended = torch.zeros(batch, dtype=torch.bool, device=device)
+        rows = torch.arange(batch, device=device)  # original index of each row still in the batch
+        cache = preallocated_cache(model, width)
+        step_ids = input_ids
         for t in range(self.max_new_tokens):
             output = model(
                 input_ids=step_ids,
-                attention_mask=attention,
+                attention_mask=attention[:, : prompt_len + t],
                 position_ids=step_pos,
-                cache=past,
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            past = output.cache
-            logits = truncate_logits(output.logits[:, -1].float() / self.temperature, self.top_k, self.top_p)
-            logp = torch.log_softmax(logits, dim=-1)
-            next_tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            logits = output.logits[:, -1].float()
+            if self.temperature != 1.0:
+                logits = logits / self.temperature
+            logp = torch.log_softmax(truncate_logits(logits, self.top_k, self.top_p), dim=-1)
+            # one uniform per original row, drawn whether or not it is still in the batch:
+            # a row's tokens do not depend on when the others end
+            uniform = torch.rand(batch, generator=generator, device=device)[rows]
+            next_tok = inverse_cdf_draw(logp, uniform)
+            done = ended[rows]
             next_tok = torch.where(done, policy.pad_token_id, next_tok)
-            tokens[:, t] = next_tok
-            logprobs[:, t] = logp.gather(-1, next_tok.unsqueeze(-1)).squeeze(-1)
+            tokens[rows, t] = next_tok
+            logprobs[rows, t] = torch.where(done, 0.0, logp.gather(-1, next_tok[:, None]).squeeze(-1))
             hit_eos = (next_tok == policy.eos_token_id) & ~done
-            lengths = torch.where(hit_eos, t + 1, lengths)  # the first EOS is part of the response
-            done |= hit_eos
-            if bool(done.all()):
+            lengths[rows] = torch.where(hit_eos, t + 1, lengths[rows])  # the first EOS is part of the response
+            ended[rows] = done | hit_eos
+            running = int((~ended[rows]).sum())  # the one host sync per step: stop, or drop ended rows
+            if running == 0:
                 break
-            step_ids = next_tok.unsqueeze(-1)
-            step_pos = step_pos[:, -1:] + 1
-            attention = torch.cat([attention, torch.ones_like(step_ids)], dim=-1)
+            step_ids, step_pos = next_tok[:, None], step_pos[:, -1:] + 1
+            if (len(rows) - running) * COMPACT_EVERY >= len(rows):
+                keep = (~ended[rows]).nonzero().squeeze(-1)
+                rows, step_ids, step_pos, attention = rows[keep], step_ids[keep], step_pos[keep], attention[keep]
+                cache.batch_select_indices(keep)
 
-        results = []
-        for i in range(batch):
-            n = int(lengths[i])
-            ended = n <= self.max_new_tokens and bool(done[i])
-            results.append(
-                Generation(
-                    token_ids=tokens[i, :n].tolist(),
-                    logprobs=logprobs[i, :n].tolist(),
-                    finish_reason="stop" if ended else "length",
-                )
+        tokens_host, logprobs_host = tokens.cpu(), logprobs.cpu()
+        lengths_host, ended_host = lengths.tolist(), ended.tolist()
+        return [
+            Generation(
+                token_ids=tokens_host[i, :n].tolist(),
+                logprobs=logprobs_host[i, :n].tolist(),
+                finish_reason="stop" if ended_host[i] else "length",
             )
-        return results
+            for i, n in enumerate(lengths_host)
+        ]
+
+
+COMPACT_EVERY = 8  # drop ended rows once they are 1/8 of the batch: each drop copies the KV cache
+
+
+def inverse_cdf_draw(logp: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row from softmax-normalised `logp` (B, V), given one U[0, 1) per row.
+
+    Token v is drawn when C_{v−1} ≤ u·C_V < C_v, C the cumulative probabilities: probability
+    p_v exactly (up to float rounding of C), tokens with p = 0 never. One cumsum and one
+    binary search, far cheaper than `torch.multinomial`."""
+    cdf = logp.exp().cumsum(-1)
+    target = uniform[:, None].to(cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logp.shape[-1] - 1)
+
+
+class PreallocatedLayer(DynamicLayer):
+    """One attention layer's keys and values in a buffer of the final width, written in place:
+    no `torch.cat` per step. Dropping rows (`batch_select_indices`) copies the buffer once."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, _ = key_states.shape
+        self.device = key_states.device
+        self.key_buffer = key_states.new_empty((batch, heads, self.capacity, key_states.shape[-1]))
+        self.value_buffer = value_states.new_empty((batch, heads, self.capacity, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
+
+def preallocated_cache(model: torch.nn.Module, capacity: int) -> DynamicCache:
+    """The model's own dynamic cache, with every plain attention layer preallocated to
+    `capacity` tokens (sliding-window and other special layers keep transformers' own)."""
+    cache = DynamicCache(config=model.config)
+    if cache.layers:
+        cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    else:
+        cache.layer_class_to_replicate = functools.partial(PreallocatedLayer, capacity)
+    return cache
