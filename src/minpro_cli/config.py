@@ -126,6 +126,11 @@ class TrainConfig(Section):
     activation_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in backward: far less memory, one more forward pass"
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer for training (dynamic shapes): fused kernels, ~30% faster "
+        "steps after a one-off compile of ~20-60 s at the first step; sampling stays eager. Needs a C++ compiler on CPU",
+    )
 
 
 class DistributedConfig(Section):

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from minpro_cli.errors import MinproError
+from minpro_cli.modeling import decoder_blocks
 
 T = TypeVar("T")
 Strategy = Literal["ddp", "fsdp"]
@@ -121,10 +122,8 @@ def parallelize(model: torch.nn.Module, strategy: Strategy, world: World) -> tor
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     from torch.distributed.fsdp import fully_shard
 
-    block_names = set(getattr(model, "_no_split_modules", None) or [])
-    for module in model.modules():
-        if type(module).__name__ in block_names:
-            fully_shard(module)
+    for block in decoder_blocks(model):
+        fully_shard(block)
     fully_shard(model)
     return model
 

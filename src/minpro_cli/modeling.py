@@ -93,6 +93,28 @@ def load_policy(
     return Policy(model=model.to(device), tokenizer=tokenizer, path=model_dir, compute_dtype=DTYPES[dtype])
 
 
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's transformer blocks: the module classes it names in `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """`torch.compile` each transformer block's forward, with dynamic shapes (batch and length
+    change every step): fused elementwise kernels for training. Only `forward` is compiled, so
+    module hooks (FSDP2, activation checkpointing) stay eager; `eager()` turns it off for
+    sampling, whose KV-cache bookkeeping would recompile every step. Returns the block count."""
+    blocks = decoder_blocks(model)
+    for block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=True)
+    return len(blocks)
+
+
+def eager() -> contextlib.AbstractContextManager[None]:
+    """Run compiled blocks as plain eager code (sampling and evaluation)."""
+    return torch.compiler.set_stance("force_eager")
+
+
 def save_policy(policy: Policy, directory: Path) -> None:
     """HF `save_pretrained` layout with safetensors weights: loadable by plain transformers."""
     policy.model.save_pretrained(directory, safe_serialization=True)
@@ -246,11 +268,12 @@ def _full_vocabulary_logprobs(
 class ChunkedLogProbs(torch.autograd.Function):
     """log softmax(h·Wᵀ + b)/T at the target ids, and the entropy, `chunk` tokens at a time.
 
-    Forward keeps only h (N, H) and the targets; backward recomputes each chunk's logits z:
+    Forward keeps only h (N, H), the targets and log Z per token; backward recomputes each
+    chunk's logits z and p = exp(z − log Z):
         ∂ log p_y / ∂z = (onehot(y) − softmax(z)) / T
         ∂h = g·(onehot − p)/T · W        ∂W = Σ_chunks ((onehot − p)/T · g)ᵀ · h
     Logits are formed in the compute dtype (autocast's, else h's) and reduced in float32
-    (float64 inputs stay float64). Entropy H = logsumexp(z) − Σ p·z is detached.
+    (float64 inputs stay float64). Entropy H = log Z − Σ p·z, from the same exp pass, is detached.
     """
 
     @staticmethod
@@ -267,24 +290,30 @@ class ChunkedLogProbs(torch.autograd.Function):
         device_type = hidden.device.type
         compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         ctx.compute, ctx.temperature, ctx.chunk = compute, temperature, chunk
-        ctx.save_for_backward(hidden, weight, bias, targets)
         accumulate = torch.promote_types(compute, torch.float32)
         logprobs = torch.empty(hidden.shape[0], dtype=accumulate, device=hidden.device)
         entropy = torch.zeros_like(logprobs)
+        normaliser = torch.empty_like(logprobs)  # log Z per token, kept for backward's softmax
         w, b = weight.to(compute), None if bias is None else bias.to(compute)  # cast once, not per chunk
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             logits = _chunk_logits(hidden[rows], w, b, temperature)
-            normaliser = logits.logsumexp(-1)
-            logprobs[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - normaliser
-            if with_entropy:
-                entropy[rows] = normaliser - (torch.softmax(logits, -1) * logits).sum(-1)
+            if with_entropy:  # one exp pass gives both log Z and H = log Z − Σ p·z
+                peak = logits.amax(-1, keepdim=True)
+                unnormalised = (logits - peak).exp_()
+                total = unnormalised.sum(-1)
+                normaliser[rows] = peak.squeeze(-1) + total.log()
+                entropy[rows] = normaliser[rows] - (unnormalised * logits).sum(-1) / total
+            else:
+                normaliser[rows] = logits.logsumexp(-1)
+            logprobs[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - normaliser[rows]
+        ctx.save_for_backward(hidden, weight, bias, targets, normaliser)
         ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx: Any, grad_logprobs: torch.Tensor, _grad_entropy: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        hidden, weight, bias, targets = ctx.saved_tensors
+        hidden, weight, bias, targets, normaliser = ctx.saved_tensors
         compute, temperature, chunk = ctx.compute, ctx.temperature, ctx.chunk
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -294,11 +323,10 @@ class ChunkedLogProbs(torch.autograd.Function):
         w, b = weight.to(compute), None if bias is None else bias.to(compute)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            g = grad_logprobs[rows].to(accumulate)
+            g = grad_logprobs[rows].to(accumulate) / temperature
             logits = _chunk_logits(hidden[rows], w, b, temperature)
-            grad_logits = torch.softmax(logits, -1).mul_(-g[:, None])
+            grad_logits = (logits - normaliser[rows, None]).exp_().mul_(-g[:, None])  # softmax from the saved log Z
             grad_logits[torch.arange(g.shape[0], device=g.device), targets[rows]] += g
-            grad_logits /= temperature
             grad_compute = grad_logits.to(compute)
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad_compute @ w).to(hidden.dtype)

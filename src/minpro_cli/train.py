@@ -54,7 +54,15 @@ from minpro_cli.fileio import (
     write_json_atomic,
     write_yaml_atomic,
 )
-from minpro_cli.modeling import Policy, autocast, pack, pad_rows, response_logprobs, tokenizer_fingerprint
+from minpro_cli.modeling import (
+    Policy,
+    autocast,
+    compile_blocks,
+    pack,
+    pad_rows,
+    response_logprobs,
+    tokenizer_fingerprint,
+)
 from minpro_cli.objectives import (
     AdvantageEstimator,
     MinibatchCounts,
@@ -436,6 +444,8 @@ def train_loop(recipe: Recipe, world: World) -> Path:
     source = StoredRounds(recipe, policy, cfg.rollouts) if cfg.rollouts else OnlineRounds(recipe, plain, run_dir, world)
     if recipe.train.activation_checkpointing:  # per decoder layer (per sharded block under FSDP2)
         policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.train.compile:  # after the sampling copies above were taken: they stay plain modules
+        compile_blocks(policy.model)
     trainee = Trainee(
         parallelize(policy.model, recipe.distributed.strategy, world),
         policy.pad_token_id,

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from minpro_cli.modeling import Policy, positions_from_mask
+from minpro_cli.modeling import Policy, eager, positions_from_mask
 from minpro_cli.samplers import Generation
 
 
@@ -50,8 +50,9 @@ class HFSampler(BaseModel):
     def generate(self, policy: Policy, prompts: list[list[int]], seed: int) -> list[Generation]:
         generator = torch.Generator(device=policy.model.device).manual_seed(seed)
         out: list[Generation] = []
-        for start in range(0, len(prompts), self.batch_size):
-            out.extend(self._generate_batch(policy, prompts[start : start + self.batch_size], generator))
+        with eager():  # blocks compiled for training (train.compile) would recompile at every cache length
+            for start in range(0, len(prompts), self.batch_size):
+                out.extend(self._generate_batch(policy, prompts[start : start + self.batch_size], generator))
         return out
 
     @torch.no_grad()
