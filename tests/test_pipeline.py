@@ -202,3 +202,30 @@ def test_several_benchmarks_in_one_recipe(tmp_path):
     assert saved["avg"] == summary["avg"] and set(saved["benchmarks"]) == {"arith", "gsm"}
     with pytest.raises(ConfigError, match="benchmark gsm: every k"):
         recipe(tmp_path, benchmarks, "eval.k=[1,3]")
+
+
+def test_model_fingerprint_is_kept_until_a_weight_changes(monkeypatch):
+    """The hash of every weight is cached; an optimizer step, an in-place write or
+    load_state_dict changes it, and equal weights in another model hash equal."""
+    import copy
+
+    from minpro_cli import modeling
+
+    policy = load_policy("embedded")
+    model = policy.model
+    first = modeling.model_fingerprint(model)
+    hashed, sha256 = [], modeling.hashlib.sha256
+    monkeypatch.setattr(modeling.hashlib, "sha256", lambda *a: hashed.append(1) or sha256(*a))
+    assert modeling.model_fingerprint(model) == first and not hashed  # served from the cache
+    twin = copy.deepcopy(model)
+    assert modeling.model_fingerprint(twin) == first and len(hashed) == 1  # another model: hashed, equal
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.lm_head.weight.grad = torch.ones_like(model.lm_head.weight)
+    optimizer.step()
+    stepped = modeling.model_fingerprint(model)
+    assert stepped != first
+    with torch.no_grad():
+        next(model.parameters())[0, 0] += 1.0  # a one-element in-place write
+    assert modeling.model_fingerprint(model) not in (first, stepped)
+    model.load_state_dict(twin.state_dict())
+    assert modeling.model_fingerprint(model) == first

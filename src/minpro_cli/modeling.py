@@ -6,6 +6,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -122,21 +123,44 @@ def save_policy(policy: Policy, directory: Path) -> None:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of every parameter's name, dtype, shape and bytes: equal iff the weights are equal."""
+    """Hash of every parameter's name, dtype, shape and bytes: equal iff the weights are equal.
+
+    Hashing every weight costs seconds on a real model, so the hash is kept until a tensor is
+    replaced or written in place (optimizer steps and `load_state_dict` bump its version)."""
+    state = model.state_dict()
+    key = tuple((name, t.data_ptr(), t._version) for name, t in state.items())
+    cached = _FINGERPRINTS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()[:16]
+    _FINGERPRINTS[model] = (key, digest.hexdigest()[:16])
+    return _FINGERPRINTS[model][1]
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[Any, ...], str]] = weakref.WeakKeyDictionary()
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of the vocabulary and special tokens (kept per tokenizer object and vocabulary size)."""
+    cached = _TOKENIZER_FINGERPRINTS.get(tokenizer)
+    if cached is not None and cached[0] == len(tokenizer):
+        return cached[1]
     payload = json.dumps(
         {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens},
         sort_keys=True,
     )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    _TOKENIZER_FINGERPRINTS[tokenizer] = (len(tokenizer), digest)
+    return digest
+
+
+_TOKENIZER_FINGERPRINTS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, tuple[int, str]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @dataclass

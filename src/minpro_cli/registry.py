@@ -7,6 +7,8 @@ configured plugin (callable objective / verifier, sampler with `generate`).
 
 from __future__ import annotations
 
+import functools
+import sys
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -52,7 +54,14 @@ def _entry_point(entry: PluginEntry) -> EntryPoint:
 
 def discover(kind: Kind) -> dict[str, PluginEntry]:
     """Installed plugins of one kind. A name registered twice keeps the built-in (or the first
-    package seen) and warns, naming both packages: a plugin never silently replaces another."""
+    package seen) and warns, naming both packages: a plugin never silently replaces another.
+    Scanning the installed distributions takes tens of ms, so it happens once per process and
+    `sys.path` (what decides which distributions are installed)."""
+    return dict(_discover(kind, tuple(sys.path)))
+
+
+@functools.cache
+def _discover(kind: Kind, search_path: tuple[str, ...]) -> dict[str, PluginEntry]:
     found: dict[str, PluginEntry] = {}
     eps = sorted(entry_points(group=f"minpro.{kind}"), key=lambda ep: _package(ep) != OWN_PACKAGE)
     for ep in eps:
