@@ -20,7 +20,7 @@ from minpro_cli.modeling import load_policy, pack, response_logprobs
 from minpro_cli.objectives import ObjectiveOptions, ObjectiveOutput
 from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.ratios import inspect_ratios
-from minpro_cli.rollouts import SCHEMA, read_rollouts
+from minpro_cli.rollouts import SCHEMA, read_rollouts, write_rollouts
 from minpro_cli.train import Trainee, run_train, training_batch, update_step
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
@@ -103,6 +103,9 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
 def test_offline_training_on_stored_rollouts(tmp_path):
     rollouts = run_rollout(recipe(tmp_path))
+    table = read_rollouts(str(rollouts))  # rewards 1, 0, 1, … so that every group carries signal
+    rows = [r | {"reward": float(i % 2 == 0)} for i, r in enumerate(table.to_pylist())]
+    write_rollouts(rollouts, rows, {})
     before = load_policy("embedded").model.state_dict()
     final = run_train(recipe(tmp_path / "offline", f"train.rollouts={rollouts}", "train.iterations=2",
                              "train.staleness=0"))

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from minpro_cli.conformance import check_plugin, objective_checks
 from minpro_cli.errors import ConfigError
@@ -50,7 +49,8 @@ class LeaksIntoPadding(ObjectiveOptions):
 class WrongSign(ObjectiveOptions):
     def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
         per_token = inputs.token_advantages() * inputs.logprobs
-        return ObjectiveOutput(self.aggregate(per_token, inputs.response_mask), {"n": torch.tensor(1.0)})
+        # a metric still attached to the graph: every step would keep its graph alive
+        return ObjectiveOutput(self.aggregate(per_token, inputs.response_mask), {"n": inputs.logprobs.sum()})
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,7 @@ class WrongSign(ObjectiveOptions):
     [
         (WidthNormalised(), {"invariant to padding length"}),
         (LeaksIntoPadding(), {"gradient only on response tokens", "invariant to padding length"}),
-        (WrongSign(), {"on-policy gradient follows −A", "metrics are floats"}),
+        (WrongSign(), {"on-policy gradient follows −A", "metrics are scalars"}),
     ],
 )
 def test_conformance_catches_broken_objectives(objective, failing):

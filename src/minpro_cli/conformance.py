@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from minpro_cli.modeling import Policy
-from minpro_cli.objectives import ObjectiveInputs, ObjectiveOptions
+from minpro_cli.objectives import ObjectiveInputs, ObjectiveOptions, is_scalar_metric
 from minpro_cli.registry import REQUIRED_BASE, Kind, discover
 from minpro_cli.samplers import Generation
 from minpro_cli.verifiers import VerifyResult
@@ -101,10 +101,10 @@ def objective_checks(objective: ObjectiveOptions) -> list[CheckResult]:
         assert outside == 0.0, f"gradient {outside:.3g} on a masked position (padding or a fully masked row)"
         assert grad[inputs.response_mask].abs().max().item() > 0, "no gradient on any response token"
 
-    def metrics_are_floats() -> str:
+    def metrics_are_scalars() -> str:
         _, metrics, _ = call(objective_batch(2))
-        bad = {k: type(v).__name__ for k, v in metrics.items() if not isinstance(k, str) or type(v) not in (float, int)}
-        assert not bad, f"metrics must be plain floats (use .item()): {bad}"
+        bad = {k: type(v).__name__ for k, v in metrics.items() if not isinstance(k, str) or not is_scalar_metric(v)}
+        assert not bad, f"metrics must be floats or detached 0-d tensors: {bad}"
         return f"{len(metrics)} metric(s)"
 
     def padding_invariance() -> None:
@@ -134,7 +134,7 @@ def objective_checks(objective: ObjectiveOptions) -> list[CheckResult]:
 
     return [run_check("loss is a finite scalar", scalar_finite),
             run_check("gradient only on response tokens", gradient_on_response_only),
-            run_check("metrics are floats", metrics_are_floats),
+            run_check("metrics are scalars", metrics_are_scalars),
             run_check("invariant to padding length", padding_invariance),
             run_check("on-policy gradient follows −A", on_policy_direction),
             run_check("accepts per-token advantages", per_token_advantages)]

@@ -335,25 +335,53 @@ class RatioStats:
         return out
 
 
-def step_ratio_stats() -> RatioStats:
-    """The accumulator of one optimizer step's trained tokens (`core_metrics` reads it)."""
-    return RatioStats(detail=False, thresholds=(0.5,))
+STEP_QUANTILES = (0.05, 0.5, 0.95)
 
 
-def core_metrics(stats: RatioStats) -> dict[str, float]:
-    """The per-update statistics `minpro train` logs, from the same accumulator as inspect-ratios."""
-    report = stats.report()
-    out: dict[str, float] = {}
-    for key in QUANTITIES:
-        summary = report[key]
-        if summary["count"]:
-            for stat in ("mean", "min", "max", "p5", "p50", "p95"):
-                out[f"ratios/{key}_{stat}"] = summary[stat]
-            out[f"ratios/{key}_below_0.5_frac"] = summary["frac_below"]["0.5"]
-    out |= {
-        "ratios/kl_k1": report["kl_k1"],
-        "ratios/kl_k3": report["kl_k3"],
-        "ratios/m2": report["m2"],
-        "ratios/ess_sequence": report["ess"]["sequence"],
-    }
-    return out
+def quantiles(values: torch.Tensor) -> torch.Tensor:
+    """STEP_QUANTILES of a 1-d tensor, linearly interpolated between order statistics (as
+    `torch.quantile`, which refuses more than 2^24 values)."""
+    ordered = values.sort().values
+    position = torch.tensor(STEP_QUANTILES, dtype=torch.float64, device=values.device) * (len(ordered) - 1)
+    low = position.floor().long()
+    high = position.ceil().long()
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass
+class StepRatios:
+    """One optimizer step's ratio statistics, the per-update figures `minpro train` logs: the
+    trained tokens' log-ratios stay on the device, micro-batch by micro-batch, and `tensors()`
+    reduces them once per step (exact quantiles: a step's tokens fit in memory many times over;
+    `RatioStats` streams and histograms for `inspect-ratios`, which reads whole runs)."""
+
+    logs: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {key: [] for key in QUANTITIES})
+    sequences: list[torch.Tensor] = field(default_factory=list)  # log ρ_1:|o| of each response
+
+    def add(self, log_rho: torch.Tensor, mask: torch.Tensor) -> None:
+        mask = mask.bool()
+        quantities = log_quantities(log_rho, mask)
+        for key, parts in self.logs.items():
+            parts.append(quantities[key][mask])
+        self.sequences.append(quantities["prefix_ratio"][:, -1][mask.any(-1)])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """0-d float64 tensors on the device, keyed as in metrics.jsonl (empty for no tokens)."""
+        out: dict[str, torch.Tensor] = {}
+        for key, parts in self.logs.items():
+            logs = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+            if logs.numel() == 0:
+                return {}
+            values = logs.clamp(max=700.0).exp()
+            out |= {f"ratios/{key}_mean": values.mean(), f"ratios/{key}_min": values.min(),
+                    f"ratios/{key}_max": values.max(), f"ratios/{key}_below_0.5_frac": (values < 0.5).double().mean()}
+            out |= {f"ratios/{key}_p{round(q * 100)}": v for q, v in zip(STEP_QUANTILES, quantiles(logs).exp())}
+        log_rho = torch.cat(self.logs["token_ratio"])
+        weights = torch.cat(self.sequences).clamp(max=700.0).exp()
+        out |= {
+            "ratios/kl_k1": (-log_rho).mean(),
+            "ratios/kl_k3": (log_rho.exp() - 1 - log_rho).mean(),
+            "ratios/m2": (log_rho**2).mean(),
+            "ratios/ess_sequence": weights.mean() ** 2 / (weights**2).mean(),  # (Σw)² / (n Σw²)
+        }
+        return out

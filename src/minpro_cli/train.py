@@ -71,7 +71,7 @@ from minpro_cli.objectives import (
     minibatch_counts,
 )
 from minpro_cli.objectives.logratios import log_token_ratio
-from minpro_cli.ratiostats import RatioStats, core_metrics, step_ratio_stats
+from minpro_cli.ratiostats import StepRatios
 from minpro_cli.rollouts import read_rollouts, write_rollouts
 from minpro_cli.schedule import lr_multiplier
 from minpro_cli.tasks import Problem
@@ -180,24 +180,40 @@ def micro_batch_plan(minibatch: RolloutBatch, world: World, budget: int | None) 
 
 @dataclass
 class StepTally:
-    """Metrics of one optimizer step, accumulated over its micro-batches: exact token-weighted
-    means, extremes, and the ratio statistics of every trained token."""
+    """Metrics of one optimizer step, accumulated over its micro-batches as device tensors and
+    read back once per step (no host sync per micro-batch): token-weighted means, extremes,
+    and the ratio statistics of every trained token."""
 
-    ratios: RatioStats = field(default_factory=step_ratio_stats)
-    objective: list[tuple[dict[str, float], float]] = field(default_factory=list)
-    entropy_sum: float = 0.0
-    tokens: float = 0.0
+    ratios: StepRatios = field(default_factory=StepRatios)
+    objective: list[tuple[dict[str, float | torch.Tensor], torch.Tensor]] = field(default_factory=list)
+    entropy_sum: list[torch.Tensor] = field(default_factory=list)
 
-    def add(self, metrics: dict[str, float], log_rho: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor) -> None:
-        tokens = float(mask.sum())
-        self.objective.append((metrics, tokens))
-        self.ratios.add(log_rho.cpu(), mask.cpu())
-        self.entropy_sum += float(entropy[mask].double().sum())
-        self.tokens += tokens
+    def add(
+        self, metrics: dict[str, float | torch.Tensor], log_rho: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        self.objective.append((metrics, mask.sum()))
+        self.ratios.add(log_rho, mask)
+        self.entropy_sum.append(torch.where(mask, entropy.double(), 0.0).sum())
 
-    def metrics(self) -> dict[str, float]:
-        entropy = self.entropy_sum / self.tokens if self.tokens else math.nan
-        return {"entropy": entropy, **combine_metrics(self.objective), **core_metrics(self.ratios)}
+    def metrics(self) -> tuple[dict[str, float], float]:
+        """The step's metrics and its trained-token count, from one device-to-host transfer."""
+        scalars: list[float | torch.Tensor] = []
+
+        def slot(value: float | torch.Tensor) -> int:  # index of `value` in the one transfer
+            scalars.append(value)
+            return len(scalars) - 1
+
+        parts = [({key: slot(v) for key, v in m.items()}, slot(n)) for m, n in self.objective]
+        ratios = {key: slot(v) for key, v in self.ratios.tensors().items()}
+        entropy_sum = slot(torch.stack(self.entropy_sum).sum())
+        device = self.entropy_sum[0].device
+        host = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in scalars]).tolist()
+        tokens = sum(host[n] for _, n in parts)
+        return {
+            "entropy": host[entropy_sum] / tokens if tokens else math.nan,
+            **combine_metrics([({key: host[i] for key, i in m.items()}, host[n]) for m, n in parts]),
+            **{key: host[i] for key, i in ratios.items()},
+        }, tokens
 
 
 def update_step(
@@ -250,7 +266,8 @@ def update_step(
         optimizer.zero_grad(set_to_none=True)
         raise TrainingDivergedError(f"gradient norm is {grad_norm.item()}")
     optimizer.step()
-    return {"loss": global_loss, "grad_norm": grad_norm.item(), **reduce_step_metrics(tally.metrics(), tally.tokens, world)}
+    metrics, tokens = tally.metrics()
+    return {"loss": global_loss, "grad_norm": grad_norm.item(), **reduce_step_metrics(metrics, tokens, world)}
 
 
 def update_policy(

@@ -15,6 +15,7 @@ under the `minpro.objectives` entry-point group.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -45,7 +46,7 @@ class ObjectiveInputs:
 @dataclass
 class ObjectiveOutput:
     loss: torch.Tensor  # scalar, differentiable w.r.t. logprobs
-    metrics: dict[str, float] = field(default_factory=dict)  # detached
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)  # floats or detached 0-d tensors
 
 
 class ObjectiveOptions(BaseModel):
@@ -163,15 +164,29 @@ def aggregate_loss(
     return seq_loss.sum() / max(counts.sequences, 1)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    n = int(mask.sum())
-    return float(values[mask].double().sum() / n) if n else float("nan")
+# Metric helpers return detached 0-d float64 tensors, not floats: `minpro train` reads every
+# metric of a step in one transfer instead of one host sync per metric and micro-batch.
 
 
-def masked_min(values: torch.Tensor, mask: torch.Tensor) -> float:
-    return float(values[mask].min()) if bool(mask.any()) else float("nan")
+def is_scalar_metric(value: object) -> bool:
+    """What an objective may put in `ObjectiveOutput.metrics`: a number or a detached 0-d tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.requires_grad
+    return type(value) in (float, int)
 
 
-def masked_fraction(condition: torch.Tensor, mask: torch.Tensor) -> float:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the trained tokens (NaN for none)."""
+    values = values.detach().double()
+    return torch.where(mask, values, 0.0).sum() / mask.sum()
+
+
+def masked_min(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Smallest value over the trained tokens (NaN for none)."""
+    smallest = torch.where(mask, values.detach().double(), math.inf).amin()
+    return torch.where(mask.any(), smallest, math.nan)
+
+
+def masked_fraction(condition: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Fraction of the trained tokens where `condition` holds (0 for an empty batch)."""
-    return int((condition & mask).sum()) / max(int(mask.sum()), 1)
+    return (condition & mask).sum().double() / mask.sum().clamp(min=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from minpro_cli.objectives import ObjectiveInputs, ObjectiveOptions, ObjectiveOutput, masked_fraction
+from minpro_cli.objectives import ObjectiveInputs, ObjectiveOptions, ObjectiveOutput, masked_fraction, masked_mean
 from minpro_cli.objectives.logratios import log_token_ratio
 from minpro_cli.objectives.surrogates import ratio_metrics
 
@@ -32,8 +32,8 @@ class M2PO(ObjectiveOptions):
         m2 = log_rho.detach() ** 2
         metrics = {
             **ratio_metrics(log_rho, mask),
-            "m2": float(m2[mask].mean()) if bool(mask.any()) else float("nan"),
-            "m2_kept": float(m2[keep].mean()) if bool(keep.any()) else float("nan"),
+            "m2": masked_mean(m2, mask),
+            "m2_kept": masked_mean(m2, keep),
             "m2_masked_frac": masked_fraction(~keep, mask),
         }
         return ObjectiveOutput(loss=self.aggregate(per_token, mask), metrics=metrics)

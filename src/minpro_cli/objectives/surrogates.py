@@ -42,7 +42,7 @@ class Clipping:
     low: torch.Tensor
     high: torch.Tensor
 
-    def metrics(self, mask: torch.Tensor) -> dict[str, float]:
+    def metrics(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
             "clip_frac_low": masked_fraction(self.low, mask),
             "clip_frac_high": masked_fraction(self.high, mask),
@@ -83,7 +83,7 @@ def detached_weight_surrogate(
     return per_token, clipped, Clipping(raw < low, raw > high)
 
 
-def ratio_metrics(log_ratio: torch.Tensor, mask: torch.Tensor, name: str = "ratio") -> dict[str, float]:
+def ratio_metrics(log_ratio: torch.Tensor, mask: torch.Tensor, name: str = "ratio") -> dict[str, torch.Tensor]:
     """Mean, min and max of exp(log_ratio) over the trained tokens."""
     values = log_ratio.detach().exp()
     return {

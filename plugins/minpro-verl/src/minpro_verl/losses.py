@@ -74,8 +74,8 @@ def policy_loss(objective: type[ObjectiveOptions], name: str) -> Callable[..., t
         finally:
             _aggregate.reset(token)
         log_ratio = (log_prob - old_log_prob).detach()
-        metrics = {f"actor/{name}/{key}": value for key, value in out.metrics.items()}
-        metrics["actor/pg_clipfrac"] = out.metrics.get("clip_frac", 0.0)
+        metrics = {f"actor/{name}/{key}": float(value) for key, value in out.metrics.items()}
+        metrics["actor/pg_clipfrac"] = float(out.metrics.get("clip_frac", 0.0))
         metrics["actor/ppo_kl"] = float(-log_ratio[mask].mean()) if bool(mask.any()) else 0.0
         return out.loss, metrics
 
