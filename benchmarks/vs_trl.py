@@ -7,7 +7,8 @@ vocabulary (`qwen2_models.py`, built deterministically). minpro runs its default
 `minpro train` step: sample_rows → advantages → update_policy); TRL 1.16 runs with gradient
 checkpointing off, like minpro, and no KL term.
 
-Each side runs in its own fresh process: 1 warm-up step (not counted), then `--steps` timed
+Each side runs in its own fresh process: 1 warm-up step (not counted; with `--compile` it also
+pays the compile), then `--steps` timed
 steps, of which the median is that run's figure. Sides and models are interleaved, and the
 order of the two sides alternates between runs. Per side: step time split into generation
 (sampling + reward + advantages) and training, useful and padded training tokens, peak RSS,
@@ -40,6 +41,7 @@ from qwen2_models import SHAPES, build
 from minpro_cli.modeling import embedded_model_dir
 
 LR, SEED = 1e-5, 0
+COMPILED = "minpro+compile"  # train.compile=true
 MODELS_DIR = Path(__file__).resolve().parents[1] / "runs" / "bench-models"
 
 
@@ -61,21 +63,23 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - started
 
 
-def minpro_side(directory: str, steps: int) -> dict[str, list[float]]:
+def minpro_side(directory: str, steps: int, compiled: bool = False) -> dict[str, list[float]]:
     from minpro_cli.collect import load_split, sample_rows, sampling_job
     from minpro_cli.config import recipe_from_data
-    from minpro_cli.modeling import load_policy
+    from minpro_cli.modeling import compile_blocks, load_policy
     from minpro_cli.train import Trainee, micro_batches, training_batch, update_policy
 
     recipe = recipe_from_data(
         {"model": {"path": directory}, "sampler": {"name": "hf", "options": {"max_new_tokens": MAX_NEW_TOKENS}},
-         "optim": {"lr": LR}},
+         "optim": {"lr": LR}, "train": {"compile": compiled}},
         "benchmark",
     )
     policy = load_policy(directory)
     job = sampling_job(recipe, policy)
     problems = load_split(recipe, "train")[:N_PROMPTS]
     objective = recipe.plugin("objectives")
+    if recipe.train.compile:  # as `minpro train` does; the warm-up step pays the compile
+        compile_blocks(policy.model)
     trainee = Trainee.of(policy, recipe.train.micro_batch_tokens)
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=LR)
     out: dict[str, list[float]] = {k: [] for k in ("generation", "training", "sampled", "useful", "padded")}
@@ -156,8 +160,10 @@ def trl_side(directory: str, steps: int) -> dict[str, list[float]]:
 
 
 def _child(side: str, directory: str, steps: int, queue: mp.Queue) -> None:
-    fn = minpro_side if side == "minpro" else trl_side
-    result = fn(directory, steps)
+    if side == "trl":
+        result = trl_side(directory, steps)
+    else:
+        result = minpro_side(directory, steps, compiled=side == COMPILED)
     result["peak_mb"] = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
     queue.put(result)
 
@@ -182,6 +188,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run, after one warm-up step")
     parser.add_argument("--models", default=",".join(["embedded", *SHAPES]))
+    parser.add_argument("--compile", action="store_true", help=f"also run minpro with train.compile=true ({COMPILED})")
     args = parser.parse_args()
     names = args.models.split(",")
     peak = matmul_peak_flops()
@@ -193,7 +200,8 @@ def main() -> None:
     runs: dict[tuple[str, str], list[dict[str, float]]] = {}
     for r in range(args.runs):
         for name in names:
-            sides = ("minpro", "trl") if r % 2 == 0 else ("trl", "minpro")
+            sides = ["minpro", "trl", *([COMPILED] if args.compile else [])]
+            sides = sides if r % 2 == 0 else sides[::-1]
             for side in sides:
                 result = run_side(side, model_dir(name), args.steps)
                 summary = {key: statistics.median(values) for key, values in result.items()}
@@ -201,15 +209,16 @@ def main() -> None:
                 flops = 2 * params[name] * summary["sampled"] + 6 * params[name] * summary["useful"]
                 summary["mfu"] = flops / summary["step"] / peak
                 runs.setdefault((name, side), []).append(summary)
-                print(f"run {r + 1} {name:11s} {side:6s} step {summary['step']:6.2f} s  generation "
+                print(f"run {r + 1} {name:11s} {side:14s} step {summary['step']:6.2f} s  generation "
                       f"{summary['generation']:6.2f} s  training {summary['training']:6.2f} s  "
                       f"peak {summary['peak_mb']:6.0f} MB", flush=True)
     print("\nmin/median/max over runs; ratios are minpro / TRL within each run")
-    header = f"{'model':11s} {'params':>7s} {'step ratio':>16s} {'generation':>16s} {'training':>16s}"
+    header = f"{'model':11s} {'minpro':14s} {'params':>7s} {'step ratio':>16s} {'generation':>16s} {'training':>16s}"
     print(header + f" {'minpro s/step':>17s} {'TRL s/step':>17s} {'MFU minpro/TRL':>15s} {'peak MB minpro/TRL':>19s}"
           f" {'padded/useful tok minpro | TRL':>32s}")
     for name in names:
-        print(table_row(name, params[name], runs[(name, "minpro")], runs[(name, "trl")]))
+        for side in ["minpro", *([COMPILED] if args.compile else [])]:
+            print(table_row(f"{name:11s} {side:14s}", params[name], runs[(name, side)], runs[(name, "trl")]))
 
 
 def table_row(name: str, params: int, ours: list[dict[str, float]], theirs: list[dict[str, float]]) -> str:
@@ -220,7 +229,7 @@ def table_row(name: str, params: int, ours: list[dict[str, float]], theirs: list
         return statistics.median(s[key] for s in side)
 
     return (
-        f"{name:11s} {params / 1e6:6.2f}M {ratio('step'):>16s} {ratio('generation'):>16s} {ratio('training'):>16s} "
+        f"{name} {params / 1e6:6.2f}M {ratio('step'):>16s} {ratio('generation'):>16s} {ratio('training'):>16s} "
         f"{spread([o['step'] for o in ours]):>17s} {spread([t['step'] for t in theirs]):>17s} "
         f"{med(ours, 'mfu'):6.1%}/{med(theirs, 'mfu'):6.1%} {med(ours, 'peak_mb'):8.0f}/{med(theirs, 'peak_mb'):<8.0f}"
         f"  {med(ours, 'padded'):6.0f}/{med(ours, 'useful'):<6.0f} | {med(theirs, 'padded'):6.0f}/{med(theirs, 'useful'):<6.0f}"

@@ -179,32 +179,30 @@ class PackedBatch:
 
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> PackedBatch:
-    batch = len(prompts)
+    """Rows built as Python lists and turned into tensors once (not one copy per row)."""
     prompt_len = max(len(p) for p in prompts)
     response_len = max(1, max(len(r) for r in responses))
-    input_ids = torch.full((batch, prompt_len + response_len), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    response_mask = torch.zeros((batch, response_len), dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[i, prompt_len - len(p) : prompt_len] = torch.tensor(p, dtype=torch.long)
-        input_ids[i, prompt_len : prompt_len + len(r)] = torch.tensor(r, dtype=torch.long)
-        attention[i, prompt_len - len(p) : prompt_len + len(r)] = 1
-        response_mask[i, : len(r)] = True
+    ids, attention, response_mask = [], [], []
+    for p, r in zip(prompts, responses):
+        left, right = prompt_len - len(p), response_len - len(r)
+        ids.append([pad_id] * left + p + r + [pad_id] * right)
+        attention.append([0] * left + [1] * (len(p) + len(r)) + [0] * right)
+        response_mask.append([True] * len(r) + [False] * right)
+    input_ids, attention_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(attention, dtype=torch.long)
     return PackedBatch(
         input_ids=input_ids,
-        attention_mask=attention,
-        position_ids=positions_from_mask(attention),
+        attention_mask=attention_mask,
+        position_ids=positions_from_mask(attention_mask),
         response_ids=input_ids[:, prompt_len:],
-        response_mask=response_mask,
+        response_mask=torch.tensor(response_mask, dtype=torch.bool),
     )
 
 
 def pad_rows(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
     """Per-row lists right-padded with zeros into a tensor of the shape, dtype and device of `like`."""
-    out = torch.zeros(like.shape, dtype=like.dtype)  # filled on the host, moved once
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=out.dtype)
-    return out.to(like.device, non_blocking=True)
+    width = like.shape[1]
+    padded = [row + [0.0] * (width - len(row)) for row in rows]  # one host tensor, moved once
+    return torch.tensor(padded, dtype=like.dtype).reshape(like.shape).to(like.device, non_blocking=True)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
