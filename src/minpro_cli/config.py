@@ -126,12 +126,26 @@ class TrainConfig(Section):
     activation_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in backward: far less memory, one more forward pass"
     )
+    pipeline: bool = Field(
+        False,
+        description="with staleness >= 1: sample round r+1 (with the stale weights it uses anyway) in a background "
+        "thread while round r trains; the same results as without. Single process only",
+    )
     compile: bool = Field(
         False,
         description="torch.compile each decoder layer for training (dynamic shapes): fused kernels, ~30% faster "
         "steps after a one-off compile of ~20-60 s at the first step; sampling stays eager. Needs a C++ compiler on CPU",
     )
 
+
+    @model_validator(mode="after")
+    def _pipeline_needs_staleness(self) -> TrainConfig:
+        if self.pipeline and (self.staleness < 1 or self.rollouts):
+            raise ValueError(
+                "train.pipeline overlaps sampling round r+1 with training round r, so it needs train.staleness >= 1 "
+                "(round r+1 samples with weights older than round r's update) and online sampling (no train.rollouts)"
+            )
+        return self
 
 class DistributedConfig(Section):
     """How `minpro train` runs under torchrun (`--nproc N`); ignored in a single process."""

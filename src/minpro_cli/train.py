@@ -8,11 +8,13 @@ every rank runs the same loop (see `distributed`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -428,6 +430,15 @@ def generation_budget(recipe: Recipe) -> int | None:
     return length if isinstance(length, int) else None
 
 
+@contextlib.contextmanager
+def _shut_down_on_exit(executor: ThreadPoolExecutor) -> Iterator[None]:
+    """An error or Ctrl-C in the loop drops queued sampling; a running batch finishes first."""
+    try:
+        yield
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
 def run_train(recipe: Recipe) -> Path:
     """The training loop; under torchrun (WORLD_SIZE > 1) every rank runs it."""
     world = init_world(recipe.distributed.backend, recipe.distributed.timeout_s)
@@ -489,6 +500,8 @@ def train_loop(recipe: Recipe, world: World) -> Path:
         if sharded:
             plain.model.load_state_dict(full_state_dict(trainee.module, world))
 
+    if cfg.pipeline and world.size > 1:
+        raise ConfigError("train.pipeline runs in one process; drop it under torchrun (--nproc)")
     objective: ObjectiveOptions = recipe.plugin("objectives")
     length_budget = generation_budget(recipe)
     estimator = cfg.advantage or objective.default_advantage
@@ -516,7 +529,10 @@ def train_loop(recipe: Recipe, world: World) -> Path:
         set_lr()
         state.step += 1
 
-    with progress_bar("training", total=cfg.iterations) as bar:
+    # train.pipeline: round r+1's rows are sampled in this thread while round r trains
+    sampler_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minpro-sampler")
+    pending: dict[int, Future[list[dict[str, Any]]]] = {}
+    with progress_bar("training", total=cfg.iterations) as bar, _shut_down_on_exit(sampler_thread):
         bar.advance(state.round)
         for round_ in range(state.round, cfg.iterations):
             started = time.perf_counter()
@@ -528,7 +544,12 @@ def train_loop(recipe: Recipe, world: World) -> Path:
             sample_round = max(0, round_ - staleness)
             weights = snapshots.get(sample_round) if staleness else None
             version = state.snapshot_steps.get(sample_round, state.step) if staleness else state.step
-            rows = source.rows(round_, weights, version)
+            rows = pending.pop(round_).result() if round_ in pending else source.rows(round_, weights, version)
+            if cfg.pipeline and round_ + 1 < cfg.iterations:  # its weights (round r+1−s ≤ r) exist already
+                ahead = max(0, round_ + 1 - staleness)
+                pending[round_ + 1] = sampler_thread.submit(
+                    source.rows, round_ + 1, snapshots[ahead], state.snapshot_steps[ahead]
+                )
             if round_ == state.round:
                 warn_truncated_sampling(rows, objective, recipe.objective.name)
             batch = training_batch(rows, estimator, cfg.drop_zero_variance_groups)
