@@ -168,8 +168,12 @@ def test_killed_rank_stops_the_job_and_a_rerun_resumes_from_the_last_checkpoint(
     assert resumed.returncode == 0, output
     assert f"resuming from {last} (round {stopped_at}," in output
     assert [m["round"] for m in metrics(run_dir)] == list(range(12))  # none lost, none twice
-    run_train(load_recipe(QUICKSTART, [f"run_dir={tmp_path / 'straight'}", *SMALL, *common]))
-    assert_same_training(tmp_path / "straight", run_dir, slack=10)  # 24 steps of rounding, not 6
+    # against an uninterrupted 2-rank run: the resume itself must change nothing (1 vs 2 ranks is
+    # the test above; over these 24 steps float32 rounding drifts to ~3e-4 of the gradient norm)
+    straight = minpro_train(tmp_path / "straight", *common)
+    output, _ = straight.communicate(timeout=300)
+    assert straight.returncode == 0, output
+    assert_same_training(tmp_path / "straight", run_dir)
 
 
 def test_online_rounds_are_sampled_by_both_ranks_and_written_once(tmp_path):

@@ -1,0 +1,70 @@
+"""Where one RL step's time goes: torch.profiler tables of generation and training.
+
+The `vs_trl.py` workload (32 prompts x 8, <= 64 new tokens, T = 1) on one model, after one
+warm-up step; prints the ops with the most self time in each phase, and the share of the
+phase spent in matrix multiplies.
+
+    .venv/bin/python benchmarks/profile_step.py [--model qwen2-4.5m] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS
+from vs_trl import LR, model_dir
+
+from minpro_cli.collect import load_split, sample_rows, sampling_job
+from minpro_cli.config import recipe_from_data
+from minpro_cli.console import console
+from minpro_cli.modeling import compile_blocks, load_policy
+from minpro_cli.train import Trainee, training_batch, update_policy
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def table(prof: profile, title: str, seconds: float) -> None:
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS)
+    print(f"\n{title}: {seconds:.2f} s, matrix multiplies {matmul / total:.0%} of op time")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2-4.5m")
+    parser.add_argument("--compile", action="store_true", help="train.compile=true")
+    args = parser.parse_args()
+    console.quiet = True
+    directory = str(model_dir(args.model))
+    recipe = recipe_from_data({"model": {"path": directory}, "sampler": {"name": "hf", "options": {
+        "max_new_tokens": MAX_NEW_TOKENS}}}, "profile")
+    policy = load_policy(directory)
+    job, problems = sampling_job(recipe, policy), load_split(recipe, "train")[:N_PROMPTS]
+    objective, optimizer = recipe.plugin("objectives"), torch.optim.AdamW(policy.model.parameters(), lr=LR)
+    if args.compile:
+        compile_blocks(policy.model)
+    trainee = Trainee.of(policy, recipe.train.micro_batch_tokens)
+    for step in range(2):  # the first is the warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as sampling:
+            started = time.perf_counter()
+            rows, _ = sample_rows(job, problems, GROUP_SIZE, seed=step)
+            batch = training_batch(rows, "grpo", False)
+            generated = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as training:
+            update_policy(trainee, optimizer, objective, batch, 1, 1, recipe.optim.grad_clip, seed=step)
+            trained = time.perf_counter()
+    table(sampling, "generation", generated - started)
+    table(training, "training", trained - generated)
+
+
+if __name__ == "__main__":
+    main()
