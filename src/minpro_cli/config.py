@@ -117,11 +117,11 @@ class TrainConfig(Section):
     )
     keep_checkpoints: int = Field(2, ge=1)
     micro_batch_tokens: int | None = Field(
-        None,
+        16384,
         ge=1,
-        description="tokens (rows × longest prompt + response, padding included) per forward/backward; each "
-        "optimizer step accumulates micro-batches within it, and the update does not depend on it. None: one "
-        "forward/backward per minibatch",
+        description="tokens (rows × longest prompt + response, padding included) per forward/backward, rows "
+        "sorted by length; each optimizer step accumulates micro-batches within it, and the update does not "
+        "depend on it. null: one forward/backward per minibatch, rows in their order",
     )
     activation_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in backward: far less memory, one more forward pass"
