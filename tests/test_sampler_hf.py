@@ -80,6 +80,14 @@ def test_inverse_cdf_draw_by_hand():
     assert inverse_cdf_draw(logp, uniform).tolist() == [0, 0, 1, 1, 3, 3]  # token 2 (p = 0) never
 
 
+def test_inverse_cdf_draw_never_picks_a_zero_probability_token_at_the_top_of_the_range():
+    """At u = 1 (the closed end, which rounding of u·C_V can reach) the draw is the last token of
+    positive probability, never a truncated token after it."""
+    logp = torch.log_softmax(torch.tensor([[2.0, 0.5, 1.0, -math.inf, -math.inf]]), -1).expand(3, 5)
+    uniform = torch.tensor([1.0, 1.0 - 2.0**-24, 0.0])
+    assert inverse_cdf_draw(logp, uniform).tolist() == [2, 2, 0]
+
+
 def test_inverse_cdf_draw_frequencies_match_the_probabilities():
     generator = torch.Generator().manual_seed(0)
     probs = torch.tensor([0.05, 0.6, 0.0, 0.25, 0.1])

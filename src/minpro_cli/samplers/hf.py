@@ -134,8 +134,11 @@ def inverse_cdf_draw(logp: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     p_v exactly (up to float rounding of C), tokens with p = 0 never. One cumsum and one
     binary search, far cheaper than `torch.multinomial`."""
     cdf = logp.exp().cumsum(-1)
-    target = uniform[:, None].to(cdf.dtype) * cdf[:, -1:]
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logp.shape[-1] - 1)
+    total = cdf[:, -1:]
+    # keep u·C_V below C_V even at u = 1, or a trailing token of probability 0 (truncated, or
+    # underflowed) would be drawn
+    target = torch.minimum(uniform[:, None].to(cdf.dtype) * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 class PreallocatedLayer(DynamicLayer):
