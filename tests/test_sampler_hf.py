@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from minpro_cli.modeling import load_policy
 from minpro_cli.samplers import hf, policy_logprobs
 from minpro_cli.samplers.hf import HFSampler, inverse_cdf_draw, truncate_logits
 
@@ -99,9 +100,10 @@ def test_inverse_cdf_draw_frequencies_match_the_probabilities():
     assert frequencies[2] == 0
 
 
-def test_dropping_ended_rows_changes_no_token_or_logprob(policy, monkeypatch):
+def test_dropping_ended_rows_changes_no_token_or_logprob(monkeypatch):
     """Rows leave the batch as they end (COMPACT_EVERY); each row keeps its own uniforms, so the
     samples equal those of a batch that never drops a row. Float64 weights: no near-ties; T = 2.5: the draws are far from deterministic."""
+    policy = load_policy("embedded")  # its own copy: the shared fixture stays float32
     policy.model.double()
     prompts = encode(policy, PROMPTS) * 5
     compacted = HFSampler(temperature=2.5, max_new_tokens=50).generate(policy, prompts, seed=4)

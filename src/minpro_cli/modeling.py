@@ -7,6 +7,7 @@ import copy
 import hashlib
 import json
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -103,17 +104,29 @@ def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 def compile_blocks(model: torch.nn.Module) -> int:
     """`torch.compile` each transformer block's forward, with dynamic shapes (batch and length
     change every step): fused elementwise kernels for training. Only `forward` is compiled, so
-    module hooks (FSDP2, activation checkpointing) stay eager; `eager()` turns it off for
-    sampling, whose KV-cache bookkeeping would recompile every step. Returns the block count."""
+    module hooks (FSDP2, activation checkpointing) stay eager; `eager(model)` puts the plain
+    forward back for sampling, whose KV-cache bookkeeping would recompile every step. Returns
+    the block count."""
     blocks = decoder_blocks(model)
     for block in blocks:
+        block.eager_forward = block.forward
         block.forward = torch.compile(block.forward, dynamic=True)
     return len(blocks)
 
 
-def eager() -> contextlib.AbstractContextManager[None]:
-    """Run compiled blocks as plain eager code (sampling and evaluation)."""
-    return torch.compiler.set_stance("force_eager")
+@contextlib.contextmanager
+def eager(model: torch.nn.Module) -> Iterator[None]:
+    """The model's compiled blocks (`compile_blocks`) run their plain forward inside: sampling and
+    evaluation. Per model, not process-wide, so training compiled code elsewhere is unaffected."""
+    compiled = [block for block in decoder_blocks(model) if hasattr(block, "eager_forward")]
+    swapped = [(block, block.forward) for block in compiled]
+    for block in compiled:
+        block.forward = block.eager_forward
+    try:
+        yield
+    finally:
+        for block, forward in swapped:
+            block.forward = forward
 
 
 def save_policy(policy: Policy, directory: Path) -> None:

@@ -50,7 +50,7 @@ class HFSampler(BaseModel):
     def generate(self, policy: Policy, prompts: list[list[int]], seed: int) -> list[Generation]:
         generator = torch.Generator(device=policy.model.device).manual_seed(seed)
         out: list[Generation] = []
-        with eager():  # blocks compiled for training (train.compile) would recompile at every cache length
+        with eager(policy.model):  # blocks compiled for training (train.compile) would recompile at every cache length
             for start in range(0, len(prompts), self.batch_size):
                 out.extend(self._generate_batch(policy, prompts[start : start + self.batch_size], generator))
         return out
