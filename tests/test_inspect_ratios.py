@@ -21,7 +21,7 @@ from minpro_cli.errors import ConfigError, RolloutFileError
 from minpro_cli.modeling import load_policy
 from minpro_cli.plots import first_break_figure, histogram_figure, plot_run, position_figure
 from minpro_cli.ratios import InspectOptions, inspect_ratios, target_logprobs
-from minpro_cli.ratiostats import RatioStats
+from minpro_cli.ratiostats import RatioStats, StepRatios
 from minpro_cli.rollouts import SCHEMA, write_rollouts
 from minpro_cli.train import run_train
 
@@ -253,3 +253,27 @@ def test_quantiles_resolve_near_one_and_far_from_it():
         report = stats.report()["token_ratio"]
         for name, value in zip(("p5", "p50", "p95"), exact.tolist()):
             assert report[name] == pytest.approx(value, rel=rel), (scale, name)
+
+
+def test_step_ratio_statistics_by_hand():
+    """Two micro-batches of one step: ρ = (2, 0.25, 1) and (0.6). ρ̲ = (1, 2, 0.25) and (1);
+    sequence weights ρ_1:|o| = 0.5 and 0.6."""
+    stats = StepRatios()
+    f64 = {"dtype": torch.float64}
+    stats.add(torch.tensor([[math.log(2.0), math.log(0.25), 0.0]], **f64), torch.tensor([[True, True, True]]))
+    stats.add(torch.tensor([[math.log(0.6), 7.0]], **f64), torch.tensor([[True, False]]))  # 7.0 is padding
+    out = {k: float(v) for k, v in stats.tensors().items()}
+    logs = [math.log(2), math.log(0.25), 0.0, math.log(0.6)]
+    assert out["ratios/token_ratio_mean"] == pytest.approx((2 + 0.25 + 1 + 0.6) / 4)
+    assert (out["ratios/token_ratio_min"], out["ratios/token_ratio_max"]) == pytest.approx((0.25, 2.0))
+    assert out["ratios/token_ratio_below_0.5_frac"] == 0.25
+    # p50 interpolates halfway between the 2nd and 3rd smallest log ρ: log 0.6 and 0
+    assert out["ratios/token_ratio_p50"] == pytest.approx(math.sqrt(0.6))
+    assert out["ratios/min_prefix_ratio_mean"] == pytest.approx((1 + 2 + 0.25 + 1) / 4)
+    # ρ̲·ρ = (1·2, 2·0.25, 0.25·1) and (1·0.6)
+    assert out["ratios/minpro_weight_mean"] == pytest.approx((2 + 0.5 + 0.25 + 0.6) / 4)
+    assert out["ratios/minpro_weight_min"] == pytest.approx(0.25)
+    assert out["ratios/kl_k1"] == pytest.approx(-sum(logs) / 4)
+    assert out["ratios/m2"] == pytest.approx(sum(x * x for x in logs) / 4)
+    assert out["ratios/ess_sequence"] == pytest.approx(((0.5 + 0.6) / 2) ** 2 / ((0.25 + 0.36) / 2))
+    assert StepRatios().tensors() == {}
