@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS
-from qwen2_models import SHAPES, build
+from qwen2_models import SHAPES, build, parameters
 
 from minpro_cli.modeling import embedded_model_dir
 
@@ -82,7 +82,7 @@ def minpro_side(directory: str, steps: int, compiled: bool = False) -> dict[str,
         compile_blocks(policy.model)
     trainee = Trainee.of(policy, recipe.train.micro_batch_tokens)
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=LR)
-    out: dict[str, list[float]] = {k: [] for k in ("generation", "training", "sampled", "useful", "padded")}
+    out: dict[str, list[float]] = {k: [] for k in ("generation", "training", "useful", "padded")}
     for step in range(steps + 1):
         started = time.perf_counter()
         rows, _ = sample_rows(job, problems, GROUP_SIZE, seed=SEED + step)
@@ -97,7 +97,6 @@ def minpro_side(directory: str, steps: int, compiled: bool = False) -> dict[str,
         cuts = micro_batches(prompts, responses, trainee.micro_batch_tokens)
         out["generation"].append(generated - started)
         out["training"].append(trained - generated)
-        out["sampled"].append(sum(prompts) + sum(responses))
         out["useful"].append(sum(prompts) + sum(responses))
         out["padded"].append(sum(len(c) * (max(prompts[i] for i in c) + max(max(responses[i] for i in c), 1))
                                  for c in cuts))
@@ -119,7 +118,7 @@ def trl_side(directory: str, steps: int) -> dict[str, list[float]]:
     def reward(completions: list[str], answer: list[str], **_: Any) -> list[float]:
         return [verifier(c, a).reward for c, a in zip(completions, answer)]
 
-    out: dict[str, list[float]] = {k: [] for k in ("generation", "training", "sampled", "useful", "padded")}
+    out: dict[str, list[float]] = {k: [] for k in ("generation", "training", "useful", "padded")}
     step_started: list[float] = []
 
     class TimedGRPO(GRPOTrainer):  # type: ignore[misc]
@@ -129,7 +128,6 @@ def trl_side(directory: str, steps: int) -> dict[str, list[float]]:
             out["generation"].append(time.perf_counter() - step_started[-1])
             prompt, completion = result["prompt_mask"], result["completion_mask"]
             useful = int(prompt.sum() + completion.sum())
-            out["sampled"].append(useful)
             out["useful"].append(useful)
             out["padded"].append(prompt.numel() + completion.numel())
             return result
@@ -196,7 +194,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
     params = {}
     for name in names:
-        params[name] = sum(t.numel() for t in _load_weights(model_dir(name)))
+        params[name] = parameters(model_dir(name))
     runs: dict[tuple[str, str], list[dict[str, float]]] = {}
     for r in range(args.runs):
         for name in names:
@@ -206,7 +204,7 @@ def main() -> None:
                 result = run_side(side, model_dir(name), args.steps)
                 summary = {key: statistics.median(values) for key, values in result.items()}
                 summary["step"] = statistics.median(g + t for g, t in zip(result["generation"], result["training"]))
-                flops = 2 * params[name] * summary["sampled"] + 6 * params[name] * summary["useful"]
+                flops = 8 * params[name] * summary["useful"]  # each token sampled (2·N) and trained (6·N)
                 summary["mfu"] = flops / summary["step"] / peak
                 runs.setdefault((name, side), []).append(summary)
                 print(f"run {r + 1} {name:11s} {side:14s} step {summary['step']:6.2f} s  generation "
@@ -234,12 +232,6 @@ def table_row(name: str, params: int, ours: list[dict[str, float]], theirs: list
         f"{med(ours, 'mfu'):6.1%}/{med(theirs, 'mfu'):6.1%} {med(ours, 'peak_mb'):8.0f}/{med(theirs, 'peak_mb'):<8.0f}"
         f"  {med(ours, 'padded'):6.0f}/{med(ours, 'useful'):<6.0f} | {med(theirs, 'padded'):6.0f}/{med(theirs, 'useful'):<6.0f}"
     )
-
-
-def _load_weights(directory: Path) -> list[torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return list(load_file(directory / "model.safetensors").values())
 
 
 if __name__ == "__main__":

@@ -102,13 +102,14 @@ class HFSampler(BaseModel):
             logprobs[rows, t] = torch.where(done, 0.0, logp.gather(-1, next_tok[:, None]).squeeze(-1))
             hit_eos = (next_tok == policy.eos_token_id) & ~done
             lengths[rows] = torch.where(hit_eos, t + 1, lengths[rows])  # the first EOS is part of the response
-            ended[rows] = done | hit_eos
-            running = int((~ended[rows]).sum())  # the one host sync per step: stop, or drop ended rows
+            still_running = ~(done | hit_eos)
+            ended[rows] = ~still_running
+            running = int(still_running.sum())  # the one host sync per step: stop, or drop ended rows
             if running == 0:
                 break
             step_ids, step_pos = next_tok[:, None], step_pos[:, -1:] + 1
             if (len(rows) - running) * COMPACT_EVERY >= len(rows):
-                keep = (~ended[rows]).nonzero().squeeze(-1)
+                keep = still_running.nonzero().squeeze(-1)
                 rows, step_ids, step_pos, attention = rows[keep], step_ids[keep], step_pos[keep], attention[keep]
                 cache.batch_select_indices(keep)
 
