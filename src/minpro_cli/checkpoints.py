@@ -1,11 +1,15 @@
 """Training checkpoints: `torch.distributed.checkpoint` model and optimizer state, an HF export.
 
 A checkpoint directory is loadable by plain transformers (config, safetensors weights,
-tokenizer: the HF export) and holds `dcp/`, the model and optimizer state in PyTorch's
-distributed checkpoint format, which each rank writes its own shard of and which loads
-into any number of ranks. Loop state and the stale-weight snapshots are JSON and
-safetensors; nothing is pickled. Every rank writes into `.round_NNNNN.partial`; rank 0
-renames it only after all of them finished, so a resumed run never sees a half-written one.
+tokenizer: the HF export) and holds `dcp/`, the model and optimizer tensors written by
+`torch.distributed.checkpoint` with its safetensors storage (each rank writes its own shard
+file, whose header records the shard's offsets; it loads into any number of ranks). The
+optimizer's non-tensor settings (lr, betas, …) are `optimizer_param_groups.json`, the loop
+state `trainer_state.json`, the stale-weight snapshots safetensors. Nothing is pickled and
+nothing is unpickled on load: torch's default DCP storage pickles its `.metadata` and the
+non-tensor entries, so a checkpoint in that format is refused, not read. Every rank writes
+into `.round_NNNNN.partial`; rank 0 renames it only after all of them finished, so a resumed
+run never sees a half-written one.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -28,11 +35,12 @@ from torch.distributed.checkpoint.state_dict import (
 
 from minpro_cli.distributed import World, unwrap
 from minpro_cli.errors import CheckpointError
-from minpro_cli.fileio import directory_done_marker, publish_directory
+from minpro_cli.fileio import directory_done_marker, disk_full_is_an_error, publish_directory, remove
 from minpro_cli.modeling import Policy
 
 StateDict = dict[str, torch.Tensor]
 DCP_DIR = "dcp"
+PARAM_GROUPS_FILE = "optimizer_param_groups.json"
 # one process without a process group is a normal way to train, not a mistake to warn about
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -75,19 +83,90 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     world.barrier()
-    model_state, optim_state = get_state_dict(module, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial / DCP_DIR))
-    whole = whole_weights(module)
+    try:
+        with disk_full_is_an_error(target):
+            write_checkpoint(partial, policy, module, optimizer, state, snapshots, world)
+    except BaseException:  # Ctrl-C or a full disk: nothing half-written stays behind
+        if world.is_main:
+            remove(partial)
+        raise
     if world.is_main:
-        export_hf(policy, module, whole, partial)
-        for round_, weights in snapshots.items():
-            save_file(weights, str(partial / f"snapshot_round_{round_:05d}.safetensors"))
-        write_loop_state(partial, state)
         publish_directory(partial, target)
         for old in complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old)
     world.barrier()
     return target
+
+
+def write_checkpoint(
+    directory: Path,
+    policy: Policy,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: LoopState,
+    snapshots: dict[int, StateDict],
+    world: World,
+) -> None:
+    model_state, optim_state = get_state_dict(module, optimizer)
+    try:
+        dcp.save(
+            {"model": distinct_tensors(model_state), "optim": {"state": optimizer_tensors(optim_state)}},
+            storage_writer=HuggingFaceStorageWriter(str(directory / DCP_DIR), save_distributed=True),
+        )
+    except CheckpointException as exc:  # DCP wraps what its writers raised: re-raise the cause
+        raise next(iter(exc.failures.values()))[0] from None
+    whole = whole_weights(module)
+    if world.is_main:
+        (directory / PARAM_GROUPS_FILE).write_text(json.dumps(optim_state["param_groups"], indent=1))
+        export_hf(policy, module, whole, directory)
+        for round_, weights in snapshots.items():
+            save_file(weights, str(directory / f"snapshot_round_{round_:05d}.safetensors"))
+        write_loop_state(directory, state)
+
+
+def distinct_tensors(state: StateDict) -> StateDict:
+    """The state without entries that share storage with an earlier one (tied embeddings):
+    safetensors stores each tensor once, and loading the kept entry fills the tied one."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out = {}
+    for key, tensor in state.items():
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # FSDP2: a DTensor
+        storage = (local.data_ptr(), tuple(local.shape))
+        if local.numel() == 0 or storage not in seen:
+            out[key] = tensor
+            seen.add(storage)
+    return out
+
+
+def optimizer_tensors(optim_state: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """The per-parameter optimizer state (AdamW: step, exp_avg, exp_avg_sq), which must be all
+    tensors: anything else would need pickling."""
+    state = optim_state["state"]
+    for fqn, entries in state.items():
+        for key, value in entries.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"optimizer state {fqn}.{key} is a {type(value).__name__}, not a tensor")
+    return state
+
+
+def read_param_groups(path: Path) -> list[dict[str, Any]]:
+    """The optimizer's param groups from JSON: numbers, booleans, null and lists of them or of
+    parameter names; betas back to a tuple, as torch's optimizers write them."""
+    try:
+        groups = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc}); resume from an earlier checkpoint") from None
+    scalar = (int, float, bool, str, type(None))
+
+    def valid(value: Any) -> bool:
+        return isinstance(value, scalar) or (isinstance(value, list) and all(isinstance(v, scalar) for v in value))
+
+    if not isinstance(groups, list) or not all(
+        isinstance(g, dict) and all(valid(v) for v in g.values()) and isinstance(g.get("params"), list)
+        for g in groups
+    ):
+        raise CheckpointError(f"{path}: not a list of optimizer param groups; resume from an earlier checkpoint")
+    return [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in groups]
 
 
 def whole_weights(module: torch.nn.Module) -> StateDict:
@@ -121,15 +200,30 @@ def load_checkpoint_state(
 ) -> tuple[LoopState, dict[int, StateDict]]:
     """Restore model and optimizer state in place (any number of ranks); return the loop state
     and the weight snapshots."""
-    if not (directory / DCP_DIR).is_dir():
+    tensors_dir, groups_path = directory / DCP_DIR, directory / PARAM_GROUPS_FILE
+    if not groups_path.is_file() or not any(tensors_dir.glob("*.safetensors")):
         raise CheckpointError(
-            f"{directory} has no {DCP_DIR}/ (written by minpro before distributed checkpoints): its weights "
-            "are an HF directory; start a new run with model.path pointing at it, or move checkpoints/ away"
+            f"{directory} is not a resumable minpro checkpoint (no {DCP_DIR}/*.safetensors and {PARAM_GROUPS_FILE}: "
+            "an earlier minpro wrote optimizer state in torch's pickle-based format, which is not loaded because "
+            "unpickling can run code); its weights are an HF directory: start a new run with model.path pointing "
+            "at it, or move checkpoints/ away"
         )
+    param_groups = read_param_groups(groups_path)
     model_state, optim_state = get_state_dict(module, optimizer)
-    loaded = {"model": model_state, "optim": optim_state}
-    dcp.load(loaded, checkpoint_id=str(directory / DCP_DIR))
-    set_state_dict(module, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    loaded = {"model": distinct_tensors(model_state), "optim": {"state": optimizer_tensors(optim_state)}}
+    try:
+        dcp.load(loaded, storage_reader=HuggingFaceStorageReader(str(tensors_dir)))
+    except (CheckpointException, SafetensorError, OSError, KeyError, ValueError, RuntimeError, AssertionError) as exc:
+        raise CheckpointError(
+            f"{tensors_dir}: cannot restore the model and optimizer state ({str(exc).splitlines()[0][:200]}); "
+            "it may be truncated or from another model: delete this checkpoint to resume from the one before"
+        ) from None
+    set_state_dict(
+        module,
+        optimizer,
+        model_state_dict=model_state,  # tied entries were filled through the one `loaded` holds
+        optim_state_dict={"state": loaded["optim"]["state"], "param_groups": param_groups},
+    )
     loop = json.loads((directory / "trainer_state.json").read_text())["loop"]
     state = LoopState(
         round=loop["round"],

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from minpro_cli.errors import ConfigError, PluginError
+from minpro_cli.fileio import read_yaml
 from minpro_cli.objectives import AdvantageEstimator
 from minpro_cli.registry import Kind, format_validation_error, load_plugin
 from minpro_cli.schedule import Schedule
@@ -278,15 +279,15 @@ def load_recipe(path: Path | None, overrides: list[str] | None = None) -> Recipe
     source = str(path) if path is not None else "defaults"
     data: dict[str, Any] = {}
     if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"recipe not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if loaded is not None and not isinstance(loaded, dict):
+        loaded = read_yaml(path)
+        if loaded is None:
+            raise ConfigError(
+                f"{path}: the recipe is empty (or only comments); give at least the sections that differ from the "
+                "defaults, e.g. recipes/quickstart.yaml"
+            )
+        if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
-        data = loaded or {}
+        data = loaded
     overridden = []
     for text in overrides or []:
         key, value = parse_override(text)

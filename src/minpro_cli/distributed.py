@@ -188,7 +188,10 @@ def torchrun_command(nproc: int, stage_args: list[str]) -> list[str]:
 def launch(nproc: int, stage_args: list[str], run_dir: Path) -> None:
     """`minpro train --nproc N`: run the stage under torchrun; a failed rank becomes one clear error."""
     from minpro_cli.checkpoints import latest_checkpoint
+    from minpro_cli.rundir import owned
 
+    with owned(run_dir):  # a foreign or busy run_dir is refused here, before any rank starts
+        pass
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     process = subprocess.Popen(torchrun_command(nproc, stage_args), env=env)

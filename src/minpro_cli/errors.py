@@ -26,3 +26,15 @@ class PluginError(MinproError):
 
 class TrainingDivergedError(MinproError):
     pass
+
+
+class RunDirError(MinproError):
+    pass
+
+
+class InputFileError(MinproError):
+    """A file a stage reads (task file, metrics, results) is not what it should be."""
+
+
+class DiskFullError(MinproError):
+    pass

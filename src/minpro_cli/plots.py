@@ -134,7 +134,7 @@ def plot_run(run_dir: Path) -> Path:
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
         raise MinproError(f"{metrics_path} not found: point `minpro plot` at a run directory that `minpro train` wrote")
-    metrics = read_jsonl(metrics_path)
+    metrics = read_jsonl(metrics_path, "round")
     if not metrics:
         raise MinproError(f"{metrics_path} is empty: no round has finished yet")
     return save(training_figure(metrics, f"{run_dir}: {len(metrics)} rounds"), run_dir / "plots" / "training.png")

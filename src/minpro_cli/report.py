@@ -54,12 +54,7 @@ def collapse_step(points: list[tuple[int, float]], fraction: float) -> int | Non
 
 
 def read_jsonl_or_fail(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    try:
-        return read_jsonl(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MinproError(f"{path}: not a JSON-lines file written by `minpro train` ({exc}); delete it to redo the run") from None
+    return read_jsonl(path, "round") if path.exists() else []
 
 
 def load_runs(sweep_dir: Path, fraction: float) -> tuple[dict[str, Any], list[RunRecord]]:

@@ -23,12 +23,11 @@ from itertools import product
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from minpro_cli.config import Recipe, dump_recipe, load_recipe, parse_override, recipe_from_data, set_dotted
 from minpro_cli.console import console, progress_bar
 from minpro_cli.errors import ConfigError, MinproError
-from minpro_cli.fileio import directory_done_marker, read_jsonl, write_json_atomic, write_yaml_atomic
+from minpro_cli.fileio import directory_done_marker, read_jsonl, read_yaml, write_json_atomic, write_yaml_atomic
+from minpro_cli.rundir import claim, owned
 from minpro_cli.train import DIVERGED_FILE
 
 RunStatus = Literal["done", "diverged", "pending"]
@@ -86,6 +85,7 @@ def plan_runs(recipe_data: dict[str, Any], recipe: Recipe, sweep_dir: Path, wher
         runs.append(SweepRun(name, overrides, directory, run_recipe.train.iterations))
         planned, written = dump_recipe(run_recipe), directory / "recipe.yaml"
         if run_status(directory) == "pending":
+            claim(directory)
             write_yaml_atomic(written, planned)
         elif written.exists() and finished_recipe(written) != planned:
             raise ConfigError(
@@ -98,7 +98,7 @@ def plan_runs(recipe_data: dict[str, Any], recipe: Recipe, sweep_dir: Path, wher
 def finished_recipe(path: Path) -> dict[str, Any]:
     """A run's recipe.yaml with today's defaults filled in: a section minpro added since the run
     finished (with its default) is not a different recipe."""
-    return dump_recipe(recipe_from_data(yaml.safe_load(path.read_text(encoding="utf-8")), str(path)))
+    return dump_recipe(recipe_from_data(read_yaml(path), str(path)))
 
 
 def sweep_plan(path: Path, overrides: list[str], grid: list[str], seeds: int | None, quick: bool) -> tuple[
@@ -131,7 +131,7 @@ def progress_of(runs: list[SweepRun], statuses: list[RunStatus]) -> int:
         if status != "pending":
             total += run.iterations
         elif metrics.exists():
-            total += min(len(read_jsonl(metrics)), run.iterations)
+            total += min(len(read_jsonl(metrics, warn_incomplete=False)), run.iterations)  # being written
     return total
 
 
@@ -197,6 +197,11 @@ def run_sweep(path: Path, overrides: list[str], grid: list[str], seeds: int | No
               jobs: int | None, out: Path | None) -> Path:
     recipe, data = sweep_plan(path, overrides, grid, seeds, quick)
     sweep_dir = out or Path(recipe.run_dir)
+    with owned(sweep_dir, "sweep"):
+        return sweep_in(sweep_dir, recipe, data, path, quick, jobs)
+
+
+def sweep_in(sweep_dir: Path, recipe: Recipe, data: dict[str, Any], path: Path, quick: bool, jobs: int | None) -> Path:
     runs = plan_runs(data, recipe, sweep_dir, str(path))
     write_json_atomic(sweep_dir / MANIFEST, {
         "recipe": str(path),

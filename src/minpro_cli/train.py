@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -75,6 +76,7 @@ from minpro_cli.objectives import (
 from minpro_cli.objectives.logratios import log_token_ratio
 from minpro_cli.ratiostats import StepRatios
 from minpro_cli.rollouts import read_rollouts, write_rollouts
+from minpro_cli.rundir import owned
 from minpro_cli.schedule import lr_multiplier
 from minpro_cli.tasks import Problem
 
@@ -396,8 +398,8 @@ class HeldOutEvals:
     def __init__(self, recipe: Recipe, run_dir: Path, completed_rounds: int, world: World = SINGLE) -> None:
         self.recipe, self.path = recipe, run_dir / "evals.jsonl"
         if world.is_main:  # evaluations after the checkpoint are redone
-            filter_jsonl_atomic(self.path, lambda e: e["round"] <= completed_rounds)
-        kept = read_jsonl(self.path) if self.path.exists() else []  # other ranks may see it before the filter
+            filter_jsonl_atomic(self.path, "round", lambda e: e["round"] <= completed_rounds)
+        kept = read_jsonl(self.path, "round") if self.path.exists() else []  # other ranks may see it before the filter
         self.done = {e["round"] for e in kept if e["round"] <= completed_rounds}
 
     def due(self, state: LoopState) -> bool:
@@ -441,11 +443,21 @@ def _shut_down_on_exit(executor: ThreadPoolExecutor) -> Iterator[None]:
 
 def run_train(recipe: Recipe) -> Path:
     """The training loop; under torchrun (WORLD_SIZE > 1) every rank runs it."""
+    recipe.model.check_device()  # before anything is written
+    if recipe.model.dtype == "float16":
+        raise ConfigError(
+            "model.dtype=float16 cannot train: float16 gradients underflow without loss scaling, which minpro does "
+            "not do; train with model.dtype=bfloat16 (float16 is for rollout and eval)"
+        )
+    if recipe.train.pipeline and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("train.pipeline runs in one process; drop it under torchrun (--nproc)")
     world = init_world(recipe.distributed.backend, recipe.distributed.timeout_s)
     quiet = console.quiet
     console.quiet = quiet or not world.is_main  # one rank speaks
     try:
-        return train_loop(recipe, world)
+        # rank 0 owns the directory: refuses someone else's, locks out a second run, clears leftovers
+        with owned(Path(recipe.run_dir)) if world.is_main else contextlib.nullcontext():
+            return train_loop(recipe, world)
     finally:
         console.quiet = quiet
         close_world(world)
@@ -453,15 +465,8 @@ def run_train(recipe: Recipe) -> Path:
 
 def train_loop(recipe: Recipe, world: World) -> Path:
     cfg, run_dir = recipe.train, Path(recipe.run_dir)
-    recipe.model.check_device()  # before anything is written
-    if recipe.model.dtype == "float16":
-        raise ConfigError(
-            "model.dtype=float16 cannot train: float16 gradients underflow without loss scaling, which minpro does "
-            "not do; train with model.dtype=bfloat16 (float16 is for rollout and eval)"
-        )
     staleness = 0 if cfg.rollouts else cfg.staleness  # stored rollouts carry their own staleness
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         write_yaml_atomic(run_dir / "config.yaml", dump_recipe(recipe))
     world.barrier()
     resume_from = latest_checkpoint(run_dir)
@@ -494,14 +499,12 @@ def train_loop(recipe: Recipe, world: World) -> Path:
     metrics_path = run_dir / "metrics.jsonl"
     if world.is_main:
         (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a new attempt: an earlier divergence no longer stands
-        filter_jsonl_atomic(metrics_path, lambda m: m["round"] < state.round)  # rounds after the checkpoint are redone
+        filter_jsonl_atomic(metrics_path, "round", lambda m: m["round"] < state.round)  # rounds after the checkpoint are redone
 
     def refresh_plain() -> None:  # collective under FSDP2
         if sharded:
             plain.model.load_state_dict(full_state_dict(trainee.module, world))
 
-    if cfg.pipeline and world.size > 1:
-        raise ConfigError("train.pipeline runs in one process; drop it under torchrun (--nproc)")
     objective: ObjectiveOptions = recipe.plugin("objectives")
     length_budget = generation_budget(recipe)
     estimator = cfg.advantage or objective.default_advantage

@@ -1,0 +1,85 @@
+"""Directories minpro owns: a marker that says so, a lock against a second process, and the
+clean-up of what an interrupted write left behind.
+
+A run (or sweep) directory holds `.minpro-run`. minpro writes only into a directory that is
+new, empty or marked, so it never overwrites or deletes files it did not write; a directory
+of an earlier minpro is adopted by creating the marker by hand. The lock is an advisory
+`flock` on `.minpro-lock`, released by the kernel when the holder exits however it exits,
+so a killed run never leaves a stale lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from minpro_cli.errors import RunDirError
+from minpro_cli.fileio import remove
+
+MARKER = ".minpro-run"
+LOCK = ".minpro-lock"
+# what atomic writes leave when killed: temp files and directories next to their final path
+LEFTOVERS = (".*.tmp", ".final.*", "rollouts/.*.tmp", "checkpoints/.round_*.partial")
+
+
+def claim(directory: Path, what: str = "run") -> None:
+    """Create `directory` as a minpro directory, or accept it when it already is one; refuse a
+    non-empty directory without the marker (someone else's files)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise RunDirError(f"{directory} is a file, not a directory: choose another run_dir")
+    marker = directory / MARKER
+    if directory.is_dir() and not marker.exists() and any(directory.iterdir()):
+        raise RunDirError(
+            f"{directory} is not empty and is not a minpro {what} directory (no {MARKER}): minpro would overwrite "
+            f"and delete files in it; choose a new or empty run_dir, or, if an earlier minpro wrote it, "
+            f"create {marker} to adopt it"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        marker.write_text(json.dumps({"minpro": what}) + "\n")
+
+
+@contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """Hold the directory's lock for the block; a second holder is refused with the first's pid."""
+    path = Path(directory) / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunDirError(
+                f"{directory} is in use by another minpro process (pid {holder}); wait for it to finish or stop "
+                "it, or use another run_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def remove_leftovers(directory: Path) -> list[Path]:
+    """Delete the temp files and directories that killed writes left (only under the lock:
+    no other process is writing them); return what was removed."""
+    removed = []
+    for pattern in LEFTOVERS:
+        for path in Path(directory).glob(pattern):
+            remove(path)
+            removed.append(path)
+    return removed
+
+
+@contextmanager
+def owned(directory: Path, what: str = "run") -> Iterator[None]:
+    """Claim the directory, hold its lock for the block, and first clear what killed writes left."""
+    claim(directory, what)
+    with locked(directory):
+        remove_leftovers(directory)
+        yield
