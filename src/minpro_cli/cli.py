@@ -15,7 +15,7 @@ from rich.table import Table
 
 from minpro_cli.config import Recipe, load_recipe
 from minpro_cli.console import console
-from minpro_cli.errors import ConfigError, MinproError
+from minpro_cli.errors import ConfigError, Interrupted, MinproError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="RL post-training with the MinPRO objective.")
 
@@ -44,8 +44,9 @@ def user_errors(fn: F) -> F:
         except MinproError as exc:
             console.print(f"error: {exc}", soft_wrap=True, markup=False, style="bold red")
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            console.print("interrupted: finished outputs and checkpoints are intact; rerun the same command to resume")
+        except KeyboardInterrupt as exc:
+            saved = str(exc) if isinstance(exc, Interrupted) else "finished outputs and checkpoints are intact"
+            console.print(f"interrupted: {saved}; rerun the same command to resume", soft_wrap=True, markup=False)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

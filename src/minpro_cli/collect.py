@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from minpro_cli.errors import ConfigError
 from minpro_cli.fileio import write_yaml_atomic
 from minpro_cli.modeling import Policy, load_policy, model_fingerprint, tokenizer_fingerprint
 from minpro_cli.rollouts import write_rollouts
-from minpro_cli.rundir import claim
+from minpro_cli.rundir import owned
 from minpro_cli.samplers import Sampler
 from minpro_cli.tasks import Problem, load_problems, render_prompt
 from minpro_cli.verifiers import Verifier, verify_batch
@@ -149,13 +150,13 @@ def load_split(recipe: Recipe, split: str) -> list[Problem]:
 
 def run_rollout(recipe: Recipe) -> Path:
     out = recipe.run_path(recipe.rollout.output)
-    if out.parent.resolve().is_relative_to(Path(recipe.run_dir).resolve()):
-        claim(Path(recipe.run_dir))  # never write into someone else's directory
-    policy = load_recipe_policy(recipe)
-    problems = load_split(recipe, "train")[: recipe.rollout.num_prompts]
-    rows, tokens_per_s = sample_rows(sampling_job(recipe, policy), problems, recipe.rollout.group_size, recipe.seed)
-    write_rollouts(out, rows, dump_recipe(recipe))
-    write_yaml_atomic(out.with_suffix(".config.yaml"), dump_recipe(recipe))
+    inside = out.parent.resolve().is_relative_to(Path(recipe.run_dir).resolve())
+    with owned(Path(recipe.run_dir)) if inside else contextlib.nullcontext():  # never someone else's directory
+        policy = load_recipe_policy(recipe)
+        problems = load_split(recipe, "train")[: recipe.rollout.num_prompts]
+        rows, tokens_per_s = sample_rows(sampling_job(recipe, policy), problems, recipe.rollout.group_size, recipe.seed)
+        write_rollouts(out, rows, dump_recipe(recipe))
+        write_yaml_atomic(out.with_suffix(".config.yaml"), dump_recipe(recipe))
     stats = summarize_rows(rows) | {"tokens_per_s": tokens_per_s}
     formatted = {k: f"{v:.0f}" if k == "tokens_per_s" else f"{v:.3f}" for k, v in stats.items()}
     print_metrics(f"rollout → {out}", {"responses": str(len(rows)), **formatted})

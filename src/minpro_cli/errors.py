@@ -38,3 +38,7 @@ class InputFileError(MinproError):
 
 class DiskFullError(MinproError):
     pass
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what was saved and how to resume: the CLI prints it on one line, exit 130."""

@@ -82,12 +82,15 @@ def compare_results(first: Path, second: Path) -> dict[str, tuple[float, float]]
     """Print two eval JSON files side by side with their differences; return the shared metrics."""
     loaded = []
     for path in (first, second):
+        if not path.is_file():
+            raise MinproError(f"eval result not found: {path} (give two JSON files `minpro eval` wrote)")
         try:
-            loaded.append(json.loads(path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise MinproError(f"eval result not found: {path}") from None
-        except json.JSONDecodeError as exc:
-            raise MinproError(f"{path}: not an eval result (invalid JSON: {exc.msg})") from None
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MinproError(f"{path}: not an eval result (not JSON text: {exc})") from None
+        if not isinstance(result, dict):
+            raise MinproError(f"{path}: not an eval result (a JSON {type(result).__name__}, not an object)")
+        loaded.append(result)
     a, b = (flatten_numbers(x) for x in loaded)
     shared = {k: (a[k], b[k]) for k in a if k in b}
     if not shared:

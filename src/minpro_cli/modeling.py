@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from minpro_cli.errors import CheckpointError
@@ -39,6 +40,11 @@ class Policy:
     def copy(self) -> Policy:
         """The same policy with its own copy of the weights (stale-weight sampling, FSDP2)."""
         return Policy(copy.deepcopy(self.model), self.tokenizer, self.path, self.compute_dtype)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: the token ids a forward pass accepts."""
+        return int(self.model.get_input_embeddings().num_embeddings)
 
     @property
     def eos_token_id(self) -> int:
@@ -88,8 +94,11 @@ def load_policy(
         tokenizer = AutoTokenizer.from_pretrained(
             model_dir, trust_remote_code=trust_remote_code, local_files_only=True
         )
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot load checkpoint {model_dir}: {exc}".splitlines()[0]) from exc
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise CheckpointError(
+            f"cannot load checkpoint {model_dir}: {exc}".splitlines()[0][:300]
+            + " (truncated or corrupt weights? restore the directory, or resume from an earlier checkpoint)"
+        ) from None
     if tokenizer.eos_token_id is None:
         raise CheckpointError(f"tokenizer in {model_dir} has no eos_token; set one in tokenizer_config.json")
     return Policy(model=model.to(device), tokenizer=tokenizer, path=model_dir, compute_dtype=DTYPES[dtype])

@@ -120,7 +120,9 @@ def inspect_ratios(
     if policy is not None:
         policy.model.eval()
     with progress_bar("scoring rollouts", total=total) as bar:
-        for path, table in iter_rollout_batches(rollouts, options.batch_size, COLUMNS):
+        for path, table in iter_rollout_batches(
+            rollouts, options.batch_size, COLUMNS, policy.vocab_size if policy is not None else None
+        ):
             check_source(path, table.column_names, set(table["tokenizer_fingerprint"].to_pylist()), policy, expected)
             rows = [r | {"source": path.name} for r in table.to_pylist()]
             log_rho, mask = batch_log_ratios(rows, policy)

@@ -103,6 +103,8 @@ def open_rollout_file(path: Path) -> pq.ParquetFile:
     missing = [f.name for f in SCHEMA if f.name not in schema.names]
     if missing:
         raise RolloutFileError(f"{path}: missing column(s) {', '.join(missing)}")
+    if parquet.metadata.num_rows == 0:
+        raise RolloutFileError(f"{path}: the file has no rows; sample again (`minpro rollout`) or leave it out")
     for expected in [*SCHEMA, TARGET_LOGPROBS_FIELD]:
         if expected.name in schema.names and schema.field(expected.name).type != expected.type:
             actual = schema.field(expected.name).type
@@ -120,9 +122,12 @@ def read_rollout_file(path: Path) -> pa.Table:
     return table
 
 
-def iter_rollout_batches(spec: str | Path, batch_size: int, columns: list[str]) -> Iterator[tuple[Path, pa.Table]]:
+def iter_rollout_batches(
+    spec: str | Path, batch_size: int, columns: list[str], vocab_size: int | None = None
+) -> Iterator[tuple[Path, pa.Table]]:
     """Stream a rollout set in batches of at most `batch_size` rows, each checked like a whole
-    file would be; `columns` that a file lacks (optional ones) are simply not read."""
+    file would be (and its token ids against `vocab_size`, when given); `columns` that a file
+    lacks (optional ones) are simply not read."""
     for path in rollout_files(spec):
         parquet = open_rollout_file(path)
         present = [c for c in columns if c in parquet.schema_arrow.names]
@@ -131,6 +136,8 @@ def iter_rollout_batches(spec: str | Path, batch_size: int, columns: list[str]) 
             for batch in parquet.iter_batches(batch_size=batch_size, columns=present):
                 table = pa.Table.from_batches([batch])
                 check_rows(path, table, offset)
+                if vocab_size is not None:
+                    check_token_ids(str(path), table, vocab_size, offset)
                 offset += table.num_rows
                 yield path, table
         except (pa.ArrowException, OSError) as exc:
@@ -159,9 +166,50 @@ def check_rows(path: Path, table: pa.Table, offset: int = 0) -> None:
         raise RolloutFileError(
             f"{path}: row {offset + row} has an empty response (at least one token, the EOS, is expected)"
         )
+    for column in ("behavior_logprobs", TARGET_LOGPROBS_FIELD.name):
+        if column in table.column_names:
+            check_logprobs(path, table, column, offset)
+
+
+def check_logprobs(path: Path, table: pa.Table, column: str, offset: int) -> None:
+    """Log-probabilities are finite and at most 0: a NaN, an infinity or a positive value would
+    become a NaN loss or a wrong ratio later, far from its cause."""
+    values = pc.list_flatten(table[column])
+    bad = pc.or_(pc.invert(pc.is_finite(values)), pc.greater(values, 0.0))
+    if not pc.any(bad).as_py():
+        return
+    flat = pc.index(bad, True).as_py()
+    ends = pc.cumulative_sum(pc.list_value_length(table[column])).to_pylist()
+    row = next(i for i, end in enumerate(ends) if end > flat)
+    token = flat - (ends[row - 1] if row else 0)
+    raise RolloutFileError(
+        f"{path}: row {offset + row} (prompt_id={table['prompt_id'][row].as_py()!r}) has {column}[{token}] = "
+        f"{values[flat].as_py()}; log-probabilities must be finite and <= 0: regenerate the file or drop the row"
+    )
+
+
+def check_token_ids(where: str, rows: pa.Table, vocab_size: int, offset: int = 0) -> None:
+    """Every prompt and response token id indexes the model's embedding (0 ≤ id < vocab_size);
+    checked before any forward pass, where an id outside it is an IndexError deep in the model."""
+    for column in ("prompt_token_ids", "response_token_ids"):
+        ids = pc.list_flatten(rows[column])
+        if len(ids) == 0:
+            continue
+        bad = pc.or_(pc.less(ids, 0), pc.greater_equal(ids, vocab_size))
+        if not pc.any(bad).as_py():
+            continue
+        flat = pc.index(bad, True).as_py()
+        ends = pc.cumulative_sum(pc.list_value_length(rows[column])).to_pylist()
+        row = next(i for i, end in enumerate(ends) if end > flat)
+        raise RolloutFileError(
+            f"{where}: row {offset + row} (prompt_id={rows['prompt_id'][row].as_py()!r}) has {column} id {ids[flat].as_py()}, "
+            f"outside the model's vocabulary of {vocab_size}: these rollouts are from another model; "
+            "use the model that sampled them (model.path / --policy)"
+        )
 
 
 def read_rollouts(spec: str | Path) -> pa.Table:
     """All rows of a rollout set, restricted to the known columns, in file order."""
     tables = [read_rollout_file(p).select(SCHEMA.names) for p in rollout_files(spec)]
     return pa.concat_tables(tables)
+

@@ -26,14 +26,15 @@ LOCK = ".minpro-lock"
 LEFTOVERS = (".*.tmp", ".final.*", "rollouts/.*.tmp", "checkpoints/.round_*.partial")
 
 
-def claim(directory: Path, what: str = "run") -> None:
+def claim(directory: Path, what: str = "run") -> bool:
     """Create `directory` as a minpro directory, or accept it when it already is one; refuse a
-    non-empty directory without the marker (someone else's files)."""
+    non-empty directory without the marker (someone else's files). True if it was new or empty."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise RunDirError(f"{directory} is a file, not a directory: choose another run_dir")
     marker = directory / MARKER
-    if directory.is_dir() and not marker.exists() and any(directory.iterdir()):
+    fresh = not directory.is_dir() or not any(directory.iterdir())
+    if not fresh and not marker.exists():
         raise RunDirError(
             f"{directory} is not empty and is not a minpro {what} directory (no {MARKER}): minpro would overwrite "
             f"and delete files in it; choose a new or empty run_dir, or, if an earlier minpro wrote it, "
@@ -42,6 +43,7 @@ def claim(directory: Path, what: str = "run") -> None:
     directory.mkdir(parents=True, exist_ok=True)
     if not marker.exists():
         marker.write_text(json.dumps({"minpro": what}) + "\n")
+    return fresh
 
 
 @contextmanager
@@ -78,8 +80,17 @@ def remove_leftovers(directory: Path) -> list[Path]:
 
 @contextmanager
 def owned(directory: Path, what: str = "run") -> Iterator[None]:
-    """Claim the directory, hold its lock for the block, and first clear what killed writes left."""
-    claim(directory, what)
-    with locked(directory):
-        remove_leftovers(directory)
-        yield
+    """Claim the directory, hold its lock for the block, and first clear what killed writes
+    left. A directory this call created is removed again if the block fails before writing
+    anything into it (a refused input leaves nothing behind)."""
+    fresh = claim(directory, what)
+    try:
+        with locked(directory):
+            remove_leftovers(directory)
+            yield
+    except BaseException:
+        if fresh and {p.name for p in Path(directory).iterdir()} <= {MARKER, LOCK}:
+            for name in (MARKER, LOCK):
+                (Path(directory) / name).unlink(missing_ok=True)
+            Path(directory).rmdir()
+        raise

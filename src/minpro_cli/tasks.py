@@ -96,6 +96,8 @@ def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                     yield f"{path}:{i}", record
     except json.JSONDecodeError as exc:
         raise MinproError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError as exc:
+        raise MinproError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start}); re-save it as UTF-8") from None
     except (pa.ArrowException, OSError) as exc:
         raise MinproError(f"{path}: cannot read ({exc})") from None
 
@@ -104,6 +106,18 @@ def _object(record: Any, where: str) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise MinproError(f"{where}: expected an object with the problem's fields, got {type(record).__name__}")
     return record
+
+
+def _encodable(text: str, where: str, field: str) -> None:
+    """Text that cannot be written as UTF-8 (a lone surrogate such as JSON's "\\ud800") would fail
+    only when the rollout file is written, after sampling."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise MinproError(
+            f"{where}: the {field} holds {text[exc.start]!r} at character {exc.start}, which is not valid Unicode "
+            "text (a lone surrogate); fix or drop the row"
+        ) from None
 
 
 def _pick(record: dict[str, Any], names: tuple[str, ...], where: str, what: str) -> Any:
@@ -150,13 +164,14 @@ def load_problems(
     problems = []
     for n, (where, record) in enumerate(read_records(path)):
         found_id = next((record[k] for k in ids if record.get(k) is not None), None)
-        problems.append(
-            Problem(
-                id=str(found_id) if found_id is not None else f"{path.stem}-{n}",
-                question=str(_pick(record, questions, where, "question")),
-                answer=_answer(_pick(record, answers, where, "answer"), chosen.answer_form, where),
-            )
+        problem = Problem(
+            id=str(found_id) if found_id is not None else f"{path.stem}-{n}",
+            question=str(_pick(record, questions, where, "question")),
+            answer=_answer(_pick(record, answers, where, "answer"), chosen.answer_form, where),
         )
+        for field, text in problem.model_dump().items():
+            _encodable(text, where, field)
+        problems.append(problem)
     if not problems:
         raise MinproError(f"task file {path} holds no problems")
     duplicates = len(problems) - len({p.id for p in problems})

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from minpro_cli.distributed import (
     parallelize,
     reduce_step_metrics,
 )
-from minpro_cli.errors import ConfigError, RolloutFileError, TrainingDivergedError
+from minpro_cli.errors import ConfigError, Interrupted, RolloutFileError, TrainingDivergedError
 from minpro_cli.eval import benchmarks_of, evaluate_benchmark
 from minpro_cli.fileio import (
     append_jsonl,
@@ -61,6 +62,7 @@ from minpro_cli.modeling import (
     Policy,
     autocast,
     compile_blocks,
+    model_fingerprint,
     pack,
     pad_rows,
     response_logprobs,
@@ -75,7 +77,7 @@ from minpro_cli.objectives import (
 )
 from minpro_cli.objectives.logratios import log_token_ratio
 from minpro_cli.ratiostats import StepRatios
-from minpro_cli.rollouts import read_rollouts, write_rollouts
+from minpro_cli.rollouts import check_token_ids, read_rollouts, write_rollouts
 from minpro_cli.rundir import owned
 from minpro_cli.schedule import lr_multiplier
 from minpro_cli.tasks import Problem
@@ -348,10 +350,12 @@ class OnlineRounds:
 
     def rows(self, round_: int, weights: StateDict | None, version: int) -> list[dict[str, Any]]:
         path = self.run_dir / "rollouts" / f"round_{round_:05d}.parquet"
-        if path.exists():  # written before an interruption: same weights and seed, reuse it
-            return read_rollouts(path).to_pylist()
         if weights is not None:
             self.stale_policy.model.load_state_dict(weights)
+        if path.exists():  # written before an interruption: same weights and seed, reuse it
+            rows = read_rollouts(path).to_pylist()
+            self.check_reused(path, rows, round_, version)
+            return rows
         self.job.policy_version = version
         world = self.world
         mine, _ = sample_rows(
@@ -367,11 +371,32 @@ class OnlineRounds:
         return rows
 
 
+    def check_reused(self, path: Path, rows: list[dict[str, Any]], round_: int, version: int) -> None:
+        """A round file is reused only if this run sampled it: the round's prompts, each
+        `group_size` times, by the weights and tokenizer this round samples with."""
+        policy = self.stale_policy
+        expected: dict[str, Any] = {
+            "prompts": Counter({p.id: self.recipe.train.group_size for p in self.problems_for(round_)}),
+            "policy_version": {version},
+            "model_fingerprint": {model_fingerprint(policy.model)},
+            "tokenizer_fingerprint": {tokenizer_fingerprint(policy.tokenizer)},
+        }
+        found: dict[str, Any] = {"prompts": Counter(r["prompt_id"] for r in rows)}
+        found |= {key: {r[key] for r in rows} for key in expected if key != "prompts"}
+        differ = [key for key in expected if found[key] != expected[key]]
+        if differ:
+            raise RolloutFileError(
+                f"{path}: not this run's round {round_} (its {', '.join(differ)} differ from what this round samples "
+                "with); move the file away and rerun to sample the round again"
+            )
+
+
 class StoredRounds:
     """Round r trains on the r-th chunk (cycling) of prompt groups of a stored rollout set."""
 
     def __init__(self, recipe: Recipe, policy: Policy, spec: str) -> None:
         table = read_rollouts(spec)
+        check_token_ids(spec, table, policy.vocab_size)
         expected = tokenizer_fingerprint(policy.tokenizer)
         found = set(table["tokenizer_fingerprint"].to_pylist())
         if found != {expected}:
@@ -458,6 +483,9 @@ def run_train(recipe: Recipe) -> Path:
         # rank 0 owns the directory: refuses someone else's, locks out a second run, clears leftovers
         with owned(Path(recipe.run_dir)) if world.is_main else contextlib.nullcontext():
             return train_loop(recipe, world)
+    except KeyboardInterrupt:
+        last = latest_checkpoint(Path(recipe.run_dir))
+        raise Interrupted(f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet") from None
     finally:
         console.quiet = quiet
         close_world(world)
@@ -466,15 +494,14 @@ def run_train(recipe: Recipe) -> Path:
 def train_loop(recipe: Recipe, world: World) -> Path:
     cfg, run_dir = recipe.train, Path(recipe.run_dir)
     staleness = 0 if cfg.rollouts else cfg.staleness  # stored rollouts carry their own staleness
-    if world.is_main:
-        write_yaml_atomic(run_dir / "config.yaml", dump_recipe(recipe))
-    world.barrier()
     resume_from = latest_checkpoint(run_dir)
     policy = load_recipe_policy(recipe, str(resume_from) if resume_from else None)
     sharded = world.size > 1 and recipe.distributed.strategy == "fsdp"
     # FSDP2 shards the model in place: sampling and evaluation run on a whole copy
     plain = policy.copy() if sharded else policy
     source = StoredRounds(recipe, policy, cfg.rollouts) if cfg.rollouts else OnlineRounds(recipe, plain, run_dir, world)
+    if world.is_main:  # inputs are read and checked: now the run starts writing
+        write_yaml_atomic(run_dir / "config.yaml", dump_recipe(recipe))
     if recipe.train.activation_checkpointing:  # per decoder layer (per sharded block under FSDP2)
         policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if recipe.train.compile:  # after the sampling copies above were taken: they stay plain modules
