@@ -132,7 +132,9 @@ def test_two_gloo_ranks_train_like_one_process(tmp_path, rollouts, strategy, los
     assert two.returncode == 0, output
     assert_same_training(tmp_path / "one", tmp_path / "two")
     checkpoint = tmp_path / "two" / "checkpoints" / "round_00003"
-    assert sorted(p.name for p in (checkpoint / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    # one safetensors shard file per rank, and no pickled .metadata
+    shards = sorted(p.name for p in (checkpoint / "dcp").iterdir())
+    assert shards == [f"shard-0000{i}-model-00001-of-00001.safetensors" for i in (1, 2)]
 
 
 def rank_pid(tag: str, rank: int) -> int | None:

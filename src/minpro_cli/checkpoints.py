@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (
@@ -209,14 +209,25 @@ def load_checkpoint_state(
             "at it, or move checkpoints/ away"
         )
     param_groups = read_param_groups(groups_path)
+    for shard in sorted(tensors_dir.glob("*.safetensors")):  # DCP would log a traceback for a bad one
+        try:
+            with safe_open(str(shard), framework="pt") as opened:
+                opened.keys()
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(
+                f"{shard}: unreadable ({exc}); the checkpoint is truncated or corrupt: delete {directory} to resume "
+                "from the one before"
+            ) from None
     model_state, optim_state = get_state_dict(module, optimizer)
     loaded = {"model": distinct_tensors(model_state), "optim": {"state": optimizer_tensors(optim_state)}}
     try:
         dcp.load(loaded, storage_reader=HuggingFaceStorageReader(str(tensors_dir)))
-    except (CheckpointException, SafetensorError, OSError, KeyError, ValueError, RuntimeError, AssertionError) as exc:
+    except CheckpointException as exc:  # DCP wraps what its reader raised
+        cause = next(iter(exc.failures.values()))[0]
         raise CheckpointError(
-            f"{tensors_dir}: cannot restore the model and optimizer state ({str(exc).splitlines()[0][:200]}); "
-            "it may be truncated or from another model: delete this checkpoint to resume from the one before"
+            f"{tensors_dir}: cannot restore the model and optimizer state ({type(cause).__name__}: "
+            f"{str(cause).splitlines()[0][:200]}); it may be truncated or from another model: delete "
+            f"{directory} to resume from the one before"
         ) from None
     set_state_dict(
         module,

@@ -500,8 +500,6 @@ def train_loop(recipe: Recipe, world: World) -> Path:
     # FSDP2 shards the model in place: sampling and evaluation run on a whole copy
     plain = policy.copy() if sharded else policy
     source = StoredRounds(recipe, policy, cfg.rollouts) if cfg.rollouts else OnlineRounds(recipe, plain, run_dir, world)
-    if world.is_main:  # inputs are read and checked: now the run starts writing
-        write_yaml_atomic(run_dir / "config.yaml", dump_recipe(recipe))
     if recipe.train.activation_checkpointing:  # per decoder layer (per sharded block under FSDP2)
         policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if recipe.train.compile:  # after the sampling copies above were taken: they stay plain modules
@@ -524,9 +522,10 @@ def train_loop(recipe: Recipe, world: World) -> Path:
         state, snapshots = load_checkpoint_state(resume_from, trainee.module, optimizer)
         console.print(f"resuming from {resume_from} (round {state.round}, step {state.step})")
     metrics_path = run_dir / "metrics.jsonl"
-    if world.is_main:
-        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a new attempt: an earlier divergence no longer stands
+    if world.is_main:  # the inputs are read and checked: from here on the run writes
         filter_jsonl_atomic(metrics_path, "round", lambda m: m["round"] < state.round)  # rounds after the checkpoint are redone
+        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a new attempt: an earlier divergence no longer stands
+        write_yaml_atomic(run_dir / "config.yaml", dump_recipe(recipe))
 
     def refresh_plain() -> None:  # collective under FSDP2
         if sharded:
