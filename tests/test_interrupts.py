@@ -1,0 +1,150 @@
+"""`minpro train` stopped at random moments and rerun ends exactly where an uninterrupted run
+ends: SIGKILL (no clean-up code runs at all) at ≥ 10 seeded random moments, and Ctrl-C (SIGINT),
+which must also exit 130 with one line and leave nothing half-written. `rollout` and `eval`
+interrupted by Ctrl-C leave no output either.
+
+The moments are drawn over the training phase of an attempt (from the moment it has checked
+its inputs and rewritten config.yaml), in a window of about two rounds, so they land in
+sampling, updates, rollout-file and checkpoint writes, held-out evaluation and metric appends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+ROUNDS = 10
+RUN = [
+    f"train.iterations={ROUNDS}", "train.prompts_per_iteration=4", "train.group_size=4", "train.staleness=1",
+    "sampler.options.max_new_tokens=24", "train.checkpoint_every=1", "train.keep_checkpoints=1",
+    "optim.warmup_steps=0", "optim.lr=1e-3", "train.eval_every=4", "eval.max_problems=4", "eval.n_samples=1",
+    "eval.k=[1]",
+]  # fmt: skip
+KILLS = 10
+
+
+def start(*args: str) -> subprocess.Popen[str]:
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "COLUMNS": "300"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "minpro_cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+
+
+def train_args(run_dir: Path) -> list[str]:
+    return ["train", str(QUICKSTART), f"run_dir={run_dir}", *RUN]
+
+
+def wait_for_training(job: subprocess.Popen[str], run_dir: Path, since_ns: int) -> bool:
+    """Until this attempt rewrote config.yaml (its inputs are checked); False if it ended first."""
+    config = run_dir / "config.yaml"
+    while job.poll() is None:
+        if config.exists() and config.stat().st_mtime_ns >= since_ns:
+            return True
+        time.sleep(0.005)
+    return False
+
+
+@dataclass(frozen=True)
+class Straight:
+    run_dir: Path
+    seconds_per_round: float
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Straight:
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    began = time.time_ns()
+    job = start(*train_args(run_dir))
+    assert wait_for_training(job, run_dir, began)
+    training_began = time.monotonic()
+    output, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, output
+    return Straight(run_dir, (time.monotonic() - training_began) / ROUNDS)
+
+
+def assert_same_run(straight: Straight, run_dir: Path) -> None:
+    rounds = [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == list(range(ROUNDS))  # every round exactly once
+    evals = [json.loads(line)["round"] for line in (run_dir / "evals.jsonl").read_text().splitlines()]
+    assert evals == [0, 4, 8, 10]
+    expected = load_file(straight.run_dir / "final" / "model.safetensors")
+    found = load_file(run_dir / "final" / "model.safetensors")
+    assert sorted(found) == sorted(expected)
+    for name in expected:
+        assert torch.equal(found[name], expected[name]), name  # bit for bit
+    assert not [p for p in run_dir.rglob(".*") if p.name.endswith((".tmp", ".partial", ".old"))]
+
+
+def interrupted_until_done(straight: Straight, run_dir: Path, sig: int, times: int, seed: int) -> list[str]:
+    """Rerun `minpro train` until it finishes, sending `sig` at a random moment of each of the first
+    `times` attempts; return the output of every interrupted attempt."""
+    rng = random.Random(seed)
+    outputs: list[str] = []
+    for _ in range(times + 30):
+        began = time.time_ns()
+        job = start(*train_args(run_dir))
+        if len(outputs) < times and wait_for_training(job, run_dir, began):
+            time.sleep(rng.uniform(0.0, 2.5 * straight.seconds_per_round))
+            if job.poll() is None:
+                job.send_signal(sig)
+                output, _ = job.communicate(timeout=120)
+                if job.returncode != 0:  # 0: it finished before the signal was handled
+                    assert job.returncode == (130 if sig == signal.SIGINT else -sig), output
+                    outputs.append(output)
+                    continue
+        output, _ = job.communicate(timeout=600)
+        assert job.returncode == 0, output
+        if (run_dir / "final").is_dir():
+            return outputs
+    raise AssertionError("the run did not finish")
+
+
+def test_sigkill_at_random_moments_then_rerun_gives_the_uninterrupted_run(tmp_path, straight):
+    run_dir = tmp_path / "run"
+    killed = interrupted_until_done(straight, run_dir, signal.SIGKILL, KILLS, seed=0)
+    if len(killed) < KILLS:  # finished before every kill landed: continue in a second run directory
+        killed += interrupted_until_done(straight, tmp_path / "again", signal.SIGKILL, KILLS - len(killed), seed=1)
+        assert_same_run(straight, tmp_path / "again")
+    assert len(killed) == KILLS
+    assert_same_run(straight, run_dir)
+
+
+def test_ctrl_c_at_random_moments_exits_130_with_one_line_and_resumes(tmp_path, straight):
+    run_dir = tmp_path / "run"
+    outputs = interrupted_until_done(straight, run_dir, signal.SIGINT, 4, seed=2)
+    assert len(outputs) == 4
+    for output in outputs:
+        assert "Traceback" not in output, output
+        lines = [line for line in output.splitlines() if line.startswith("interrupted:")]
+        assert len(lines) == 1 and "rerun the same command to resume" in lines[0], output
+        assert "checkpoint" in lines[0]
+    assert_same_run(straight, run_dir)
+
+
+@pytest.mark.parametrize("stage", ["rollout", "eval"])
+def test_ctrl_c_during_rollout_or_eval_leaves_no_output(tmp_path, stage):
+    run_dir = tmp_path / "run"
+    many = ["rollout.num_prompts=400", "rollout.group_size=8", "eval.max_problems=400", "eval.n_samples=8"]
+    job = start(stage, str(QUICKSTART), f"run_dir={run_dir}", *many)
+    time.sleep(8.0)  # past start-up, into sampling (either stage takes minutes with these settings)
+    assert job.poll() is None, job.communicate()[0]
+    job.send_signal(signal.SIGINT)
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == 130, output
+    assert "Traceback" not in output
+    assert len([line for line in output.splitlines() if line.startswith("interrupted:")]) == 1, output
+    written = [p for p in run_dir.rglob("*") if p.is_file() and p.name not in {".minpro-run", ".minpro-lock"}]
+    assert written == []
