@@ -131,8 +131,11 @@ def test_interrupted_sweep_finishes_only_the_missing_runs(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "rerun the same command" in output
+    assert proc.returncode == 130 and "Traceback" not in output, output
+    assert len([line for line in output.splitlines() if line.startswith("interrupted:")]) == 1, output
+    assert "rerun the same command" in output
     assert (first / "final").is_dir() and not (second / "final").exists()
+    assert "interrupted: the last complete checkpoint is" in (second / "train.log").read_text()
     first_log = (first / "train.log").read_text()
     first_metrics = (first / "metrics.jsonl").read_text()
 

@@ -370,7 +370,6 @@ class OnlineRounds:
             write_rollouts(path, rows, dump_recipe(self.recipe))
         return rows
 
-
     def check_reused(self, path: Path, rows: list[dict[str, Any]], round_: int, version: int) -> None:
         """A round file is reused only if this run sampled it: the round's prompts, each
         `group_size` times, by the weights and tokenizer this round samples with."""
