@@ -36,6 +36,11 @@ KILLS = 10
 
 
 def start(*args: str) -> subprocess.Popen[str]:
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # a shell that starts the suite in the background ignores SIGINT and children inherit that;
+        # a handler here becomes the default disposition in the child, which Python turns into
+        # KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     env = os.environ | {"HF_HUB_OFFLINE": "1", "COLUMNS": "300"}
     return subprocess.Popen(
         [sys.executable, "-m", "minpro_cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
