@@ -89,3 +89,17 @@ def test_every_shipped_recipe_validates():
 def test_benchmark_names_must_be_safe_file_names():
     with pytest.raises(ConfigError, match="benchmark names become file names"):
         load_recipe(None, ['eval.benchmarks={"../escape": {data: "embedded:arith-test"}}'])
+
+
+def test_yaml_anchors_work_but_alias_bombs_recursion_and_deep_nesting_are_refused(tmp_path):
+    shared = write(tmp_path, "optim: &o\n  lr: 0.002\nsweep:\n  grid:\n    optim.lr: [0.001, 0.002]\n    x: [*o]\n")
+    assert load_recipe(shared).sweep.grid["x"] == [{"lr": 0.002}]  # aliases within the bound expand as usual
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"{n}: &{n} [" + ", ".join([f"*{p}"] * 10) + "]" for p, n in zip("abcdefgh", "bcdefghi")]
+    bomb = write(tmp_path, "".join(line + "\n" for line in levels))  # expands to 10^9 scalars
+    with pytest.raises(ConfigError, match=r"recipe.yaml: not valid YAML \(aliases expand it to more than 100000"):
+        load_recipe(bomb)
+    with pytest.raises(ConfigError, match="refers to a node that contains it"):
+        load_recipe(write(tmp_path, "a: &a [1, *a]\n"))
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_recipe(write(tmp_path, "a: " + "[" * 20_000 + "]" * 20_000 + "\n"))

@@ -235,12 +235,18 @@ def load_checkpoint_state(
         model_state_dict=model_state,  # tied entries were filled through the one `loaded` holds
         optim_state_dict={"state": loaded["optim"]["state"], "param_groups": param_groups},
     )
-    loop = json.loads((directory / "trainer_state.json").read_text())["loop"]
-    state = LoopState(
-        round=loop["round"],
-        step=loop["step"],
-        snapshot_steps={int(k): v for k, v in loop["snapshot_steps"].items()},
-    )
+    try:
+        loop = json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))["loop"]
+        state = LoopState(
+            round=int(loop["round"]),
+            step=int(loop["step"]),
+            snapshot_steps={int(k): int(v) for k, v in loop["snapshot_steps"].items()},
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{directory / 'trainer_state.json'}: unreadable loop state ({exc!r}); delete {directory} to resume "
+            "from the one before"
+        ) from None
     snapshots = {
         int(p.stem.rsplit("_", 1)[1]): load_file(str(p)) for p in sorted(directory.glob("snapshot_round_*.safetensors"))
     }

@@ -210,6 +210,8 @@ def parse_yaml(text: str, where: str) -> Any:
         return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: plain data only
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML (nested too deeply for a recipe)") from None
 
 
 def read_yaml(path: Path) -> Any:
