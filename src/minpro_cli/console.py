@@ -73,4 +73,5 @@ def print_metrics(title: str, metrics: dict[str, str]) -> None:
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}")
+    """One line however long (a log file or a grep gets the whole message)."""
+    console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)

@@ -1,8 +1,11 @@
-"""Rollout files: the parquet format stages exchange (DESIGN.md §4).
+"""Rollout files: the parquet format stages exchange (documented in docs/rollout-format.md).
 
 One row per sampled response. The file metadata holds `minpro.schema_version` and the
-resolved config. Readers validate the version, the columns and the per-row list lengths,
-and ignore columns they do not know.
+resolved config. Readers validate the version, the columns and the per-row contents, and
+ignore columns they do not know. A file written back by a dataframe tool (pandas, polars,
+`datasets`) is read too: compatible column types (large strings and lists, other integer
+and float widths) are cast, and a file whose minpro metadata such a tool dropped is read as
+the current schema version, with a warning.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from minpro_cli.console import warn
 from minpro_cli.errors import RolloutFileError
 from minpro_cli.fileio import atomic_path
 
@@ -51,6 +55,7 @@ SCHEMA = pa.schema(
 # Optional: log π_θ of each response token under a scoring policy (same length as the tokens).
 # `inspect-ratios` without --policy reads its target log-probs from here.
 TARGET_LOGPROBS_FIELD = pa.field("target_logprobs", pa.list_(pa.float32()))
+_warned_unversioned: set[Path] = set()  # once per file and process, however often it is opened
 
 
 def write_rollouts(path: Path, rows: list[dict[str, Any]], config: dict[str, Any]) -> None:
@@ -87,35 +92,68 @@ def open_rollout_file(path: Path) -> pq.ParquetFile:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
         raise RolloutFileError(f"{path}: not a readable parquet file ({exc}); it may be truncated or corrupt") from None
-    meta = parquet.schema_arrow.metadata or {}
-    version = meta.get(VERSION_KEY)
-    if version is None:
+    schema = parquet.schema_arrow
+    version = (schema.metadata or {}).get(VERSION_KEY)
+    missing = [f.name for f in SCHEMA if f.name not in schema.names]
+    if version is None and missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise RolloutFileError(
-            f"{path}: no '{VERSION_KEY.decode()}' metadata: this parquet file was not written by minpro "
-            "(a foreign file needs the DESIGN.md §4 columns and that metadata key)"
+            f"{path}: not written by minpro (no '{VERSION_KEY.decode()}' metadata, and no column(s) {shown}); "
+            "docs/rollout-format.md lists the columns a rollout file needs"
         )
-    if version.decode() != SCHEMA_VERSION:
+    if version is not None and version.decode() != SCHEMA_VERSION:
         raise RolloutFileError(
             f"{path}: rollout schema version {version.decode()} is not supported "
             f"(this minpro reads version {SCHEMA_VERSION}); upgrade minpro or regenerate the file"
         )
-    schema = parquet.schema_arrow
-    missing = [f.name for f in SCHEMA if f.name not in schema.names]
     if missing:
         raise RolloutFileError(f"{path}: missing column(s) {', '.join(missing)}")
-    if parquet.metadata.num_rows == 0:
-        raise RolloutFileError(f"{path}: the file has no rows; sample again (`minpro rollout`) or leave it out")
     for expected in [*SCHEMA, TARGET_LOGPROBS_FIELD]:
-        if expected.name in schema.names and schema.field(expected.name).type != expected.type:
+        if expected.name in schema.names and not castable(schema.field(expected.name).type, expected.type):
             actual = schema.field(expected.name).type
             raise RolloutFileError(f"{path}: column '{expected.name}' has type {actual}, expected {expected.type}")
+    if parquet.metadata.num_rows == 0:
+        raise RolloutFileError(f"{path}: the file has no rows; sample again (`minpro rollout`) or leave it out")
+    if version is None and path not in _warned_unversioned:
+        _warned_unversioned.add(path)
+        warn(
+            f"{path}: no '{VERSION_KEY.decode()}' metadata (dataframe writers drop it): reading it as schema "
+            f"version {SCHEMA_VERSION}; which recipe sampled it cannot be checked"
+        )
     return parquet
+
+
+def castable(actual: pa.DataType, expected: pa.DataType) -> bool:
+    """Types a dataframe tool writes for one of ours: any string, integer or float width, and
+    list kinds of those; `conform` casts them (checking the values fit)."""
+    if pa.types.is_list(expected):
+        lists = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+        return any(kind(actual) for kind in lists) and castable(actual.value_type, expected.value_type)
+    if pa.types.is_string(expected):
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual)
+    if pa.types.is_integer(expected):
+        return pa.types.is_integer(actual)
+    return pa.types.is_floating(expected) and pa.types.is_floating(actual)
+
+
+def conform(path: Path, table: pa.Table) -> pa.Table:
+    """The table with every known column cast to the schema's type; a value that does not fit
+    (a token id beyond int32) is an error naming the column."""
+    for expected in [*SCHEMA, TARGET_LOGPROBS_FIELD]:
+        if expected.name not in table.column_names or table.schema.field(expected.name).type == expected.type:
+            continue
+        try:
+            column = table[expected.name].cast(expected.type)
+        except pa.ArrowInvalid as exc:
+            raise RolloutFileError(f"{path}: column '{expected.name}' does not fit {expected.type} ({exc})") from None
+        table = table.set_column(table.column_names.index(expected.name), expected, column)
+    return table
 
 
 def read_rollout_file(path: Path) -> pa.Table:
     parquet = open_rollout_file(path)
     try:
-        table = parquet.read()
+        table = conform(path, parquet.read())
     except (pa.ArrowException, OSError) as exc:
         raise RolloutFileError(f"{path}: cannot read ({exc}); it may be truncated or corrupt") from None
     check_rows(path, table)
@@ -134,7 +172,7 @@ def iter_rollout_batches(
         offset = 0
         try:
             for batch in parquet.iter_batches(batch_size=batch_size, columns=present):
-                table = pa.Table.from_batches([batch])
+                table = conform(path, pa.Table.from_batches([batch]))
                 check_rows(path, table, offset)
                 if vocab_size is not None:
                     check_token_ids(str(path), table, vocab_size, offset)
@@ -145,8 +183,13 @@ def iter_rollout_batches(
 
 
 def check_rows(path: Path, table: pa.Table, offset: int = 0) -> None:
-    """Every row has a non-empty response and one log-prob per response token (behaviour and,
-    when present, target); errors name the file and the row number within it."""
+    """Every row has every known column, a non-empty response and one log-prob per response
+    token (behaviour and, when present, target); errors name the file and the row number
+    within it."""
+    for name in [f.name for f in SCHEMA if f.name in table.column_names]:
+        if table[name].null_count:
+            row = pc.index(pc.is_null(table[name]), True).as_py()
+            raise RolloutFileError(f"{path}: row {offset + row} has no value in column '{name}'; drop the row")
     n_tokens = pc.list_value_length(table["response_token_ids"])
     for column in ("behavior_logprobs", TARGET_LOGPROBS_FIELD.name):
         if column not in table.column_names:
