@@ -73,6 +73,11 @@ def train(
     nproc: Annotated[
         int, typer.Option("--nproc", min=1, help="training processes on this machine (launches torchrun)")
     ] = 1,
+    resume: Annotated[
+        str,
+        typer.Option(help="auto: the run's latest checkpoint, if its recipe matches | never: only a new run | "
+                     "a checkpoint directory to continue from (later rounds of its run are dropped)"),
+    ] = "auto",
 ) -> None:
     """Update the policy: an online rollout → update loop, or on stored rollouts (train.rollouts).
 
@@ -82,11 +87,11 @@ def train(
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         from minpro_cli.distributed import launch
 
-        launch(nproc, ["train", str(recipe), *(overrides or [])], Path(loaded.run_dir))
+        launch(nproc, ["train", str(recipe), *(overrides or []), f"--resume={resume}"], Path(loaded.run_dir))
         return
     from minpro_cli.train import run_train
 
-    run_train(loaded)
+    run_train(loaded, resume)
 
 
 @app.command("eval")

@@ -77,6 +77,7 @@ from minpro_cli.objectives import (
 )
 from minpro_cli.objectives.logratios import log_token_ratio
 from minpro_cli.ratiostats import StepRatios
+from minpro_cli.resume import forget_after, is_own_checkpoint, starting_checkpoint
 from minpro_cli.rollouts import check_token_ids, read_rollouts, write_rollouts
 from minpro_cli.rundir import owned
 from minpro_cli.schedule import lr_multiplier
@@ -465,8 +466,9 @@ def _shut_down_on_exit(executor: ThreadPoolExecutor) -> Iterator[None]:
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def run_train(recipe: Recipe) -> Path:
-    """The training loop; under torchrun (WORLD_SIZE > 1) every rank runs it."""
+def run_train(recipe: Recipe, resume: str = "auto") -> Path:
+    """The training loop; under torchrun (WORLD_SIZE > 1) every rank runs it. `resume`: `auto`
+    (the run directory's latest checkpoint, if its recipe matches), `never`, or a checkpoint."""
     recipe.model.check_device()  # before anything is written
     if recipe.model.dtype == "float16":
         raise ConfigError(
@@ -481,7 +483,7 @@ def run_train(recipe: Recipe) -> Path:
     try:
         # rank 0 owns the directory: refuses someone else's, locks out a second run, clears leftovers
         with owned(Path(recipe.run_dir)) if world.is_main else contextlib.nullcontext():
-            return train_loop(recipe, world)
+            return train_loop(recipe, world, resume)
     except KeyboardInterrupt:
         last = latest_checkpoint(Path(recipe.run_dir))
         raise Interrupted(f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet") from None
@@ -490,10 +492,10 @@ def run_train(recipe: Recipe) -> Path:
         close_world(world)
 
 
-def train_loop(recipe: Recipe, world: World) -> Path:
+def train_loop(recipe: Recipe, world: World, resume: str = "auto") -> Path:
     cfg, run_dir = recipe.train, Path(recipe.run_dir)
     staleness = 0 if cfg.rollouts else cfg.staleness  # stored rollouts carry their own staleness
-    resume_from = latest_checkpoint(run_dir)
+    resume_from = starting_checkpoint(run_dir, resume, recipe)
     policy = load_recipe_policy(recipe, str(resume_from) if resume_from else None)
     sharded = world.size > 1 and recipe.distributed.strategy == "fsdp"
     # FSDP2 shards the model in place: sampling and evaluation run on a whole copy
@@ -522,6 +524,8 @@ def train_loop(recipe: Recipe, world: World) -> Path:
         console.print(f"resuming from {resume_from} (round {state.round}, step {state.step})")
     metrics_path = run_dir / "metrics.jsonl"
     if world.is_main:  # the inputs are read and checked: from here on the run writes
+        if resume_from is not None and resume not in ("auto", "never") and is_own_checkpoint(run_dir, resume_from):
+            forget_after(run_dir, resume_from)
         filter_jsonl_atomic(metrics_path, "round", lambda m: m["round"] < state.round)  # rounds after the checkpoint are redone
         (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a new attempt: an earlier divergence no longer stands
         write_yaml_atomic(run_dir / "config.yaml", dump_recipe(recipe))
