@@ -277,3 +277,32 @@ def test_step_ratio_statistics_by_hand():
     assert out["ratios/m2"] == pytest.approx(sum(x * x for x in logs) / 4)
     assert out["ratios/ess_sequence"] == pytest.approx(((0.5 + 0.6) / 2) ** 2 / ((0.25 + 0.36) / 2))
     assert StepRatios().tensors() == {}
+
+
+def test_cli_takes_an_unquoted_glob_reads_eps_from_the_recipe_and_writes_json_to_stdout(trained):
+    from test_cli import invoke
+
+    _, checkpoint, run_dir = trained
+    files = sorted(str(p) for p in (run_dir / "rollouts").glob("round_*.parquet"))  # what the shell passes
+    result = invoke("inspect-ratios", *files, "--policy", str(checkpoint), "--json", "-")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)  # stdout holds the JSON alone; tables and notes go to stderr
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    assert len(files) == 3 and report["n_sequences"] == rows
+    # the quickstart objective's ε (minpro: eps_low 1.0, eps_high 0.2), as training counts its clip fractions
+    assert (report["clip"]["eps_low"], report["clip"]["eps_high"]) == (1.0, 0.2)
+    assert "clip range from the rollouts' recipe: objective 'minpro'" in result.stderr
+    given = invoke("inspect-ratios", files[0], "--policy", str(checkpoint), "--eps-low", "0.3", "--eps-high", "0.4",
+                   "--json", "-")
+    assert given.exit_code == 0, given.output
+    clip = json.loads(given.stdout)["clip"]
+    assert (clip["eps_low"], clip["eps_high"]) == (0.3, 0.4)
+
+
+def test_training_plot_reads_ratios_near_one_without_an_offset(trained):
+    _, _, run_dir = trained
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from minpro_cli.plots import training_figure
+
+    figure = training_figure(metrics, "t")
+    assert all(ax.yaxis.get_major_formatter().get_useOffset() is False for ax in figure.axes)

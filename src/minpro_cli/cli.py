@@ -122,13 +122,21 @@ def eval_(
 @app.command("inspect-ratios")
 @user_errors
 def inspect_ratios(
-    rollouts: Annotated[str, typer.Argument(help="parquet file, directory of them, or glob (a whole run)")],
+    rollouts: Annotated[
+        list[str], typer.Argument(help="parquet files, directories of them, or globs (a whole run)")
+    ],
     policy: Annotated[
         str | None, typer.Option(help="checkpoint to score with; default: each file's target_logprobs column")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="sequences per forward pass")] = 64,
-    eps_low: Annotated[float, typer.Option(min=0.0, help="clip fractions count ratios below 1 − eps_low")] = 0.2,
-    eps_high: Annotated[float, typer.Option(min=0.0, help="clip fractions count ratios above 1 + eps_high")] = 0.2,
+    eps_low: Annotated[
+        float | None,
+        typer.Option(min=0.0, help="clip fractions count ratios below 1 − eps_low [default: the rollouts' objective's]"),
+    ] = None,
+    eps_high: Annotated[
+        float | None,
+        typer.Option(min=0.0, help="clip fractions count ratios above 1 + eps_high [default: the rollouts' objective's]"),
+    ] = None,
     threshold: Annotated[
         list[float] | None, typer.Option(help="report fractions below / above it (repeatable)")
     ] = None,
@@ -137,14 +145,14 @@ def inspect_ratios(
         int | None, typer.Option(help="optimizer step of --policy (for --by staleness; read from the checkpoint)")
     ] = None,
     worst: Annotated[int, typer.Option(min=0, help="list the K sequences with the smallest ρ̲ at their end")] = 5,
-    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON (- : stdout)")] = None,
     plot: Annotated[Path | None, typer.Option(help="write PNG plots into this directory")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="run model code shipped with the checkpoint")] = False,
 ) -> None:
     """Statistics of ρ_t, ρ̲_t, ρ̲_t·ρ_t and ρ_1:t of saved rollouts against a policy."""
     from minpro_cli.checkpoints import saved_policy_step
     from minpro_cli.modeling import load_policy
-    from minpro_cli.ratios import InspectOptions
+    from minpro_cli.ratios import InspectOptions, clip_range
     from minpro_cli.ratios import inspect_ratios as run
     from minpro_cli.ratiostats import DEFAULT_THRESHOLDS
 
@@ -156,7 +164,8 @@ def inspect_ratios(
     scorer = load_policy(policy, trust_remote_code=trust_remote_code) if policy else None
     if policy_step is None and policy:
         policy_step = saved_policy_step(Path(policy))
-    options = InspectOptions(batch_size, eps_low, eps_high, thresholds, by, policy_step, worst)  # type: ignore[arg-type]
+    low, high = clip_range(rollouts, eps_low, eps_high)
+    options = InspectOptions(batch_size, low, high, thresholds, by, policy_step, worst)  # type: ignore[arg-type]
     run(rollouts, scorer, options, json_path, plot)
 
 

@@ -75,7 +75,7 @@ def position_figure(report: dict[str, Any]) -> Figure:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("log ratio")
         ax.legend(fontsize=8)
-    fig.suptitle("ratios along the response: the prefix product drifts, the prefix minimum is bounded")
+    fig.suptitle("ratios along the response, by token position")
     return fig
 
 
@@ -123,6 +123,7 @@ def training_figure(metrics: list[dict[str, Any]], title: str) -> Figure:
                 ax.plot(steps, values, label=key.removeprefix("ratios/"))
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(label)
+        ax.ticklabel_format(axis="y", useOffset=False)  # an on-policy ρ ≈ 1 reads 1.0000, not 1e−5+9.999e−1
         if len(keys) > 1:
             ax.legend(fontsize=7)
     fig.suptitle(title)

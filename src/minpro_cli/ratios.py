@@ -6,6 +6,8 @@ policy (batched, no grad) or, without a policy, from each file's `target_logprob
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +17,20 @@ import torch
 from rich.table import Table
 
 from minpro_cli.console import console, progress_bar
-from minpro_cli.errors import ConfigError, RolloutFileError
+from minpro_cli.errors import ConfigError, MinproError, RolloutFileError
 from minpro_cli.fileio import write_json_atomic
 from minpro_cli.modeling import Policy, pack, pad_rows, response_logprobs, tokenizer_fingerprint
 from minpro_cli.objectives import LOG_RATIO_CLAMP
 from minpro_cli.ratiostats import DEFAULT_THRESHOLDS, QUANTITIES, RatioStats
-from minpro_cli.rollouts import TARGET_LOGPROBS_FIELD, iter_rollout_batches, open_rollout_file, rollout_files
+from minpro_cli.registry import load_plugin
+from minpro_cli.rollouts import (
+    TARGET_LOGPROBS_FIELD,
+    RolloutSpec,
+    iter_rollout_batches,
+    open_rollout_file,
+    recorded_recipe,
+    rollout_files,
+)
 
 GroupBy = Literal["policy_version", "staleness"]
 COLUMNS = ["prompt_id", "sample_index", "prompt_token_ids", "response_token_ids", "behavior_logprobs", "reward",
@@ -101,7 +111,7 @@ def group_key(row: dict[str, Any], options: InspectOptions) -> str | None:
 
 
 def inspect_ratios(
-    rollouts: str,
+    rollouts: RolloutSpec,
     policy: Policy | None,
     options: InspectOptions | None = None,
     json_path: Path | None = None,
@@ -141,9 +151,11 @@ def inspect_ratios(
         report["groups"] = {key: groups[key].report() for key in sorted(groups, key=int)}
         for group in report["groups"].values():
             group["worst"] = [decode_worst(item, policy) for item in group["worst"]]
-    report["source"] = str(rollouts)
-    print_report(report, str(rollouts), options)
-    if json_path is not None:
+    report["source"] = " ".join(map(str, rollouts)) if isinstance(rollouts, list) else str(rollouts)
+    print_report(report, report["source"], options)
+    if json_path == Path("-"):  # machine-readable on stdout; the tables went to stderr
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    elif json_path is not None:
         write_json_atomic(json_path, report)
     if plot_dir is not None:
         from minpro_cli.plots import plot_inspection
@@ -151,6 +163,22 @@ def inspect_ratios(
         for written in plot_inspection(overall, report, plot_dir):
             console.print(f"plot: {written}")
     return report
+
+
+def clip_range(rollouts: RolloutSpec, eps_low: float | None, eps_high: float | None) -> tuple[float, float]:
+    """The clip range the fractions count against: given values, else the ε of the objective in the
+    recipe the first file records (so they agree with training's clip fractions), else 0.2."""
+    if eps_low is not None and eps_high is not None:
+        return eps_low, eps_high
+    objective = (recorded_recipe(rollout_files(rollouts)[0]) or {}).get("objective") or {}
+    try:
+        plugin = load_plugin("objectives", objective["name"], objective.get("options") or {})
+        recorded = float(plugin.eps_low), float(plugin.eps_high)
+        console.print(f"clip range from the rollouts' recipe: objective '{objective['name']}', "
+                      f"eps_low {recorded[0]:g}, eps_high {recorded[1]:g}")
+    except (KeyError, TypeError, AttributeError, MinproError):
+        recorded = 0.2, 0.2
+    return (eps_low if eps_low is not None else recorded[0]), (eps_high if eps_high is not None else recorded[1])
 
 
 def decode_worst(item: dict[str, Any], policy: Policy | None) -> dict[str, Any]:
@@ -169,9 +197,9 @@ def print_report(report: dict[str, Any], source: str, options: InspectOptions) -
     table = Table(title=f"ratios of {source}: {report['n_sequences']} sequences, {report['n_tokens']} tokens")
     table.add_column("quantity")
     for s in stats:
-        table.add_column(s, justify="right")
+        table.add_column(s, justify="right", overflow="fold")
     for t in options.thresholds:
-        table.add_column(f"<{t:g}", justify="right")
+        table.add_column(f"<{t:g}", justify="right", overflow="fold")
     for key, label in QUANTITIES.items():
         q = report[key]
         if q["count"]:
@@ -196,7 +224,7 @@ def print_report(report: dict[str, Any], source: str, options: InspectOptions) -
 def print_by_position(bins: list[dict[str, Any]], title: str) -> None:
     table = Table(title=title)
     for column in ("position", "tokens", "mean log ρ_t", "mean log ρ_1:t", "std log ρ_1:t", "mean ρ̲_t", "min ρ̲_t"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")
     for b in bins:
         table.add_row(b["bin"], str(b["count"]), f"{b['log_token_ratio_mean']:+.4f}",
                       f"{b['log_prefix_ratio_mean']:+.3f}", f"{b['log_prefix_ratio_std']:.3f}",
@@ -207,7 +235,7 @@ def print_by_position(bins: list[dict[str, Any]], title: str) -> None:
 def print_first_breaks(breaks: dict[str, dict[str, Any]]) -> None:
     table = Table(title="where prefixes break: first position with ρ̲_t < τ")
     for column in ("τ", "sequences broken", "mean position", "by relative position (tenths of the response)"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")
     for tau, b in breaks.items():
         spread = " ".join(str(c) for c in b["relative"].values())
         mean = "—" if b["mean_position"] is None else f"{b['mean_position']:.1f}"
@@ -234,7 +262,7 @@ def print_groups(by: str, groups: dict[str, Any]) -> None:
     columns = ("group", "sequences", "tokens", "mean ρ_t", "p5 ρ̲_t", "mean ρ̲_t·ρ_t", "p50 ρ_1:t", "k3 KL",
                "(log ρ)²", "clip ρ_t")
     for column in columns:
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")
     for key, r in groups.items():
         table.add_row(key, str(r["n_sequences"]), str(r["n_tokens"]), f"{r['token_ratio']['mean']:.4f}",
                       f"{r['min_prefix_ratio']['p5']:.4f}", f"{r['minpro_weight']['mean']:.4f}",

@@ -70,8 +70,14 @@ def write_rollouts(path: Path, rows: list[dict[str, Any]], config: dict[str, Any
         pq.write_table(table, tmp)
 
 
-def rollout_files(spec: str | Path) -> list[Path]:
-    """A parquet file, a directory of them, or a glob; sorted for a stable order."""
+RolloutSpec = str | Path | list[str] | list[Path]
+
+
+def rollout_files(spec: RolloutSpec) -> list[Path]:
+    """A parquet file, a directory of them, or a glob, sorted for a stable order; or a list of
+    those (what an unquoted glob becomes in the shell), each expanded in turn."""
+    if isinstance(spec, list):
+        return list(dict.fromkeys(f for item in spec for f in rollout_files(item)))
     path = Path(spec)
     if path.is_dir():
         files = sorted(path.glob("*.parquet"))
@@ -123,6 +129,16 @@ def open_rollout_file(path: Path) -> pq.ParquetFile:
     return parquet
 
 
+def recorded_recipe(path: Path) -> dict[str, Any] | None:
+    """The recipe a rollout file records in its metadata (None when a writer dropped it)."""
+    raw = (open_rollout_file(path).schema_arrow.metadata or {}).get(CONFIG_KEY)
+    try:
+        recipe = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return recipe if isinstance(recipe, dict) else None
+
+
 def castable(actual: pa.DataType, expected: pa.DataType) -> bool:
     """Types a dataframe tool writes for one of ours: any string, integer or float width, and
     list kinds of those; `conform` casts them (checking the values fit)."""
@@ -161,7 +177,7 @@ def read_rollout_file(path: Path) -> pa.Table:
 
 
 def iter_rollout_batches(
-    spec: str | Path, batch_size: int, columns: list[str], vocab_size: int | None = None
+    spec: RolloutSpec, batch_size: int, columns: list[str], vocab_size: int | None = None
 ) -> Iterator[tuple[Path, pa.Table]]:
     """Stream a rollout set in batches of at most `batch_size` rows, each checked like a whole
     file would be (and its token ids against `vocab_size`, when given); `columns` that a file
@@ -251,7 +267,7 @@ def check_token_ids(where: str, rows: pa.Table, vocab_size: int, offset: int = 0
         )
 
 
-def read_rollouts(spec: str | Path) -> pa.Table:
+def read_rollouts(spec: RolloutSpec) -> pa.Table:
     """All rows of a rollout set, restricted to the known columns, in file order."""
     tables = [read_rollout_file(p).select(SCHEMA.names) for p in rollout_files(spec)]
     return pa.concat_tables(tables)
