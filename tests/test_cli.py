@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from minpro_cli.cli import app
@@ -132,3 +133,28 @@ def test_eval_compare_needs_no_recipe(tmp_path):
     result = invoke("eval", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"))
     assert result.exit_code == 0 and "+0.25" in result.output
     assert_one_line_error(invoke("eval"), "give a recipe to evaluate, or --compare")
+
+
+def test_version_and_the_resolved_recipe_which_loads_back(tmp_path):
+    from importlib.metadata import version
+
+    from minpro_cli.config import load_recipe, resolved_recipe
+
+    assert invoke("--version").stdout == f"minpro {version('minpro')}\n"
+    result = invoke("config", QUICKSTART, "objective.name=grpo", "objective.options={}", "optim.lr=3e-5")
+    assert result.exit_code == 0, result.output
+    (tmp_path / "resolved.yaml").write_text(result.stdout)
+    printed = yaml.safe_load(result.stdout)
+    assert printed["optim"]["lr"] == 3e-5 and printed["train"]["micro_batch_tokens"] == 16384  # a default
+    assert printed["objective"]["options"]["eps_high"] == 0.2  # grpo's own default, filled in
+    assert printed["sampler"]["options"]["max_new_tokens"] == 48
+    again = load_recipe(tmp_path / "resolved.yaml")
+    assert resolved_recipe(again) == printed  # the printed recipe is the same recipe
+
+
+def test_a_misspelt_key_suggests_the_known_one():
+    assert_one_line_error(invoke("train", QUICKSTART, "optim.warmup_step=3"), "unknown key 'optim.warmup_step'",
+                          "did you mean 'optim.warmup_steps'?")
+    assert_one_line_error(invoke("train", QUICKSTART, "objective.options.eps_hgh=0.3"), "did you mean 'eps_high'?")
+    result = invoke("train", QUICKSTART, "optim.zzzz=3")
+    assert "unknown key 'optim.zzzz'" in result.output and "did you mean" not in result.output

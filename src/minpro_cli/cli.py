@@ -56,6 +56,34 @@ def _recipe(path: Path, overrides: list[str] | None) -> Recipe:
     return load_recipe(path, overrides or [])
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"minpro {version('minpro')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """RL post-training with the MinPRO objective."""
+
+
+@app.command("config")
+@user_errors
+def config_(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Print the resolved recipe as YAML: every default, and every option of the selected plugins."""
+    import yaml
+
+    from minpro_cli.config import resolved_recipe
+
+    typer.echo(yaml.safe_dump(resolved_recipe(_recipe(recipe, overrides)), sort_keys=False), nl=False)
+
+
 @app.command()
 @user_errors
 def rollout(recipe: RecipeArg, overrides: OverridesArg = None) -> None:

@@ -301,7 +301,7 @@ def recipe_from_data(data: dict[str, Any], where: str) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: {format_validation_error(exc)}") from None
+        raise ConfigError(f"{where}: {format_validation_error(exc, model=Recipe)}") from None
     for kind in ("objectives", "verifiers", "samplers"):
         try:
             recipe.plugin(kind)  # validates the plugin's own options now, not mid-run
@@ -318,3 +318,13 @@ def recipe_from_data(data: dict[str, Any], where: str) -> Recipe:
 
 def dump_recipe(recipe: Recipe) -> dict[str, Any]:
     return recipe.model_dump(mode="json")
+
+
+def resolved_recipe(recipe: Recipe) -> dict[str, Any]:
+    """The recipe with every default, and each selected plugin's options with its defaults too."""
+    data = dump_recipe(recipe)
+    for kind in ("objectives", "verifiers", "samplers"):
+        plugin = recipe.plugin(kind)
+        if isinstance(plugin, BaseModel):
+            data[kind[:-1]]["options"] = plugin.model_dump(mode="json")
+    return data

@@ -7,6 +7,7 @@ configured plugin (callable objective / verifier, sampler with `generate`).
 
 from __future__ import annotations
 
+import difflib
 import functools
 import sys
 import warnings
@@ -99,19 +100,35 @@ def load_plugin(kind: Kind, name: str, options: dict[str, Any] | None = None) ->
     try:
         return cls(**(options or {}))
     except ValidationError as exc:
-        raise PluginError(f"bad options for {kind[:-1]} '{name}': {format_validation_error(exc)}") from None
+        raise PluginError(f"bad options for {kind[:-1]} '{name}': {format_validation_error(exc, model=cls)}") from None
 
 
-def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """One line per problem: `dotted.key: message`."""
+def format_validation_error(exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    """One line per problem: `dotted.key: message`; an unknown key of `model` (or of a section
+    within it) with the known key it is closest to."""
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
         if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{key}'")
+            close = closest_key(model, err["loc"]) if model is not None else None
+            parts.append(f"unknown key '{key}'" + (f" (did you mean '{close}'?)" if close else ""))
         else:
             parts.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
     return "; ".join(parts)
+
+
+def closest_key(model: type[BaseModel], loc: tuple[int | str, ...]) -> str | None:
+    """The known key nearest to the unknown last element of `loc`, with the section path before it."""
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return None
+    for part in loc[:-1]:  # walk down the nested sections
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return ".".join([*map(str, loc[:-1]), match[0]]) if match else None
 
 
 def load_objective(name: str, **options: Any) -> ObjectiveOptions:
