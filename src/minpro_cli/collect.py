@@ -41,11 +41,18 @@ class SamplingJob:
     system_prompt: str | None = None
 
     def prompt(self, problem: Problem) -> str:
-        text = render_prompt(self.prompt_template, problem)
-        if not self.chat:
-            return text
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages.append({"role": "user", "content": text})
+        """Text prompts get the template (and the chat template when `chat`); chat prompts are
+        rendered with the chat template as given, the system prompt added when they have none."""
+        if problem.messages is None and not self.chat:
+            return render_prompt(self.prompt_template, problem)
+        messages = problem.messages or [{"role": "user", "content": render_prompt(self.prompt_template, problem)}]
+        if self.system_prompt and all(m["role"] != "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        if not getattr(self.policy.tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"problem '{problem.id}' is a list of chat messages, but the tokenizer of {self.policy.path} has no "
+                "chat template to render them: use a model with one, or a dataset whose prompts are text"
+            )
         return str(self.policy.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
 
 
@@ -145,7 +152,9 @@ def load_recipe_policy(recipe: Recipe, path: str | None = None) -> Policy:
 
 def load_split(recipe: Recipe, split: str) -> list[Problem]:
     d = recipe.data
-    return load_problems(getattr(d, split), d.question_field, d.answer_field, d.id_field, d.preset)
+    return load_problems(
+        getattr(d, split), d.question_field, d.answer_field, d.id_field, d.preset, getattr(d, f"{split}_split"), d.subset
+    )
 
 
 def run_rollout(recipe: Recipe) -> Path:

@@ -62,11 +62,22 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train: str = Field("embedded:arith-train", description="embedded:<name> or a .jsonl/.json/.parquet/.csv file")
+    train: str = Field(
+        "embedded:arith-train",
+        description="embedded:<name>, a .jsonl/.json/.parquet/.csv file, a directory of them, or a Hugging Face "
+        "dataset id (org/name) already in the local datasets cache",
+    )
     eval: str = "embedded:arith-test"
-    prompt_template: str = Field("{question}\n", description="'{question}' is replaced by the problem")
+    train_split: str = Field("train", description="split of a hub dataset id in data.train")
+    eval_split: str = Field("test", description="split of a hub dataset id in data.eval")
+    subset: str | None = Field(None, description="configuration (subset) of a hub dataset id, e.g. gsm8k's 'main'")
+    prompt_template: str = Field(
+        "{question}\n", description="'{question}' is replaced by the problem (text prompts; chat prompts are as given)"
+    )
     chat_template: Literal["auto", "always", "never"] = Field(
-        "auto", description="wrap the prompt as a user message in the tokenizer's chat template (auto: if it has one)"
+        "auto",
+        description="wrap a text prompt as a user message in the tokenizer's chat template (auto: if it has one); "
+        "chat-message prompts always use it",
     )
     system_prompt: str | None = Field(None, description="system message, when the chat template is used")
     id_field: str = "id"

@@ -117,7 +117,7 @@ def evaluate_benchmark(recipe: Recipe, policy: Policy, bench: BenchmarkConfig) -
     d, cfg = recipe.data, recipe.eval
     problems = load_problems(
         bench.data, bench.question_field or d.question_field, bench.answer_field or d.answer_field,
-        bench.id_field or d.id_field, bench.preset,
+        bench.id_field or d.id_field, bench.preset, d.eval_split, d.subset,
     )[: bench.max_problems or cfg.max_problems]
     job = sampling_job(recipe, policy)
     if bench.verifier is not None:

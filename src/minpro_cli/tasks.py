@@ -1,13 +1,19 @@
-"""Problem sets: the embedded arithmetic task or a local file (jsonl, json, parquet, csv).
+"""Problem sets: the embedded arithmetic task, a local file (jsonl, json, parquet, csv), a
+directory of such files, or a Hugging Face dataset already in the local `datasets` cache.
 
-Field names are configurable; a preset knows the common public exports of the math
-benchmarks (field names and how their answers are stored). Nothing is downloaded.
+Field names are configurable and may be dotted paths into nested fields
+(`reward_model.ground_truth`); presets know the common public exports of the math benchmarks
+and the TRL and verl dataset layouts. A prompt may be text or a list of chat messages
+(`[{"role": "user", "content": ...}]`, TRL's conversational format and verl's), which the
+sampler renders with the tokenizer's chat template. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -22,13 +28,15 @@ from minpro_cli.errors import MinproError
 
 EMBEDDED_PREFIX = "embedded:"
 FORMATS = (".jsonl", ".json", ".parquet", ".csv")
-PresetName = Literal["math500", "gsm8k", "aime", "amc", "minerva", "olympiadbench"]
+PresetName = Literal["math500", "gsm8k", "aime", "amc", "minerva", "olympiadbench", "trl", "verl"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
 
 
 class Problem(BaseModel):
     id: str
-    question: str
+    question: str  # the text, or the last user message of a chat prompt
     answer: str
+    messages: list[dict[str, str]] | None = None  # a chat prompt, rendered with the chat template
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,9 @@ PRESETS: dict[str, Preset] = {
     "amc": Preset(("problem", "question"), ("answer",), ("id",)),
     "minerva": Preset(("problem", "question"), ("answer",), ("id", "idx")),
     "olympiadbench": Preset(("question",), ("final_answer",), ("id",), answer_form="first_of_list"),
+    # TRL's conversational prompt-only datasets; verl's RL parquet files
+    "trl": Preset(("prompt",), ("solution", "answer", "ground_truth"), ("id",)),
+    "verl": Preset(("prompt",), ("reward_model.ground_truth",), ("extra_info.index", "index", "id")),
 }
 
 
@@ -65,11 +76,52 @@ def resolve_task_path(spec: str) -> Path:
             raise MinproError(f"unknown embedded task '{name}'; known: {', '.join(known)}")
         return path
     path = Path(spec)
-    if not path.is_file():
-        raise MinproError(f"task file not found: {path} (give a {'/'.join(FORMATS)} path or embedded:<name>)")
-    if path.suffix not in FORMATS:
+    if not path.exists():
+        raise MinproError(
+            f"task file not found: {path} (give a {'/'.join(FORMATS)} file, a directory of them, embedded:<name>, "
+            "or a Hugging Face dataset id org/name in the local datasets cache)"
+        )
+    if path.is_file() and path.suffix not in FORMATS:
         raise MinproError(f"{path}: unknown task format '{path.suffix}'; use one of {', '.join(FORMATS)}")
     return path
+
+
+def task_records(spec: str, split: str, subset: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) pairs of a task spec: a file, a directory of files (in name order), or a
+    hub dataset id read from the local cache."""
+    if HUB_ID.match(spec) and not Path(spec).exists():
+        yield from hub_records(spec, split, subset)
+        return
+    path = resolve_task_path(spec)
+    files = sorted(p for p in path.iterdir() if p.suffix in FORMATS) if path.is_dir() else [path]
+    if not files:
+        raise MinproError(f"{path}: no {'/'.join(FORMATS)} files in this directory")
+    for file in files:
+        yield from read_records(file)
+
+
+def hub_records(spec: str, split: str, subset: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A hub dataset's split from the local `datasets` cache only: minpro never downloads."""
+    export = (
+        f"python -c \"import datasets; datasets.load_dataset('{spec}'{f', {subset!r}' if subset else ''}, "
+        f"split='{split}').to_parquet('{spec.split('/')[-1]}-{split}.parquet')\""
+    )
+    remedy = f"where there is network, run {export} and point the data key at that file"
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        dataset = datasets.load_dataset(spec, subset, split=split)
+    except ImportError:
+        raise MinproError(f"'{spec}' is not a local path; reading a hub dataset id needs `datasets`; {remedy}") from None
+    except Exception as exc:  # noqa: BLE001 — datasets raises many kinds when offline and not cached
+        raise MinproError(
+            f"'{spec}' is not a local path, and the hub dataset of that id (split '{split}') is not in the local "
+            f"cache ({type(exc).__name__}); minpro never downloads at run time: {remedy}"
+        ) from None
+    for i, record in enumerate(dataset):
+        yield f"{spec}[{split}] row {i}", record
 
 
 def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -120,14 +172,47 @@ def _encodable(text: str, where: str, field: str) -> None:
         ) from None
 
 
-def _pick(record: dict[str, Any], names: tuple[str, ...], where: str, what: str) -> Any:
+def field_value(record: dict[str, Any], name: str) -> Any:
+    """The value at a field name or a dotted path into nested fields (None if absent)."""
+    value: Any = record
+    for part in [name] if name in record else name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _pick(record: dict[str, Any], names: tuple[str, ...], where: str, what: str) -> tuple[str, Any]:
     for name in names:
-        if name in record and record[name] is not None:
-            return record[name]
+        value = field_value(record, name)
+        if value is not None:
+            return name, value
     raise MinproError(
         f"{where}: no {what} field (looked for {', '.join(repr(n) for n in names)}; the row has "
         f"{', '.join(repr(k) for k in record)}); set data.{what}_field or data.preset"
     )
+
+
+def _text(value: Any, where: str, field: str) -> str:
+    """Text, or a number written as text; a list or a mapping is an error, never its repr."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise MinproError(
+        f"{where}: field '{field}' holds a {type(value).__name__}, not text; point the data key at the field "
+        "with the text (a dotted path reaches into nested fields, e.g. reward_model.ground_truth)"
+    )
+
+
+def _chat(value: Any) -> list[dict[str, str]] | None:
+    """A chat prompt: a non-empty list of {role, content} messages with text content."""
+    if not isinstance(value, list) or not value:
+        return None
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+               for m in value):
+        return None
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def _answer(value: Any, form: str, where: str) -> str:
@@ -139,7 +224,7 @@ def _answer(value: Any, form: str, where: str) -> str:
                 raise MinproError(f"{where}: empty answer list")
             value = value[0]
         return str(value).strip().strip("$").strip()
-    text = str(value)
+    text = _text(value, where, "answer")
     if form == "after_hashes":
         if "####" not in text:
             raise MinproError(f"{where}: a GSM8K answer should end in '#### <number>', got {text[-40:]!r}")
@@ -153,30 +238,37 @@ def load_problems(
     answer_field: str = "answer",
     id_field: str = "id",
     preset: str | None = None,
+    split: str = "train",
+    subset: str | None = None,
 ) -> list[Problem]:
-    """Read problems; a missing id becomes `<file stem>-<n>`. With a preset, its field names
-    are tried first, then the configured ones."""
-    path = resolve_task_path(spec)
+    """Read problems; a missing id becomes `<name>-<n>`. With a preset, its field names are
+    tried first, then the configured ones. `split` and `subset` select from a hub dataset."""
     chosen = PRESETS[preset] if preset else Preset((), (), ())
     questions = (*chosen.question, question_field)
     answers = (*chosen.answer, answer_field)
     ids = (*chosen.id, id_field)
+    stem = Path(spec).stem if not spec.startswith(EMBEDDED_PREFIX) else spec[len(EMBEDDED_PREFIX) :]
     problems = []
-    for n, (where, record) in enumerate(read_records(path)):
-        found_id = next((record[k] for k in ids if record.get(k) is not None), None)
+    for n, (where, record) in enumerate(task_records(spec, split, subset)):
+        found_id = next((v for k in ids if (v := field_value(record, k)) is not None), None)
+        field, prompt = _pick(record, questions, where, "question")
+        messages = _chat(prompt)
+        user = [m["content"] for m in messages or [] if m["role"] == "user"]
         problem = Problem(
-            id=str(found_id) if found_id is not None else f"{path.stem}-{n}",
-            question=str(_pick(record, questions, where, "question")),
-            answer=_answer(_pick(record, answers, where, "answer"), chosen.answer_form, where),
+            id=_text(found_id, where, "id") if found_id is not None else f"{stem}-{n}",
+            question=(user[-1] if user else messages[-1]["content"]) if messages else _text(prompt, where, field),
+            answer=_answer(_pick(record, answers, where, "answer")[1], chosen.answer_form, where),
+            messages=messages,
         )
-        for field, text in problem.model_dump().items():
-            _encodable(text, where, field)
+        texts = [problem.id, problem.question, problem.answer, *(m["content"] for m in messages or [])]
+        for field_name, text in zip(["id", "question", "answer", *["messages"] * len(texts)], texts):
+            _encodable(text, where, field_name)
         problems.append(problem)
     if not problems:
-        raise MinproError(f"task file {path} holds no problems")
+        raise MinproError(f"task file {spec} holds no problems")
     duplicates = len(problems) - len({p.id for p in problems})
     if duplicates:
-        raise MinproError(f"{path}: {duplicates} problem id(s) repeat; ids must be unique (set data.id_field)")
+        raise MinproError(f"{spec}: {duplicates} problem id(s) repeat; ids must be unique (set data.id_field)")
     return problems
 
 
