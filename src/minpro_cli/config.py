@@ -234,6 +234,20 @@ class SweepConfig(Section):
         return self
 
 
+TrackerName = Literal["tensorboard", "wandb"]
+
+
+class LoggingConfig(Section):
+    report_to: list[TrackerName] = Field(
+        default_factory=list,
+        description="trackers besides metrics.jsonl: tensorboard (RUN_DIR/tensorboard), wandb (optional extras)",
+    )
+    wandb_project: str = Field("minpro", description="wandb project")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: RUN_DIR/wandb, uploaded later with `wandb sync`; online: live"
+    )
+
+
 class Recipe(Section):
     run_dir: str = "runs/default"
     seed: int = 0
@@ -248,6 +262,7 @@ class Recipe(Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     def plugin(self, kind: Kind) -> Any:
         ref: PluginRef = getattr(self, kind[:-1])

@@ -34,8 +34,29 @@ class Bar:
         self.progress.update(self.task, completed=completed, info=info)
 
 
+@dataclass
+class LineBar:
+    """Progress as one printed line per update, when the output is a file or a pipe (a live bar
+    would only be written when it ends)."""
+
+    description: str
+    total: int
+    completed: int = 0
+
+    def advance(self, n: int = 1, info: str | None = None) -> None:
+        self.set(self.completed + n, info or "")
+
+    def set(self, completed: int, info: str) -> None:
+        self.completed = completed
+        if completed:  # nothing to say before the first unit is done
+            console.print(f"{self.description} {completed}/{self.total} {info}".rstrip(), markup=False, soft_wrap=True)
+
+
 @contextmanager
-def progress_bar(description: str, total: int) -> Iterator[Bar]:
+def progress_bar(description: str, total: int) -> Iterator[Bar | LineBar]:
+    if not console.is_terminal:
+        yield LineBar(description, total)
+        return
     if _active:
         progress = _active[-1]
         task = progress.add_task(description, total=total, info="")

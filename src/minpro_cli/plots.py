@@ -113,7 +113,8 @@ TRAINING_PANELS = [
 ]
 
 
-def training_figure(metrics: list[dict[str, Any]], title: str) -> Figure:
+def training_figure(metrics: list[dict[str, Any]], title: str, evals: list[dict[str, Any]] | None = None) -> Figure:
+    """The training panels; held-out pass@1 (evals.jsonl) joins the reward panel as points."""
     fig, axes = plt.subplots(2, 3, figsize=(14, 7), layout="constrained")
     steps = [m["step"] for m in metrics]
     for ax, (label, keys) in zip(axes.flat, TRAINING_PANELS):
@@ -121,10 +122,14 @@ def training_figure(metrics: list[dict[str, Any]], title: str) -> Figure:
             values = [m.get(key, math.nan) for m in metrics]
             if any(math.isfinite(v) for v in values):
                 ax.plot(steps, values, label=key.removeprefix("ratios/"))
+        if label == "reward":
+            for key in sorted({k for e in evals or [] for k in e if k.endswith("pass@1")}):
+                points = [(e["step"], e[key]) for e in evals or [] if key in e]
+                ax.plot(*zip(*points), "o-", label=f"held-out {key.removeprefix('eval/')}")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(label)
         ax.ticklabel_format(axis="y", useOffset=False)  # an on-policy ρ ≈ 1 reads 1.0000, not 1e−5+9.999e−1
-        if len(keys) > 1:
+        if len(ax.get_lines()) > 1:
             ax.legend(fontsize=7)
     fig.suptitle(title)
     return fig
@@ -138,7 +143,10 @@ def plot_run(run_dir: Path) -> Path:
     metrics = read_jsonl(metrics_path, "round")
     if not metrics:
         raise MinproError(f"{metrics_path} is empty: no round has finished yet")
-    return save(training_figure(metrics, f"{run_dir}: {len(metrics)} rounds"), run_dir / "plots" / "training.png")
+    evals_path = run_dir / "evals.jsonl"
+    evals = read_jsonl(evals_path, "round") if evals_path.is_file() else []
+    figure = training_figure(metrics, f"{run_dir}: {len(metrics)} rounds", evals)
+    return save(figure, run_dir / "plots" / "training.png")
 
 
 @dataclass

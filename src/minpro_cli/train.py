@@ -82,6 +82,7 @@ from minpro_cli.rollouts import check_token_ids, read_rollouts, write_rollouts
 from minpro_cli.rundir import owned
 from minpro_cli.schedule import lr_multiplier
 from minpro_cli.tasks import Problem
+from minpro_cli.trackers import Trackers, check_installed
 
 DIVERGED_FILE = "diverged.json"  # written when a non-finite loss or gradient stops the run
 
@@ -431,7 +432,7 @@ class HeldOutEvals:
         every, last = self.recipe.train.eval_every, self.recipe.train.iterations
         return bool(every) and state.round not in self.done and (state.round % every == 0 or state.round == last)
 
-    def __call__(self, policy: Policy, state: LoopState) -> None:
+    def __call__(self, policy: Policy, state: LoopState) -> dict[str, Any]:
         record: dict[str, Any] = {"round": state.round, "step": state.step}
         for name, bench in benchmarks_of(self.recipe).items():
             result, _ = evaluate_benchmark(self.recipe, policy, bench)
@@ -439,6 +440,9 @@ class HeldOutEvals:
             record |= {prefix + key: value for key, value in result.items() if isinstance(value, float)}
         append_jsonl(self.path, record)
         self.done.add(state.round)
+        shown = [f"{key.removeprefix('eval/')} {value:.3f}" for key, value in record.items() if key.endswith("pass@1")]
+        console.print(f"held-out after round {state.round} (step {state.step}): {', '.join(shown)}")
+        return record
 
 
 def warn_truncated_sampling(rows: list[dict[str, Any]], objective: ObjectiveOptions, name: str) -> None:
@@ -470,6 +474,7 @@ def run_train(recipe: Recipe, resume: str = "auto") -> Path:
     """The training loop; under torchrun (WORLD_SIZE > 1) every rank runs it. `resume`: `auto`
     (the run directory's latest checkpoint, if its recipe matches), `never`, or a checkpoint."""
     recipe.model.check_device()  # before anything is written
+    check_installed(recipe)
     if recipe.model.dtype == "float16":
         raise ConfigError(
             "model.dtype=float16 cannot train: float16 gradients underflow without loss scaling, which minpro does "
@@ -539,17 +544,16 @@ def train_loop(recipe: Recipe, world: World, resume: str = "auto") -> Path:
     estimator = cfg.advantage or objective.default_advantage
     trainee.module.eval()
     held_out = HeldOutEvals(recipe, run_dir, state.round, world)
+    trackers = Trackers(recipe, run_dir, enabled=world.is_main)
 
     def evaluate() -> None:
         if held_out.due(state):
             refresh_plain()
             if world.is_main:
-                held_out(plain, state)
+                trackers.log(held_out(plain, state))
             else:
                 held_out.done.add(state.round)
             world.barrier()
-
-    evaluate()  # before the first round, or the one an interruption skipped
 
     def set_lr() -> None:
         o = recipe.optim
@@ -564,7 +568,8 @@ def train_loop(recipe: Recipe, world: World, resume: str = "auto") -> Path:
     # train.pipeline: round r+1's rows are sampled in this thread while round r trains
     sampler_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minpro-sampler")
     pending: dict[int, Future[list[dict[str, Any]]]] = {}
-    with progress_bar("training", total=cfg.iterations) as bar, _shut_down_on_exit(sampler_thread):
+    with progress_bar("training", total=cfg.iterations) as bar, _shut_down_on_exit(sampler_thread), trackers:
+        evaluate()  # before the first round, or the one an interruption skipped
         bar.advance(state.round)
         for round_ in range(state.round, cfg.iterations):
             started = time.perf_counter()
@@ -621,6 +626,7 @@ def train_loop(recipe: Recipe, world: World, resume: str = "auto") -> Path:
             }
             if world.is_main:
                 append_jsonl(metrics_path, record)
+                trackers.log(record)
             bar.advance(1, info=f"reward {record['reward_mean']:.3f}  loss {record.get('loss', math.nan):+.4f}")
             if state.round % cfg.checkpoint_every == 0 or state.round == cfg.iterations:
                 save_checkpoint(
