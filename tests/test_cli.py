@@ -158,3 +158,14 @@ def test_a_misspelt_key_suggests_the_known_one():
     assert_one_line_error(invoke("train", QUICKSTART, "objective.options.eps_hgh=0.3"), "did you mean 'eps_high'?")
     result = invoke("train", QUICKSTART, "optim.zzzz=3")
     assert "unknown key 'optim.zzzz'" in result.output and "did you mean" not in result.output
+
+
+def test_eval_result_to_stdout(tmp_path):
+    import json
+
+    result = invoke("eval", QUICKSTART, f"run_dir={tmp_path}", "eval.max_problems=3", "eval.n_samples=2",
+                    "eval.k=[1,2]", "sampler.options.max_new_tokens=16", "--output", "-")
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)  # the tables went to stderr
+    written = json.loads((tmp_path / "eval" / "embedded.json").read_text())
+    assert printed["n_problems"] == 3 and printed["pass@1"] == written["pass@1"]

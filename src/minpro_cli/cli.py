@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -128,7 +129,9 @@ def eval_(
     recipe: Annotated[Path | None, typer.Argument(help="YAML recipe, e.g. recipes/quickstart.yaml")] = None,
     overrides: OverridesArg = None,
     policy: Annotated[str | None, typer.Option(help="checkpoint directory (default: eval.policy / model.path)")] = None,
-    output: Annotated[Path | None, typer.Option(help="JSON output path")] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="JSON output path (- : also print the result to stdout)")
+    ] = None,
     compare: Annotated[
         tuple[Path, Path] | None, typer.Option(help="print two result files A.json B.json side by side instead")
     ] = None,
@@ -144,7 +147,10 @@ def eval_(
     loaded = _recipe(recipe, overrides)
     if policy is not None:
         loaded.eval.policy = policy
-    run_eval(loaded, output)
+    to_stdout = output == Path("-")  # the files still go to their default place
+    result = run_eval(loaded, None if to_stdout else output)
+    if to_stdout:
+        typer.echo(json.dumps(result, indent=2))
 
 
 @app.command("inspect-ratios")
