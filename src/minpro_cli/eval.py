@@ -148,8 +148,8 @@ def run_eval(recipe: Recipe, output: Path | None = None) -> dict[str, Any]:
         result, rows = evaluate_benchmark(recipe, policy, bench)
         results[name] = result
         target = out if not name else out.with_suffix("") / f"{name}.json"
-        write_json_atomic(target, {"policy": policy_path, **result, "config": config})
-        write_rollouts(target.with_suffix(".samples.parquet"), rows, config)
+        write_rollouts(target.with_suffix(".samples.parquet"), rows, config)  # the result JSON last:
+        write_json_atomic(target, {"policy": policy_path, **result, "config": config})  # it exists only with them
     if "" in results:
         result = {"policy": policy_path, **results[""]}
         print_metrics(f"eval of {policy_path} on {result['data']} → {out}",
