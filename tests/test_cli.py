@@ -169,3 +169,14 @@ def test_eval_result_to_stdout(tmp_path):
     printed = json.loads(result.stdout)  # the tables went to stderr
     written = json.loads((tmp_path / "eval" / "embedded.json").read_text())
     assert printed["n_problems"] == 3 and printed["pass@1"] == written["pass@1"]
+
+
+def test_progress_is_one_line_per_change_when_the_output_is_not_a_terminal(capsys):
+    from minpro_cli.console import progress_bar
+
+    with progress_bar("rounds", total=3) as bar:
+        bar.set(0, "starting")  # nothing done yet: nothing to say
+        bar.advance(1, "reward 0.1")
+        bar.set(1, "reward 0.1")  # a poller repeating the state prints nothing new
+        bar.advance(2, "reward 0.3")
+    assert capsys.readouterr().err.splitlines() == ["rounds 1/3 reward 0.1", "rounds 3/3 reward 0.3"]

@@ -42,14 +42,18 @@ class LineBar:
     description: str
     total: int
     completed: int = 0
+    last: str = ""
 
     def advance(self, n: int = 1, info: str | None = None) -> None:
         self.set(self.completed + n, info or "")
 
     def set(self, completed: int, info: str) -> None:
+        """Print the state if it changed (a caller polling every second prints nothing new)."""
         self.completed = completed
-        if completed:  # nothing to say before the first unit is done
-            console.print(f"{self.description} {completed}/{self.total} {info}".rstrip(), markup=False, soft_wrap=True)
+        line = f"{self.description} {completed}/{self.total} {info}".rstrip()
+        if completed and line != self.last:  # nothing to say before the first unit is done
+            console.print(line, markup=False, soft_wrap=True)
+            self.last = line
 
 
 @contextmanager
