@@ -96,14 +96,11 @@ class Trackers(AbstractContextManager["Trackers"]):
     def __init__(self, recipe: Recipe, run_dir: Path, enabled: bool = True) -> None:
         check_installed(recipe)
         self.trackers: list[Tracker] = [TRACKERS[name](recipe, run_dir) for name in recipe.logging.report_to] if enabled else []
-        self.last_step = -1
 
     def log(self, record: dict[str, Any]) -> None:
-        step = int(record["step"])
-        # an evaluation after a round shares its step: trackers keep steps non-decreasing
-        self.last_step = max(self.last_step, step)
+        """A round's metrics or an evaluation (which shares the step of the round before it)."""
         for tracker in self.trackers:
-            tracker.log(numbers(record), self.last_step)
+            tracker.log(numbers(record), int(record["step"]))
 
     def __exit__(self, *exc: object) -> None:
         for tracker in self.trackers:
