@@ -53,7 +53,7 @@ def check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         raise RunDirError(
             f"{run_dir} was trained with another recipe ({shown}{more}): resuming would mix them; give a new "
-            f"run_dir, rerun with the recipe in {path}, or pass --resume never to a new directory"
+            f"run_dir, or rerun with the recipe in {path}"
         )
 
 
