@@ -95,6 +95,8 @@ def test_a_hub_id_not_in_the_local_cache_is_one_line_on_how_to_get_it(tmp_path, 
     assert "'openai/gsm8k' is not a local path" in message and "never downloads" in message
     assert "load_dataset('openai/gsm8k', 'main', split='train').to_parquet('gsm8k-train.parquet')" in message
     assert "\n" not in message
+    with pytest.raises(MinproError, match="task file not found: data/train.jsonl"):  # a path, not a hub id
+        load_problems("data/train.jsonl")
 
 
 def test_chat_datasets_train_and_evaluate_with_the_chat_template(tmp_path, chat_model):

@@ -89,7 +89,7 @@ def resolve_task_path(spec: str) -> Path:
 def task_records(spec: str, split: str, subset: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, record) pairs of a task spec: a file, a directory of files (in name order), or a
     hub dataset id read from the local cache."""
-    if HUB_ID.match(spec) and not Path(spec).exists():
+    if HUB_ID.match(spec) and Path(spec).suffix not in FORMATS and not Path(spec).exists():
         yield from hub_records(spec, split, subset)
         return
     path = resolve_task_path(spec)
