@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 from minpro_cli.distributed import World, unwrap
 from minpro_cli.errors import CheckpointError
 from minpro_cli.fileio import directory_done_marker, disk_full_is_an_error, publish_directory, remove
+from minpro_cli.lora import ADAPTER_DIR
 from minpro_cli.modeling import Policy
 
 StateDict = dict[str, torch.Tensor]
@@ -175,8 +176,12 @@ def whole_weights(module: torch.nn.Module) -> StateDict:
 
 
 def export_hf(policy: Policy, module: torch.nn.Module, whole: StateDict, directory: Path) -> None:
-    """`save_pretrained` layout with safetensors weights, loadable by plain transformers."""
+    """`save_pretrained` layout with safetensors weights, loadable by plain transformers; with
+    LoRA, the merged weights, and the adapter alone in `adapter/`."""
     model = unwrap(module)
+    if policy.adapters is not None:
+        policy.adapters.save_adapter(directory / ADAPTER_DIR, whole)
+        whole = policy.adapters.merged(whole)
     # gathered weights no longer share storage, so save_pretrained cannot see the tie itself
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     whole = {k: v for k, v in whole.items() if k not in tied}

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from minpro_cli.errors import ConfigError, PluginError
 from minpro_cli.fileio import read_yaml
 from minpro_cli.objectives import AdvantageEstimator
+from minpro_cli.objectives.kl import KLEstimator
 from minpro_cli.registry import Kind, format_validation_error, load_plugin
 from minpro_cli.schedule import Schedule
 from minpro_cli.tasks import PresetName
@@ -24,6 +25,23 @@ from minpro_cli.tasks import PresetName
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Section):
+    """Low-rank adapters (peft, `pip install 'minpro[lora]'`): only A and B train, W + (alpha/r)·B·A."""
+
+    r: int = Field(16, ge=1, description="rank of each adapter")
+    alpha: float = Field(32.0, gt=0.0, description="scale: the update is (alpha / r)·B·A")
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="dropout on the adapter's input while training; 0 keeps π_θ = μ on-policy, which the "
+        "importance ratios assume",
+    )
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]), or every linear layer but the head"
+    )
 
 
 class ModelConfig(Section):
@@ -37,6 +55,11 @@ class ModelConfig(Section):
     )
     device: str = Field("cpu", description="cpu, cuda, cuda:N or mps")
     trust_remote_code: bool = Field(False, description="run model code shipped with the checkpoint")
+    lora: LoraConfig | None = Field(
+        None,
+        description="train low-rank adapters instead of every weight (minpro train); checkpoints hold merged weights "
+        "and the adapter, and sampling uses the merged weights",
+    )
 
     @field_validator("device")
     @classmethod
@@ -128,6 +151,16 @@ class TrainConfig(Section):
         0, ge=0, description="rounds between held-out evaluations (eval section, data.eval) into evals.jsonl; 0: none"
     )
     keep_checkpoints: int = Field(2, ge=1)
+    kl_coef: float = Field(
+        0.0,
+        ge=0.0,
+        description="weight of a KL penalty to the frozen starting model (model.path), aggregated like the "
+        "objective's loss; 0: off (as in the paper), no reference model is loaded",
+    )
+    kl_estimator: KLEstimator = Field("k3", description="k1 (log π − log π_ref), k2 (½ squared) or k3 (low variance)")
+    entropy_coef: float = Field(
+        0.0, description="weight of an entropy bonus: the loss minus entropy_coef × the responses' mean entropy"
+    )
     micro_batch_tokens: int | None = Field(
         16384,
         ge=1,

@@ -11,13 +11,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from minpro_cli.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from minpro_cli.lora import LoraAdapters
 
 EMBEDDED_MODEL = "embedded"
 # model.path names of the checkpoints shipped in the package → their directory under assets/
@@ -27,18 +30,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class Policy:
-    """Float32 weights, a tokenizer, and the precision forward passes compute in (`model.dtype`)."""
+    """Float32 weights, a tokenizer, the precision forward passes compute in (`model.dtype`),
+    and the LoRA adapters injected into the model, if any (`model.lora`, set by `minpro train`)."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     path: Path
     compute_dtype: torch.dtype = torch.float32
+    adapters: LoraAdapters | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         return autocast(self.model.device, self.compute_dtype)
 
     def copy(self) -> Policy:
-        """The same policy with its own copy of the weights (stale-weight sampling, FSDP2)."""
+        """The same policy with its own copy of the weights (stale-weight sampling, FSDP2);
+        taken before adapters are attached (copying adapted weights would orphan them)."""
+        assert self.adapters is None, "copy a policy before attaching LoRA adapters"
         return Policy(copy.deepcopy(self.model), self.tokenizer, self.path, self.compute_dtype)
 
     @property
@@ -252,13 +259,18 @@ def autocast(device: torch.device | str, dtype: torch.dtype) -> contextlib.Abstr
 
 
 def response_logprobs(
-    model: torch.nn.Module, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False
+    model: torch.nn.Module,
+    batch: PackedBatch,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(o_t | q, o_<t) of each response token (B, R) float32, from logits / temperature.
 
     The head runs chunk by chunk over the response tokens (`ChunkedLogProbs`): memory is
     O(B·R + chunk·V), never a (B, R, V) float32 tensor, and padding costs nothing past the
-    decoder. Entropy (detached) of the same distribution comes from the same chunks when asked.
+    decoder. Entropy of the same distribution comes from the same chunks when asked: detached,
+    or differentiable with `entropy_grad` (an entropy bonus), at no cost until it is used.
     `model` may be wrapped (DDP, FSDP2): forward goes through the wrapper.
     """
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -267,7 +279,7 @@ def response_logprobs(
     if not isinstance(head, torch.nn.Linear) or any(
         getattr(inner.config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS
     ):
-        return _full_vocabulary_logprobs(model, batch, temperature, with_entropy)
+        return _full_vocabulary_logprobs(model, batch, temperature, with_entropy, entropy_grad)
     inner.set_output_embeddings(torch.nn.Identity())  # the model returns hidden states
     try:
         hidden = _forward_response_columns(model, batch, device)
@@ -279,7 +291,9 @@ def response_logprobs(
         hidden[mask], head.weight, head.bias, targets, temperature, with_entropy, chunk_tokens(head.out_features)
     )
     zeros = torch.zeros(mask.shape, dtype=logprobs.dtype, device=device)
-    return zeros.masked_scatter(mask, logprobs), zeros.masked_scatter(mask, entropy) if with_entropy else None
+    if not with_entropy:
+        return zeros.masked_scatter(mask, logprobs), None
+    return zeros.masked_scatter(mask, logprobs), zeros.masked_scatter(mask, entropy if entropy_grad else entropy.detach())
 
 
 def _forward_response_columns(model: torch.nn.Module, batch: PackedBatch, device: torch.device) -> torch.Tensor:
@@ -295,16 +309,17 @@ def _forward_response_columns(model: torch.nn.Module, batch: PackedBatch, device
 
 
 def _full_vocabulary_logprobs(
-    model: torch.nn.Module, batch: PackedBatch, temperature: float, with_entropy: bool
+    model: torch.nn.Module, batch: PackedBatch, temperature: float, with_entropy: bool, entropy_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's own logits (whatever follows its head), log-softmax over the full vocabulary."""
     device = next(model.parameters()).device
-    logp_all = torch.log_softmax(_forward_response_columns(model, batch, device).float() / temperature, dim=-1)
+    logits = _forward_response_columns(model, batch, device)
+    logp_all = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
     logprobs = logp_all.gather(-1, batch.response_ids.to(device).unsqueeze(-1)).squeeze(-1)
     logprobs = logprobs * batch.response_mask.to(device)
     entropy = None
     if with_entropy:
-        with torch.no_grad():
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):  # a second (B, R, V) in the graph
             entropy = -(logp_all.exp() * logp_all).sum(-1) * batch.response_mask.to(device)
     return logprobs, entropy
 
@@ -317,7 +332,8 @@ class ChunkedLogProbs(torch.autograd.Function):
         ∂ log p_y / ∂z = (onehot(y) − softmax(z)) / T
         ∂h = g·(onehot − p)/T · W        ∂W = Σ_chunks ((onehot − p)/T · g)ᵀ · h
     Logits are formed in the compute dtype (autocast's, else h's) and reduced in float32
-    (float64 inputs stay float64). Entropy H = log Z − Σ p·z, from the same exp pass, is detached.
+    (float64 inputs stay float64). Entropy H = log Z − Σ p·z comes from the same exp pass;
+    when a loss uses it (entropy bonus), backward adds ∂H/∂z = −p·(log p + H)/T.
     """
 
     @staticmethod
@@ -351,13 +367,17 @@ class ChunkedLogProbs(torch.autograd.Function):
             else:
                 normaliser[rows] = logits.logsumexp(-1)
             logprobs[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - normaliser[rows]
-        ctx.save_for_backward(hidden, weight, bias, targets, normaliser)
-        ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, normaliser, entropy)
+        ctx.set_materialize_grads(False)  # an unused output gets None: no entropy term in backward
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
     @staticmethod
-    def backward(ctx: Any, grad_logprobs: torch.Tensor, _grad_entropy: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        hidden, weight, bias, targets, normaliser = ctx.saved_tensors
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None
+    ) -> tuple[Any, ...]:
+        hidden, weight, bias, targets, normaliser, entropy = ctx.saved_tensors
         compute, temperature, chunk = ctx.compute, ctx.temperature, ctx.chunk
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -367,10 +387,19 @@ class ChunkedLogProbs(torch.autograd.Function):
         w, b = weight.to(compute), None if bias is None else bias.to(compute)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            g = grad_logprobs[rows].to(accumulate) / temperature
-            logits = _chunk_logits(hidden[rows], w, b, temperature)
-            grad_logits = (logits - normaliser[rows, None]).exp_().mul_(-g[:, None])  # softmax from the saved log Z
-            grad_logits[torch.arange(g.shape[0], device=g.device), targets[rows]] += g
+            n = min(chunk, hidden.shape[0] - start)
+            if grad_logprobs is None:  # only the entropy is in the loss
+                g = torch.zeros(n, dtype=accumulate, device=hidden.device)
+            else:
+                g = grad_logprobs[rows].to(accumulate) / temperature
+            log_p = _chunk_logits(hidden[rows], w, b, temperature).sub_(normaliser[rows, None])  # from the saved log Z
+            if grad_entropy is None:  # ∂/∂z of g·log p_y: g·(onehot − p)
+                grad_logits = log_p.exp_().mul_(-g[:, None])
+            else:  # … plus gH·∂H/∂z = −gH·p·(log p + H)
+                gh = grad_entropy[rows].to(accumulate) / temperature
+                factor = (log_p + entropy[rows, None]).mul_(gh[:, None]).add_(g[:, None])
+                grad_logits = log_p.exp_().mul_(factor).neg_()
+            grad_logits[torch.arange(n, device=g.device), targets[rows]] += g
             grad_compute = grad_logits.to(compute)
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad_compute @ w).to(hidden.dtype)

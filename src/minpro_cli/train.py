@@ -58,6 +58,7 @@ from minpro_cli.fileio import (
     write_json_atomic,
     write_yaml_atomic,
 )
+from minpro_cli.lora import LoraAdapters
 from minpro_cli.modeling import (
     Policy,
     autocast,
@@ -76,6 +77,7 @@ from minpro_cli.objectives import (
     minibatch_counts,
 )
 from minpro_cli.objectives.logratios import log_token_ratio
+from minpro_cli.penalties import NO_PENALTIES, Penalties, penalties_of
 from minpro_cli.ratiostats import StepRatios
 from minpro_cli.resume import forget_after, is_own_checkpoint, starting_checkpoint
 from minpro_cli.rollouts import check_token_ids, read_rollouts, write_rollouts
@@ -231,9 +233,11 @@ def update_step(
     minibatch: RolloutBatch,
     grad_clip: float,
     length_budget: int | None = None,
+    penalties: Penalties = NO_PENALTIES,
 ) -> dict[str, float]:
     """One optimizer step on one minibatch: this rank's share of it, cut into micro-batches
-    within `trainee.micro_batch_tokens`, gradients accumulated, then one step.
+    within `trainee.micro_batch_tokens`, gradients accumulated, then one step. The loss is the
+    objective's plus `penalties` (KL to a reference, entropy bonus).
 
     Every micro-batch's loss is normalised by the counts of the whole minibatch (all
     micro-batches, all ranks; `length_budget` is Dr.GRPO's L when the objective pins none),
@@ -254,16 +258,21 @@ def update_step(
             packed = pack(part.prompts, part.responses, trainee.pad_token_id)
             with gradient_sync(module, k == passes - 1):  # forward and backward: DDP decides at forward
                 with autocast(device, trainee.compute_dtype):
-                    logprobs, entropy = response_logprobs(module, packed, part.temperature, with_entropy=True)
+                    logprobs, entropy = response_logprobs(
+                        module, packed, part.temperature, with_entropy=True, entropy_grad=bool(penalties.entropy_coef)
+                    )
+                assert entropy is not None
                 old = pad_rows(part.old_logprobs, logprobs)
                 mask = packed.response_mask.to(device)
                 out = objective(ObjectiveInputs(logprobs, old, part.advantages.to(device), mask))
-                loss = out.loss if real else out.loss * 0.0
+                with autocast(device, trainee.compute_dtype):  # the reference computes as the policy does
+                    penalty, penalty_metrics = penalties(objective, logprobs, entropy, packed, part.temperature, mask)
+                loss = out.loss + penalty if real else (out.loss + penalty) * 0.0
                 (loss * world.size).backward()  # DDP and FSDP2 average gradients over ranks
             loss_sum += loss.detach().double()
             if real:
-                assert entropy is not None
-                tally.add(out.metrics, log_token_ratio(logprobs.detach(), old), entropy, mask)
+                metrics = out.metrics | penalty_metrics
+                tally.add(metrics, log_token_ratio(logprobs.detach(), old), entropy.detach(), mask)
     global_loss = world.sum([loss_sum.item()])[0]  # every rank sees the same, so all stop together
     if not math.isfinite(global_loss):
         optimizer.zero_grad(set_to_none=True)
@@ -289,6 +298,7 @@ def update_policy(
     seed: int,
     before_step: Callable[[], None] = lambda: None,
     length_budget: int | None = None,
+    penalties: Penalties = NO_PENALTIES,
 ) -> list[dict[str, float]]:
     """`epochs` shuffled passes over the batch, `minibatches` optimizer steps per pass; each
     rank trains on its share of every minibatch (the same split whatever the world size)."""
@@ -303,7 +313,7 @@ def update_policy(
             if index:
                 before_step()
                 step_metrics.append(
-                    update_step(trainee, optimizer, objective, batch.select(index), grad_clip, length_budget)
+                    update_step(trainee, optimizer, objective, batch.select(index), grad_clip, length_budget, penalties)
                 )
     trainee.module.eval()
     return step_metrics
@@ -503,8 +513,10 @@ def train_loop(recipe: Recipe, world: World, resume: str = "auto") -> Path:
     resume_from = starting_checkpoint(run_dir, resume, recipe)
     policy = load_recipe_policy(recipe, str(resume_from) if resume_from else None)
     sharded = world.size > 1 and recipe.distributed.strategy == "fsdp"
-    # FSDP2 shards the model in place: sampling and evaluation run on a whole copy
-    plain = policy.copy() if sharded else policy
+    # FSDP2 shards the model in place, LoRA adapts it: sampling and evaluation run on a whole, plain copy
+    plain = policy.copy() if sharded or recipe.model.lora else policy
+    if recipe.model.lora:
+        policy.adapters = LoraAdapters.attach(policy.model, recipe.model.lora)
     source = StoredRounds(recipe, policy, cfg.rollouts) if cfg.rollouts else OnlineRounds(recipe, plain, run_dir, world)
     if recipe.train.activation_checkpointing:  # per decoder layer (per sharded block under FSDP2)
         policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -518,7 +530,7 @@ def train_loop(recipe: Recipe, world: World, resume: str = "auto") -> Path:
         cfg.micro_batch_tokens,
     )
     optimizer = torch.optim.AdamW(
-        trainee.module.parameters(),
+        [p for p in trainee.module.parameters() if p.requires_grad],  # LoRA: the adapters alone
         lr=recipe.optim.lr,
         betas=recipe.optim.betas,
         weight_decay=recipe.optim.weight_decay,
@@ -535,13 +547,18 @@ def train_loop(recipe: Recipe, world: World, resume: str = "auto") -> Path:
         (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a new attempt: an earlier divergence no longer stands
         write_yaml_atomic(run_dir / "config.yaml", dump_recipe(recipe))
 
-    def refresh_plain() -> None:  # collective under FSDP2
-        if sharded:
-            plain.model.load_state_dict(full_state_dict(trainee.module, world))
+    def sampling_weights() -> StateDict:  # collective under FSDP2
+        weights = full_state_dict(trainee.module, world)
+        return policy.adapters.merged(weights) if policy.adapters else weights
+
+    def refresh_plain() -> None:
+        if plain is not policy:
+            plain.model.load_state_dict(sampling_weights())
 
     objective: ObjectiveOptions = recipe.plugin("objectives")
     length_budget = generation_budget(recipe)
     estimator = cfg.advantage or objective.default_advantage
+    penalties = penalties_of(recipe, policy, trainee.module, world)
     trainee.module.eval()
     held_out = HeldOutEvals(recipe, run_dir, state.round, world)
     trackers = Trackers(recipe, run_dir, enabled=world.is_main)
@@ -574,7 +591,7 @@ def train_loop(recipe: Recipe, world: World, resume: str = "auto") -> Path:
         for round_ in range(state.round, cfg.iterations):
             started = time.perf_counter()
             if staleness:
-                snapshots[round_] = full_state_dict(trainee.module, world)
+                snapshots[round_] = sampling_weights()
                 state.snapshot_steps[round_] = state.step
             elif not cfg.rollouts:
                 refresh_plain()
@@ -596,7 +613,7 @@ def train_loop(recipe: Recipe, world: World, resume: str = "auto") -> Path:
                 step_metrics = [] if batch is None else update_policy(
                     trainee, optimizer, objective, batch, cfg.epochs, cfg.minibatches,
                     recipe.optim.grad_clip, seed=recipe.seed * 100_003 + round_, before_step=count_step,
-                    length_budget=length_budget,
+                    length_budget=length_budget, penalties=penalties,
                 )
             except TrainingDivergedError as exc:
                 last = latest_checkpoint(run_dir)

@@ -1,0 +1,102 @@
+"""Low-rank adapters through peft (`model.lora`): attach, merge into whole weights, export.
+
+The adapters are injected into the policy's own model, which keeps training as before (the
+same forward, micro-batches, DDP / FSDP2, checkpoints); only the A and B matrices train.
+Sampling, stale snapshots and the HF export use merged weights, W' = W + (alpha/r)·B·A, of a
+plain model of the same architecture, so every sampler (vLLM included) sees an ordinary
+checkpoint. The adapter is exported beside them in peft's own layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from minpro_cli.config import LoraConfig
+from minpro_cli.errors import ConfigError
+
+StateDict = dict[str, torch.Tensor]
+ADAPTER_DIR = "adapter"  # in a checkpoint or final/: the adapter alone, loadable by peft
+ADAPTER = "default"  # peft's name for the one adapter
+
+
+@dataclass
+class LoraAdapters:
+    peft_model: Any  # peft.PeftModel around the policy's model, which holds the adapted layers
+    scaling: dict[str, float]  # adapted module name (in the policy's model) → alpha / r
+
+    @classmethod
+    def attach(cls, model: torch.nn.Module, config: LoraConfig) -> LoraAdapters:
+        """Inject adapters into `model` in place (B = 0: the policy is unchanged) and freeze
+        every other weight."""
+        try:
+            import peft
+            from peft.tuners.lora import Linear as LoraLinear
+            from peft.tuners.lora import LoraLayer
+        except ImportError:
+            raise ConfigError("model.lora needs peft: pip install 'minpro[lora]'") from None
+        peft_config = peft.LoraConfig(
+            r=config.r,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=config.target_modules,
+            bias="none",
+        )
+        try:
+            with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                peft_model = peft.get_peft_model(model, peft_config)
+        except ValueError as exc:  # target modules not found
+            raise ConfigError(f"model.lora.target_modules: {str(exc).splitlines()[0][:300]}") from None
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+        unsupported = [name for name, m in layers.items() if not isinstance(m, LoraLinear) or m.fan_in_fan_out]
+        if unsupported:
+            raise ConfigError(
+                f"model.lora adapts {unsupported[0]}, which is not a plain linear layer; minpro merges adapters "
+                "of nn.Linear only: list those in model.lora.target_modules"
+            )
+        return cls(peft_model, {name: float(m.scaling[ADAPTER]) for name, m in layers.items()})
+
+    def merged(self, state: StateDict) -> StateDict:
+        """Whole weights of the plain model from the adapted model's state: W + scaling·(B·A)
+        per adapted layer (computed in float32 at least), the adapter entries dropped."""
+        out: StateDict = {}
+        for key, tensor in state.items():
+            name, base, leaf = key.partition(".base_layer.")
+            if base and name in self.scaling:
+                if leaf == "weight":
+                    a, b = state[f"{name}.lora_A.{ADAPTER}.weight"], state[f"{name}.lora_B.{ADAPTER}.weight"]
+                    exact = torch.promote_types(tensor.dtype, torch.float32)
+                    delta = (b.to(exact) @ a.to(exact)) * self.scaling[name]
+                    tensor = (tensor.to(exact) + delta).to(tensor.dtype)
+                out[f"{name}.{leaf}"] = tensor
+            elif ".lora_" not in key:
+                out[key] = tensor
+        return out
+
+    def adapter_state(self, state: StateDict) -> StateDict:
+        """The adapter's tensors under the names peft saves them with."""
+        return {
+            f"base_model.model.{name}.{matrix}.weight": state[f"{name}.{matrix}.{ADAPTER}.weight"].contiguous()
+            for name in self.scaling
+            for matrix in ("lora_A", "lora_B")
+        }
+
+    def save_adapter(self, directory: Path, state: StateDict) -> None:
+        """adapter_config.json + adapter_model.safetensors: `PeftModel.from_pretrained(base, directory)`."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.peft_model.peft_config[ADAPTER].save_pretrained(str(directory))
+        save_file(self.adapter_state(state), str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The base model inside (the KL reference): adapters contribute nothing."""
+        with self.peft_model.disable_adapter():
+            yield
