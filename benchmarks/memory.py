@@ -43,12 +43,13 @@ def build_model(vocab: int, path: str | None) -> PreTrainedModel:
     return LlamaForCausalLM(config)
 
 
-def minibatch(n: int, vocab: int) -> RolloutBatch:
-    """n responses of 224–288 tokens after 24–40-token prompts, ratios near 1, mixed advantages."""
+def minibatch(n: int, vocab: int, response_tokens: int = RESPONSE_TOKENS) -> RolloutBatch:
+    """n responses of 224–288 tokens (response_tokens ± 32) after 24–40-token prompts, ratios
+    near 1, mixed advantages."""
     gen = torch.Generator().manual_seed(n)
     prompts = [torch.randint(3, vocab, (PROMPT_TOKENS + int(d),), generator=gen).tolist()
                for d in torch.randint(-8, 9, (n,), generator=gen)]
-    responses = [torch.randint(3, vocab, (RESPONSE_TOKENS + int(d),), generator=gen).tolist()
+    responses = [torch.randint(3, vocab, (response_tokens + int(d),), generator=gen).tolist()
                  for d in torch.randint(-32, 33, (n,), generator=gen)]
     old = [[-float(torch.log(torch.tensor(float(vocab))))] * len(r) for r in responses]  # uniform μ
     return RolloutBatch(prompts, responses, old, torch.randn(n, generator=gen), temperature=1.0)

@@ -72,3 +72,31 @@ def test_eval_and_rl_steps_on_smollm2(converted, tmp_path):
     final = run_train(load_recipe(ROOT / "recipes" / "smollm2-rl.yaml", rl))
     record = json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[0])
     assert torch.isfinite(torch.tensor(record["loss"])) and (final / "model.safetensors").is_file()
+
+
+@heavy
+def test_lora_rl_steps_on_smollm2_export_merged_weights_with_the_adapted_log_probs(converted, tmp_path):
+    """LoRA on the real model (every linear layer), with a KL penalty to the adapters-off base:
+    final/ loads in plain transformers and gives the same log-probs as peft's base + adapter."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from minpro_cli.modeling import load_policy, pack, response_logprobs
+    from minpro_cli.train import run_train
+
+    rl = [f"model.path={converted}", f"run_dir={tmp_path}", "train.iterations=2", "train.prompts_per_iteration=2",
+          "train.group_size=2", "train.minibatches=1", "sampler.options.max_new_tokens=16", "optim.lr=1e-3",
+          "model.lora.r=8", "train.kl_coef=0.05", "train.entropy_coef=0.01", "optim.warmup_steps=0"]
+    final = run_train(load_recipe(ROOT / "recipes" / "smollm2-rl.yaml", rl))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["kl_ref"] == 0.0 and records[1]["kl_ref"] > 0
+    base = load_policy(converted)
+    merged = AutoModelForCausalLM.from_pretrained(final, use_safetensors=True)
+    adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(converted), final / "adapter")
+    ids = base.tokenizer.encode("What is 17 + 25? The answer is 42.", add_special_tokens=False)
+    batch = pack([ids[:8]], [ids[8:]], base.pad_token_id)
+    with torch.no_grad():
+        ours, theirs = response_logprobs(merged, batch)[0], response_logprobs(adapted, batch)[0]
+        before = response_logprobs(base.model, batch)[0]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert (ours - before).abs().max() > 10 * (ours - theirs).abs().max()  # the adapter changed the policy

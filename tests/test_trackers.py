@@ -1,6 +1,7 @@
-"""`logging.report_to`: TensorBoard event files and an offline wandb run hold every round's
-metrics and the held-out evaluations (read back with TensorBoard's own reader and wandb's record
-format), and progress reaches a redirected log while the run is going."""
+"""`logging.report_to`: TensorBoard event files, an offline wandb run, trackio's local database
+and an MLflow SQLite store hold every round's metrics and the held-out evaluations (read back
+with TensorBoard's, trackio's and MLflow's own readers and wandb's record format), and progress
+reaches a redirected log while the run is going."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ ROUNDS = 4
 RUN = [
     f"train.iterations={ROUNDS}", "train.prompts_per_iteration=4", "train.group_size=4",
     "sampler.options.max_new_tokens=24", "optim.lr=1e-3", "optim.warmup_steps=0", "train.eval_every=2",
-    "eval.max_problems=4", "eval.n_samples=2", "eval.k=[1,2]", "logging.report_to=[tensorboard,wandb]",
+    "eval.max_problems=4", "eval.n_samples=2", "eval.k=[1,2]", "logging.report_to=[tensorboard,wandb,trackio,mlflow]",
 ]  # fmt: skip
 
 
@@ -29,7 +30,8 @@ def run(tmp_path_factory) -> tuple[Path, list[str]]:
     returns the run directory and what the log held at moments while the run was going."""
     run_dir = tmp_path_factory.mktemp("tracked") / "run"
     log = run_dir.parent / "train.log"
-    env = os.environ | {"WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+    env = os.environ | {"WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "TRACKIO_DIR": str(run_dir.parent / "trackio")}
+    env.pop("MLFLOW_TRACKING_URI", None)
     with open(log, "w") as out:
         job = subprocess.Popen([sys.executable, "-m", "minpro_cli", "train", str(QUICKSTART), f"run_dir={run_dir}", *RUN],
                                stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -112,6 +114,41 @@ def test_an_offline_wandb_run_holds_the_metrics_evaluations_and_recipe(run):
     for e in evals:
         assert history[e["step"]]["eval/pass@1"] == pytest.approx(e["eval/pass@1"])
     assert config["objective"]["name"] == "minpro" and config["train"]["iterations"] == ROUNDS
+
+
+def test_trackio_s_database_holds_the_metrics_evaluations_and_recipe(run):
+    run_dir, _ = run
+    read = (  # trackio's own reader, in a process whose TRACKIO_DIR is the run's
+        "import json; from trackio.sqlite_storage import SQLiteStorage as S; "
+        "print(json.dumps([S.get_logs('minpro', 'run'), S.get_run_config('minpro', 'run')]))"
+    )
+    env = os.environ | {"TRACKIO_DIR": str(run_dir.parent / "trackio")}
+    out = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True, check=True).stdout
+    logs, config = json.loads(out.splitlines()[-1])
+    by_step: dict[int, dict] = {}
+    for entry in logs:
+        by_step.setdefault(entry["step"], {}).update(entry)
+    for m in jsonl(run_dir / "metrics.jsonl"):
+        assert by_step[m["step"]]["loss"] == pytest.approx(m["loss"])
+    for e in jsonl(run_dir / "evals.jsonl"):
+        assert by_step[e["step"]]["eval/pass@1"] == pytest.approx(e["eval/pass@1"])
+    assert config["objective"]["name"] == "minpro" and config["train"]["iterations"] == ROUNDS
+
+
+def test_an_mlflow_store_in_the_run_directory_holds_the_metrics_evaluations_and_recipe(run):
+    from mlflow.tracking import MlflowClient
+
+    run_dir, _ = run
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("minpro").experiment_id])
+    loss = client.get_metric_history(mlflow_run.info.run_id, "loss")
+    metrics = jsonl(run_dir / "metrics.jsonl")
+    assert [(h.step, h.value) for h in loss] == [(m["step"], pytest.approx(m["loss"])) for m in metrics]
+    held_out = client.get_metric_history(mlflow_run.info.run_id, "eval/pass_at_1")  # MLflow allows no '@'
+    assert [(h.step, h.value) for h in held_out] == [(e["step"], e["eval/pass@1"]) for e in jsonl(run_dir / "evals.jsonl")]
+    params = mlflow_run.data.params
+    assert params["objective.name"] == "minpro" and params["train.iterations"] == str(ROUNDS)
+    assert mlflow_run.info.status == "FINISHED"
 
 
 def test_the_training_plot_shows_the_held_out_evaluations(run):

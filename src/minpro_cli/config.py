@@ -267,15 +267,19 @@ class SweepConfig(Section):
         return self
 
 
-TrackerName = Literal["tensorboard", "wandb"]
+TrackerName = Literal["tensorboard", "wandb", "trackio", "mlflow"]
 
 
 class LoggingConfig(Section):
     report_to: list[TrackerName] = Field(
         default_factory=list,
-        description="trackers besides metrics.jsonl: tensorboard (RUN_DIR/tensorboard), wandb (optional extras)",
+        description="trackers besides metrics.jsonl (optional extras): tensorboard (RUN_DIR/tensorboard), wandb, "
+        "trackio (its local database), mlflow",
     )
-    wandb_project: str = Field("minpro", description="wandb project")
+    project: str = Field("minpro", description="wandb and trackio project, MLflow experiment")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking server or store; default $MLFLOW_TRACKING_URI, else sqlite RUN_DIR/mlflow.db"
+    )
     wandb_mode: Literal["offline", "online"] = Field(
         "offline", description="offline: RUN_DIR/wandb, uploaded later with `wandb sync`; online: live"
     )

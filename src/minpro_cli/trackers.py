@@ -1,15 +1,20 @@
 """Experiment trackers a run reports to besides `metrics.jsonl` (`logging.report_to`).
 
 Each tracker gets the resolved recipe once, every round's metrics and every held-out
-evaluation, keyed by the optimizer step; numbers only. Both are optional extras
-(`pip install 'minpro[tensorboard]'`, `'minpro[wandb]'`); a missing one is a one-line error
-before the run starts (`check_installed`).
+evaluation, keyed by the optimizer step; numbers only. Each is an optional extra
+(`pip install 'minpro[tensorboard]'`, `'minpro[wandb]'`, `'minpro[trackio]'`, `'minpro[mlflow]'`);
+a missing one is a one-line error before the run starts (`check_installed`). All of them work
+offline: files in the run directory (TensorBoard, wandb offline, MLflow's SQLite store) or
+trackio's local database.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import os
+import re
+import time
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,7 +63,7 @@ class Wandb:
         import wandb
 
         self.run = wandb.init(
-            project=recipe.logging.wandb_project, name=run_dir.name, dir=str(run_dir), mode=recipe.logging.wandb_mode,
+            project=recipe.logging.project, name=run_dir.name, dir=str(run_dir), mode=recipe.logging.wandb_mode,
             config=dump_recipe(recipe), reinit="create_new",
         )  # fmt: skip
 
@@ -69,21 +74,86 @@ class Wandb:
         self.run.finish()
 
 
+class Trackio:
+    """A trackio run in project `logging.project`, in trackio's local database ($TRACKIO_DIR,
+    by default ~/.cache/huggingface/trackio; `trackio show` opens its dashboard)."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path) -> None:
+        import trackio
+
+        self.run = trackio.init(project=recipe.logging.project, name=run_dir.name, config=dump_recipe(recipe))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MLflow:
+    """An MLflow run in experiment `logging.project`, at `logging.mlflow_tracking_uri`, else
+    $MLFLOW_TRACKING_URI, else a SQLite store in RUN_DIR/mlflow.db; the recipe as its params."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        uri = recipe.logging.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        self.client = MlflowClient(tracking_uri=uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+        experiment = self.client.get_experiment_by_name(recipe.logging.project)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(recipe.logging.project)
+        self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
+        params = [Param(key, str(value)[:6000]) for key, value in _flat(dump_recipe(recipe)).items()]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per call
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(mlflow_key(k), v, now, step) for k, v in metrics.items()])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def mlflow_key(key: str) -> str:
+    """MLflow's metric names allow letters, digits, `_ - . : /` and spaces: `pass@1` → `pass_at_1`."""
+    return re.sub(r"[^\w\-. :/]", "_", key.replace("@", "_at_"))
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested recipe → dotted keys (`optim.lr`), as the command line spells them."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _yaml(recipe: Recipe) -> str:
     import yaml
 
     return yaml.safe_dump(dump_recipe(recipe), sort_keys=False)
 
 
-TRACKERS = {"tensorboard": TensorBoard, "wandb": Wandb}
-MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+TRACKERS = {"tensorboard": TensorBoard, "wandb": Wandb, "trackio": Trackio, "mlflow": MLflow}
+MODULES = {  # what each tracker imports (MLflow's SQLite store: sqlalchemy and alembic)
+    "tensorboard": ["torch.utils.tensorboard"],
+    "wandb": ["wandb"],
+    "trackio": ["trackio"],
+    "mlflow": ["mlflow.tracking", "sqlalchemy", "alembic"],
+}
 
 
 def check_installed(recipe: Recipe) -> None:
     """Each tracker the recipe reports to can be imported (checked before a run writes anything)."""
     for name in recipe.logging.report_to:
         try:
-            importlib.import_module(MODULES[name])
+            for module in MODULES[name]:
+                importlib.import_module(module)
         except ImportError:
             raise ConfigError(
                 f"logging.report_to has {name}, which is not installed: pip install 'minpro[{name}]'"
