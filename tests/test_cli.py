@@ -104,6 +104,19 @@ def broken_and_duplicate_plugins(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
 
 
+def test_plugins_show_prints_the_formula_and_every_option_with_its_default():
+    result = runner.invoke(app, ["plugins", "show", "minpro"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "w_t  = ρ̲_t · ρ_t" in result.output  # the docstring's formula
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") == 5}
+    assert set(rows) >= {"eps_low", "eps_high", "clip_mode", "loss_agg", "prefix_cap_at_one"}
+    assert "0.2" in rows["eps_high"] and "'cispo'" in rows["clip_mode"]
+    sampler = runner.invoke(app, ["plugins", "show", "hf"], env={"COLUMNS": "200"})
+    assert "sampler.options.KEY" in sampler.output and "max_new_tokens" in sampler.output
+    missing = runner.invoke(app, ["plugins", "show", "nosuch"])
+    assert missing.exit_code == 2 and "no installed plugin named 'nosuch'" in missing.output
+
+
 def test_objective_plugin_must_build_on_the_objective_base(broken_and_duplicate_plugins):
     result = invoke("train", QUICKSTART, "objective.name=bare")
     assert_one_line_error(result, "bare", "bare-plugin", "must subclass minpro_cli.objectives.ObjectiveOptions")

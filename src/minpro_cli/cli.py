@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ from rich.table import Table
 from minpro_cli.config import Recipe, load_recipe
 from minpro_cli.console import console
 from minpro_cli.errors import ConfigError, Interrupted, MinproError
+from minpro_cli.registry import Kind
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="RL post-training with the MinPRO objective.")
 
@@ -314,6 +316,46 @@ def plugins_check(
     from minpro_cli.config import parse_override
     from minpro_cli.conformance import check_plugin
     from minpro_cli.modeling import load_policy
+
+    found = plugin_kind(name, kind)
+    options = dict(parse_override(text) for text in option or [])
+    results = check_plugin(found, name, options, lambda: load_policy(policy))
+    table = Table(title=f"conformance of {found[:-1]} '{name}'")
+    for column in ("check", "result", "detail"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r.name, "[green]pass[/green]" if r.passed else "[red]FAIL[/red]", r.detail)
+    console.print(table)
+    if not all(r.passed for r in results):
+        raise typer.Exit(1)
+
+
+@plugins_app.command("show")
+@user_errors
+def plugins_show(
+    name: Annotated[str, typer.Argument(help="an installed plugin's name")],
+    kind: Annotated[str | None, typer.Option(help="objectives, verifiers or samplers (when the name is ambiguous)")] = None,
+) -> None:
+    """Print a plugin's description (an objective's formula) and its options: type, default, meaning."""
+    from minpro_cli.registry import discover
+
+    found = plugin_kind(name, kind)
+    entry = discover(found)[name]
+    cls = entry.load()
+    console.print(f"{found[:-1]} '{name}' from {entry.package} ({entry.value})\n", markup=False)
+    console.print(inspect.cleandoc(cls.__doc__ or "(no description)") + "\n", markup=False, highlight=False)
+    table = Table(title="options (recipe: " + f"{found[:-1]}.options.KEY)")
+    for column in ("option", "type", "default", "description"):
+        table.add_column(column)
+    for option, field in cls.model_fields.items():
+        annotation = field.annotation.__name__ if isinstance(field.annotation, type) else str(field.annotation)
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        table.add_row(option, annotation.replace("typing.", ""), default, field.description or "")
+    console.print(table)
+
+
+def plugin_kind(name: str, kind: str | None) -> Kind:
+    """The one kind of installed plugin called `name` (narrowed by `kind`)."""
     from minpro_cli.registry import KINDS, discover
 
     kinds = [k for k in KINDS if name in discover(k) and kind in (None, k)]
@@ -322,16 +364,7 @@ def plugins_check(
                           "; `minpro plugins` lists them")
     if len(kinds) > 1:
         raise ConfigError(f"'{name}' is a plugin of several kinds ({', '.join(kinds)}): pass --kind")
-    options = dict(parse_override(text) for text in option or [])
-    results = check_plugin(kinds[0], name, options, lambda: load_policy(policy))
-    table = Table(title=f"conformance of {kinds[0][:-1]} '{name}'")
-    for column in ("check", "result", "detail"):
-        table.add_column(column)
-    for r in results:
-        table.add_row(r.name, "[green]pass[/green]" if r.passed else "[red]FAIL[/red]", r.detail)
-    console.print(table)
-    if not all(r.passed for r in results):
-        raise typer.Exit(1)
+    return kinds[0]
 
 
 @plugins_app.command("new")

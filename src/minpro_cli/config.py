@@ -379,6 +379,17 @@ def recipe_from_data(data: dict[str, Any], where: str) -> Recipe:
     return recipe
 
 
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A recipe mapping → dotted keys (`optim.lr`), as overrides spell them."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):  # an empty one adds no key: {} and a missing section are alike
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def dump_recipe(recipe: Recipe) -> dict[str, Any]:
     return recipe.model_dump(mode="json")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from minpro_cli.checkpoints import DCP_DIR, complete_checkpoints, latest_checkpoint
-from minpro_cli.config import Recipe, dump_recipe, recipe_from_data
+from minpro_cli.config import Recipe, dump_recipe, flatten, recipe_from_data
 from minpro_cli.errors import CheckpointError, RunDirError
 from minpro_cli.fileio import directory_done_marker, read_yaml, remove
 from minpro_cli.rundir import LOCK, MARKER
@@ -18,18 +18,8 @@ from minpro_cli.rundir import LOCK, MARKER
 RESUMABLE_CHANGES = (
     "run_dir", "train.iterations", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
     "train.micro_batch_tokens", "train.activation_checkpointing", "train.compile", "train.pipeline",
-    "model.device", "distributed.", "eval.", "data.eval", "rollout.", "sweep.",
+    "model.device", "distributed.", "eval.", "data.eval", "rollout.", "sweep.", "logging.",
 )  # fmt: skip
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):  # an empty one adds no key: {} and a missing section are alike
-            out |= flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def recipe_changes(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
-from minpro_cli.config import Recipe, dump_recipe
+from minpro_cli.config import Recipe, dump_recipe, flatten
 from minpro_cli.errors import ConfigError
 
 
@@ -103,7 +103,7 @@ class MLflow:
         experiment = self.client.get_experiment_by_name(recipe.logging.project)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(recipe.logging.project)
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
-        params = [Param(key, str(value)[:6000]) for key, value in _flat(dump_recipe(recipe)).items()]
+        params = [Param(key, str(value)[:6000]) for key, value in flatten(dump_recipe(recipe)).items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per call
             self.client.log_batch(self.run_id, params=params[start : start + 100])
 
@@ -120,17 +120,6 @@ class MLflow:
 def mlflow_key(key: str) -> str:
     """MLflow's metric names allow letters, digits, `_ - . : /` and spaces: `pass@1` → `pass_at_1`."""
     return re.sub(r"[^\w\-. :/]", "_", key.replace("@", "_at_"))
-
-
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested recipe → dotted keys (`optim.lr`), as the command line spells them."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _yaml(recipe: Recipe) -> str:
