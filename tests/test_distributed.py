@@ -137,6 +137,20 @@ def test_two_gloo_ranks_train_like_one_process(tmp_path, rollouts, strategy, los
     assert shards == [f"shard-0000{i}-model-00001-of-00001.safetensors" for i in (1, 2)]
 
 
+def test_two_fsdp_ranks_train_lora_with_kl_and_entropy_like_one_process(tmp_path, rollouts):
+    """Adapters start alike on every rank (from the seed alone), and the adapters-off KL reference
+    runs through FSDP2's shards."""
+    common = [f"train.rollouts={rollouts}", "train.iterations=2", "train.micro_batch_tokens=null", "optim.lr=1e-3",
+              "model.lora.r=4", "train.kl_coef=0.1", "train.entropy_coef=0.01"]  # fmt: skip
+    run_train(load_recipe(QUICKSTART, [f"run_dir={tmp_path / 'one'}", *SMALL, *common]))
+    two = minpro_train(tmp_path / "two", *common, "distributed.strategy=fsdp")
+    output, _ = two.communicate(timeout=300)
+    assert two.returncode == 0, output
+    assert_same_training(tmp_path / "one", tmp_path / "two")
+    kl = [[m["kl_ref"] for m in metrics(tmp_path / run)] for run in ("one", "two")]
+    assert kl[1] == pytest.approx(kl[0], rel=1e-4) and min(kl[0]) > 0
+
+
 def rank_pid(tag: str, rank: int) -> int | None:
     """The worker process torchrun started for `rank` of the run tagged `tag`."""
     for proc in Path("/proc").iterdir():

@@ -61,6 +61,25 @@ def test_attach_freezes_the_base_and_changes_nothing_until_trained(policy):
     torch.testing.assert_close(response_logprobs(model, batch)[0], before, atol=0, rtol=0)
 
 
+def test_the_adapters_start_from_the_seed_alone(policy):
+    """Every rank of a torchrun job (and every rerun) must start from the same A, whatever its
+    random state: FSDP2 would otherwise stitch shards of different adapters together."""
+
+    def start(seed: int, noise: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(noise)  # another process's random state
+        model = copy.deepcopy(policy.model)
+        LoraAdapters.attach(model, LoraConfig(r=4), seed=seed)
+        return {k: v for k, v in model.state_dict().items() if "lora_A" in k}
+
+    a, b, c = start(0, noise=1), start(0, noise=2), start(1, noise=1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    LoraAdapters.attach(copy.deepcopy(policy.model), LoraConfig(r=4), seed=0)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's random stream is untouched
+
+
 def test_merged_weights_equal_peft_s_own_merge_and_give_the_adapted_log_probs(policy):
     base = copy.deepcopy(policy.model).double()  # float64: agreement up to rounding, not float32's 1e-5
     model = copy.deepcopy(base)

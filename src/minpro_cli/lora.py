@@ -33,9 +33,10 @@ class LoraAdapters:
     scaling: dict[str, float]  # adapted module name (in the policy's model) → alpha / r
 
     @classmethod
-    def attach(cls, model: torch.nn.Module, config: LoraConfig) -> LoraAdapters:
+    def attach(cls, model: torch.nn.Module, config: LoraConfig, seed: int = 0) -> LoraAdapters:
         """Inject adapters into `model` in place (B = 0: the policy is unchanged) and freeze
-        every other weight."""
+        every other weight. A's random start comes from `seed` alone, so every rank (and a
+        rerun) starts from the same adapters whatever its random state."""
         try:
             import peft
             from peft.tuners.lora import Linear as LoraLinear
@@ -50,8 +51,10 @@ class LoraAdapters:
             bias="none",
         )
         try:
-            with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
-                warnings.filterwarnings("ignore", category=FutureWarning)
+            cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+            with warnings.catch_warnings(), torch.random.fork_rng(devices=cuda):
+                warnings.filterwarnings("ignore", category=FutureWarning)  # peft asks transformers a deprecated question
+                torch.manual_seed(seed)
                 peft_model = peft.get_peft_model(model, peft_config)
         except ValueError as exc:  # target modules not found
             raise ConfigError(f"model.lora.target_modules: {str(exc).splitlines()[0][:300]}") from None

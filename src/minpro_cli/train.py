@@ -516,7 +516,7 @@ def train_loop(recipe: Recipe, world: World, resume: str = "auto") -> Path:
     # FSDP2 shards the model in place, LoRA adapts it: sampling and evaluation run on a whole, plain copy
     plain = policy.copy() if sharded or recipe.model.lora else policy
     if recipe.model.lora:
-        policy.adapters = LoraAdapters.attach(policy.model, recipe.model.lora)
+        policy.adapters = LoraAdapters.attach(policy.model, recipe.model.lora, seed=recipe.seed)
     source = StoredRounds(recipe, policy, cfg.rollouts) if cfg.rollouts else OnlineRounds(recipe, plain, run_dir, world)
     if recipe.train.activation_checkpointing:  # per decoder layer (per sharded block under FSDP2)
         policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
