@@ -1,0 +1,268 @@
+"""`minpro probe`: how close each objective's off-policy gradient comes to the on-policy one.
+
+At θ = π (the policy) and for a behaviour policy μ (an older checkpoint), each draw samples
+
+    S_μ  G responses per prompt from μ          g_obj   = −∇_θ L_obj(θ; S_μ)   every objective
+    S_π  as many, fresh from π                  g_floor = −∇_θ L_pg(θ; S_π)    (ρ ≡ 1)
+    S★   K times as many, fresh from π          g★      = mean of K −∇_θ L_pg(θ; S★_k)
+
+where L_pg = −agg(Â·log π_θ) is what every objective reduces to on-policy (its own `loss_agg`
+and advantage estimator; tested). It reports cos(g_obj, g★) and ‖g_obj‖/‖g★‖, and the same for
+g_floor: the noise floor, what a perfect correction would reach with samples of that size.
+g★'s own relative standard error is ε★ = √(Σ_k ‖g_k − g★‖² / K(K−1)) / ‖g★‖. Draws are
+independent; every number is a mean ± standard error over them. The objectives share each
+draw's samples, so their differences are paired.
+
+Gradients are those `minpro train` takes (`update_step`: micro-batches, the minibatch's counts,
+Dr.GRPO's L), as flat float32 vectors: memory is O(parameters) per reference gradient plus one.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minpro_cli.checkpoints import complete_checkpoints, saved_policy_step
+from minpro_cli.collect import SamplingJob, load_recipe_policy, load_split, sample_rows, sampling_job
+from minpro_cli.config import Recipe, parse_override
+from minpro_cli.console import console
+from minpro_cli.errors import ConfigError, InputFileError, PluginError
+from minpro_cli.modeling import Policy
+from minpro_cli.objectives import AdvantageEstimator, LossAgg, ObjectiveInputs, ObjectiveOptions, ObjectiveOutput
+from minpro_cli.registry import load_plugin
+from minpro_cli.tasks import Problem
+from minpro_cli.train import Trainee, generation_budget, training_batch, update_step
+
+
+class PolicyGradient(ObjectiveOptions):
+    """The plain policy gradient, L = −agg(Â_{i,t} · log π_θ(o_t | …)): every objective's
+    gradient when μ = π (ρ ≡ 1, nothing clipped)."""
+
+    def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
+        per_token = -inputs.token_advantages() * inputs.logprobs
+        return ObjectiveOutput(loss=self.aggregate(per_token, inputs.response_mask.bool()))
+
+
+@dataclass(frozen=True)
+class ProbedObjective:
+    label: str  # as the user named it: `minpro` or `minpro:clip_mode=ppo`
+    objective: ObjectiveOptions
+    advantage: AdvantageEstimator
+
+    @property
+    def on_policy(self) -> tuple[AdvantageEstimator, LossAgg, int | None]:
+        """What its on-policy gradient depends on: objectives that agree here share g★ and g_floor."""
+        return self.advantage, self.objective.loss_agg, self.objective.max_response_length
+
+    def reference(self) -> PolicyGradient:
+        return PolicyGradient(loss_agg=self.objective.loss_agg, max_response_length=self.objective.max_response_length)
+
+
+@dataclass
+class ProbeSetup:
+    """What every draw shares: the policy, the prompts, and how samples are drawn and trained on."""
+
+    policy: Policy
+    problems: list[Problem]
+    group_size: int
+    reference_multiple: int  # K: g★ comes from K times the behaviour sample
+    job: Callable[[Policy], SamplingJob]  # a sampling job (sampler, verifier, prompt form) for a policy
+    micro_batch_tokens: int | None = None
+    length_budget: int | None = None  # Dr.GRPO's L when an objective pins none (the sampler's budget)
+
+
+@dataclass
+class DrawResult:
+    cosine: float
+    norm_ratio: float
+    floor_cosine: float
+    floor_norm_ratio: float
+    reference_error: float  # ε★
+
+
+def gradient(setup: ProbeSetup, objective: ObjectiveOptions, rows: list[dict[str, Any]], advantage: AdvantageEstimator) -> torch.Tensor:
+    """−∇_θ L at the policy's weights, as one flat float32 vector (the ascent direction)."""
+    batch = training_batch(rows, advantage, drop_zero_variance=False)
+    assert batch is not None
+    module = setup.policy.model
+    trainee = Trainee(module, setup.policy.pad_token_id, compute_dtype=setup.policy.compute_dtype,
+                      micro_batch_tokens=setup.micro_batch_tokens)  # fmt: skip
+    no_step = torch.optim.SGD(module.parameters(), lr=0.0)  # update_step's gradient, weights untouched
+    update_step(trainee, no_step, objective, batch, grad_clip=math.inf, length_budget=setup.length_budget)
+    grads = [(-p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+    return torch.cat(grads)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+
+
+def norm_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a.double().norm() / b.double().norm())
+
+
+def sample(setup: ProbeSetup, policy: Policy, seed: int, label: str) -> list[dict[str, Any]]:
+    return sample_rows(setup.job(policy), setup.problems, setup.group_size, seed, label)[0]
+
+
+@dataclass
+class Reference:
+    """The on-policy gradients an objective is compared with, in one draw."""
+
+    star: torch.Tensor  # g★, from K fresh samples of π
+    floor: torch.Tensor  # g_floor, from one fresh sample of π as large as μ's
+    error: float  # ε★, g★'s relative standard error
+
+
+def draw_gradients(
+    setup: ProbeSetup, behavior: Policy, objectives: list[ProbedObjective], seed: int
+) -> Iterator[tuple[ProbedObjective, torch.Tensor, Reference]]:
+    """One draw: fresh samples of μ, of π and K of π★; yields each objective's g_obj on μ's
+    samples with its reference. One g_obj is held at a time; references per on-policy kind."""
+    policy = setup.policy
+    seeds = [seed * 1_009 + k for k in range(setup.reference_multiple + 2)]  # μ, floor, then S★_k
+    behavior_rows = sample(setup, behavior, seeds[0], "behaviour sample")
+    floor_rows = sample(setup, policy, seeds[1], "on-policy sample")
+    reference_rows = [sample(setup, policy, s, f"reference sample {k + 1}") for k, s in enumerate(seeds[2:])]
+    references: dict[tuple[Any, ...], Reference] = {}
+    for probed in objectives:
+        if probed.on_policy not in references:
+            pg, advantage = probed.reference(), probed.advantage
+            parts = [gradient(setup, pg, rows, advantage) for rows in reference_rows]
+            star = torch.stack(parts).mean(0)
+            k = len(parts)
+            spread = sum(float((g - star).double().norm() ** 2) for g in parts)
+            size = float(star.double().norm())  # 0 when every group's rewards were equal
+            error = math.sqrt(spread / (k * (k - 1))) / size if size else math.nan
+            references[probed.on_policy] = Reference(star, gradient(setup, pg, floor_rows, advantage), error)
+        yield probed, gradient(setup, probed.objective, behavior_rows, probed.advantage), references[probed.on_policy]
+
+
+def probe_draw(
+    setup: ProbeSetup, behavior: Policy, objectives: list[ProbedObjective], seed: int
+) -> dict[str, DrawResult]:
+    """One draw's numbers for every objective."""
+    out = {}
+    for probed, g, ref in draw_gradients(setup, behavior, objectives, seed):
+        out[probed.label] = DrawResult(
+            cosine(g, ref.star), norm_ratio(g, ref.star), cosine(ref.floor, ref.star), norm_ratio(ref.floor, ref.star),
+            ref.error,
+        )  # fmt: skip
+    return out
+
+
+@dataclass
+class Summary:
+    """Mean and standard error of one quantity over the draws (s.e. NaN for one draw)."""
+
+    draws: list[float] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.draws) if self.draws else math.nan
+
+    @property
+    def se(self) -> float:
+        return statistics.stdev(self.draws) / math.sqrt(len(self.draws)) if len(self.draws) > 1 else math.nan
+
+    def as_json(self) -> dict[str, Any]:
+        return {"mean": self.mean, "se": self.se, "draws": self.draws}
+
+
+QUANTITIES = ("cosine", "norm_ratio", "floor_cosine", "floor_norm_ratio", "reference_error")
+
+
+@dataclass
+class Cell:
+    """One behaviour policy × one objective over all draws."""
+
+    behavior: str
+    staleness: int | None  # optimizer steps between μ and π, when known
+    objective: str
+    summaries: dict[str, Summary] = field(default_factory=lambda: {q: Summary() for q in QUANTITIES})
+
+    def add(self, result: DrawResult) -> None:
+        for q in QUANTITIES:
+            self.summaries[q].draws.append(getattr(result, q))
+
+    def as_json(self) -> dict[str, Any]:
+        return {"behavior": self.behavior, "staleness": self.staleness, "objective": self.objective,
+                **{q: s.as_json() for q, s in self.summaries.items()}}  # fmt: skip
+
+
+def parse_objective(spec: str, recipe: Recipe) -> ProbedObjective:
+    """`name` or `name:key=value,key=value` → the objective with those options (recipe's advantage
+    estimator if it names one, else the objective's own)."""
+    name, _, options_text = spec.partition(":")
+    options = dict(parse_override(item) for item in options_text.split(",") if item.strip()) if options_text else {}
+    try:
+        objective: ObjectiveOptions = load_plugin("objectives", name.strip(), options)
+    except PluginError as exc:
+        raise ConfigError(f"--objective {spec}: {exc}") from None
+    return ProbedObjective(spec, objective, recipe.train.advantage or objective.default_advantage)
+
+
+@dataclass(frozen=True)
+class Behavior:
+    label: str  # the checkpoint path, or `staleness N`
+    path: str
+    staleness: int | None = None
+
+
+def behaviors_of_run(run_dir: Path, staleness: list[int], policy: str | None) -> tuple[str, list[Behavior]]:
+    """The policy (`policy`, else the run's latest checkpoint) and, for each staleness s, the
+    run's checkpoint that is s optimizer steps older."""
+    steps = {saved_policy_step(p): p for p in complete_checkpoints(run_dir)}
+    if not steps:
+        raise InputFileError(f"{run_dir}: no complete checkpoints; train with train.checkpoint_every=1 and a large "
+                             "train.keep_checkpoints to probe along the run")  # fmt: skip
+    policy_dir = Path(policy) if policy else steps[max(s for s in steps if s is not None)]
+    policy_step = saved_policy_step(policy_dir)
+    if policy_step is None:
+        raise InputFileError(f"{policy_dir}: no trainer_state.json, so its optimizer step is unknown; pass --behavior")
+    out = []
+    for s in staleness:
+        found = policy_dir if s == 0 else steps.get(policy_step - s)
+        if found is None:
+            have = sorted(policy_step - k for k in steps if k is not None and k <= policy_step)
+            raise InputFileError(f"{run_dir}: no checkpoint {s} steps before step {policy_step} (staleness available: "
+                                 f"{have}); keep more checkpoints (train.keep_checkpoints, train.checkpoint_every)")  # fmt: skip
+        out.append(Behavior(f"staleness {s}", str(found), s))
+    return str(policy_dir), out
+
+
+def run_probe(
+    recipe: Recipe, policy_path: str, behaviors: list[Behavior], objective_specs: list[str], draws: int,
+    prompts: int | None = None, reference_multiple: int = 8,
+) -> list[Cell]:  # fmt: skip
+    """Every behaviour × objective over `draws` draws; the policy stays loaded, behaviours load in turn."""
+    if draws < 1 or reference_multiple < 2:
+        raise ConfigError("--draws must be ≥ 1 and --reference-multiple ≥ 2 (g★'s error is estimated from its parts)")
+    objectives = [parse_objective(spec, recipe) for spec in objective_specs or [recipe.objective.name]]
+    problems = load_split(recipe, "train")[: prompts or recipe.train.prompts_per_iteration]
+    setup = ProbeSetup(
+        policy=load_recipe_policy(recipe, policy_path),
+        problems=problems,
+        group_size=recipe.train.group_size,
+        reference_multiple=reference_multiple,
+        job=lambda policy: sampling_job(recipe, policy),
+        micro_batch_tokens=recipe.train.micro_batch_tokens,
+        length_budget=generation_budget(recipe),
+    )
+    cells = []
+    for behavior in behaviors:
+        mu = setup.policy if behavior.path == policy_path else load_recipe_policy(recipe, behavior.path)
+        row = {p.label: Cell(behavior.label, behavior.staleness, p.label) for p in objectives}
+        for draw in range(draws):
+            console.print(f"{behavior.label}: draw {draw + 1}/{draws}")
+            for label, result in probe_draw(setup, mu, objectives, seed=recipe.seed * 100_003 + draw).items():
+                row[label].add(result)
+        cells.extend(row.values())
+    return cells
