@@ -196,3 +196,36 @@ def test_on_policy_every_objective_gradient_is_the_policy_gradient(name, policy)
                      rows, advantage)  # fmt: skip
     assert float(plain.norm()) > 0
     assert float((ours - plain).norm()) < 1e-4 * float(plain.norm())
+
+
+def test_probe_command_along_a_run(tmp_path):
+    """`minpro probe --run`: staleness picks the run's checkpoints; at staleness 0 every objective
+    with the same aggregation gives the same numbers (μ = π); JSON, plot, and a clear error for a
+    staleness the run cannot give."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from minpro_cli.cli import app
+    from minpro_cli.train import run_train
+
+    tiny = ["train.prompts_per_iteration=16", "train.group_size=4", "sampler.options.max_new_tokens=32",
+            "train.checkpoint_every=1", "train.keep_checkpoints=5", "optim.lr=1e-4", "optim.warmup_steps=0"]  # fmt: skip
+    run_train(load_recipe(QUICKSTART, [f"run_dir={tmp_path / 'run'}", "train.iterations=3", *tiny]))
+    probe = ["probe", str(QUICKSTART), *tiny, "--run", str(tmp_path / "run"), "--objective", "minpro",
+             "--objective", "grpo:loss_agg=token-mean", "--draws", "2", "--reference-multiple", "2"]  # fmt: skip
+    result = CliRunner().invoke(app, [*probe, "--staleness", "0,2", "--json", str(tmp_path / "p.json"),
+                                      "--plot", str(tmp_path / "plots")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["policy"].endswith("round_00003") and report["draws"] == 2
+    cells = {(c["staleness"], c["objective"]): c for c in report["results"]}
+    assert sorted(cells) == [(0, "grpo:loss_agg=token-mean"), (0, "minpro"), (2, "grpo:loss_agg=token-mean"), (2, "minpro")]
+    for c in cells.values():
+        assert len(c["cosine"]["draws"]) == 2 and all(-1 <= v <= 1 for v in c["cosine"]["draws"])
+        assert c["reference_error"]["mean"] > 0
+    same, other = cells[0, "minpro"]["cosine"]["draws"], cells[0, "grpo:loss_agg=token-mean"]["cosine"]["draws"]
+    assert same == pytest.approx(other, abs=1e-4)  # on-policy both are the policy gradient
+    assert (tmp_path / "plots" / "probe.png").stat().st_size > 10_000
+    missing = CliRunner().invoke(app, [*probe, "--staleness", "0,7"])
+    assert missing.exit_code == 2 and "no checkpoint 7 steps before step 3" in missing.output

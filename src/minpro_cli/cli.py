@@ -207,6 +207,55 @@ def inspect_ratios(
 
 @app.command()
 @user_errors
+def probe(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    policy: Annotated[
+        str | None, typer.Option(help="checkpoint π whose gradient is estimated [default with --run: its latest]")
+    ] = None,
+    behavior: Annotated[list[str] | None, typer.Option(help="checkpoint μ that samples (repeatable)")] = None,
+    run: Annotated[Path | None, typer.Option(help="a run directory whose checkpoints are the behaviours")] = None,
+    staleness: Annotated[str, typer.Option(help="with --run: optimizer steps from μ to π, comma-separated")] = "0,4,8,16",
+    objective: Annotated[
+        list[str] | None, typer.Option(help="NAME or NAME:key=value,key=value (repeatable) [default: the recipe's]")
+    ] = None,
+    draws: Annotated[int, typer.Option(min=1, help="independent draws; numbers are mean ± s.e. over them")] = 3,
+    prompts: Annotated[int | None, typer.Option(min=1, help="prompts per sample [default: train.prompts_per_iteration]")] = None,
+    reference_multiple: Annotated[int, typer.Option(min=2, help="g★ uses this many samples of the same size")] = 8,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the results as JSON (- : stdout)")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write probe.png into this directory")] = None,
+) -> None:
+    """How close each objective's off-policy gradient comes to π's on-policy gradient, per behaviour μ."""
+    from minpro_cli.fileio import write_json_output
+    from minpro_cli.probe import Behavior, behaviors_of_run, print_cells, report, run_probe
+
+    config = _recipe(recipe, overrides)
+    if (run is None) == (not behavior):
+        raise ConfigError("give --behavior CKPT (repeatable) with --policy, or --run RUN_DIR with --staleness")
+    if run is not None:
+        try:
+            steps = [int(s) for s in staleness.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--staleness must be comma-separated integers, got {staleness!r}") from None
+        policy_path, behaviors = behaviors_of_run(run, steps, policy)
+    elif policy is None:
+        raise ConfigError("--behavior needs --policy (the checkpoint whose gradient is estimated)")
+    else:
+        policy_path, behaviors = policy, [Behavior(b, b) for b in behavior or []]
+    cells = run_probe(config, policy_path, behaviors, objective or [], draws, prompts, reference_multiple)
+    print_cells(cells)
+    settings = {"draws": draws, "prompts": prompts or config.train.prompts_per_iteration,
+                "group_size": config.train.group_size, "reference_multiple": reference_multiple}  # fmt: skip
+    if json_path is not None:
+        write_json_output(json_path, report(cells, policy_path, settings))
+    if plot is not None:
+        from minpro_cli.plots import probe_figure, save
+
+        console.print(f"plot: {save(probe_figure(cells), plot / 'probe.png')}")
+
+
+@app.command()
+@user_errors
 def sweep(
     recipe: RecipeArg,
     overrides: OverridesArg = None,

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -74,6 +75,14 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_json_output(path: Path, obj: Any) -> None:
+    """A command's --json: the file (atomically), or stdout for `-` (tables go to stderr)."""
+    if path == Path("-"):
+        sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    else:
+        write_json_atomic(path, obj)
 
 
 def write_yaml_atomic(path: Path, obj: Any) -> None:

@@ -177,3 +177,28 @@ def sweep_figure(panels: dict[str, list[Band]], ylabel: str, xlabel: str = "opti
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=8)
     return fig
+
+
+def probe_figure(cells: list[Any]) -> Figure:
+    """`minpro probe`: cos(g_obj, g★) and ‖g_obj‖/‖g★‖ against staleness, one line per objective
+    with its ±2 s.e. band; dashed, the noise floor (a fresh on-policy sample of the same size)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    behaviors = list(dict.fromkeys(c.behavior for c in cells))
+    position = {b: next((c.staleness for c in cells if c.behavior == b and c.staleness is not None), i)
+                for i, b in enumerate(behaviors)}  # fmt: skip
+    for ax, (quantity, floor, label) in zip(axes, [("cosine", "floor_cosine", "cos(g_obj, g★)"),
+                                                    ("norm_ratio", "floor_norm_ratio", "‖g_obj‖ / ‖g★‖")]):  # fmt: skip
+        for k, objective in enumerate(dict.fromkeys(c.objective for c in cells)):
+            mine = sorted((c for c in cells if c.objective == objective), key=lambda c: position[c.behavior])
+            x = [position[c.behavior] for c in mine]
+            mean = [c.summaries[quantity].mean for c in mine]
+            se = [0.0 if math.isnan(c.summaries[quantity].se) else c.summaries[quantity].se for c in mine]
+            ax.plot(x, mean, marker="o", color=f"C{k}", label=objective, linewidth=1.4)
+            ax.fill_between(x, [m - 2 * s for m, s in zip(mean, se)], [m + 2 * s for m, s in zip(mean, se)],
+                            color=f"C{k}", alpha=0.15, linewidth=0)  # fmt: skip
+            ax.plot(x, [c.summaries[floor].mean for c in mine], linestyle="--", color=f"C{k}", alpha=0.6, linewidth=1)
+        ax.set_xlabel("staleness (optimizer steps)" if any(c.staleness is not None for c in cells) else "behaviour")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, title="dashed: noise floor", title_fontsize=8)
+    return fig

@@ -20,13 +20,13 @@ Dr.GRPO's L), as flat float32 vectors: memory is O(parameters) per reference gra
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.table import Table
 
 from minpro_cli.checkpoints import complete_checkpoints, saved_policy_step
 from minpro_cli.collect import SamplingJob, load_recipe_policy, load_split, sample_rows, sampling_job
@@ -101,11 +101,15 @@ def gradient(setup: ProbeSetup, objective: ObjectiveOptions, rows: list[dict[str
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+    """NaN when either is 0 (every reward of the sample equal): no direction to compare."""
+    a, b = a.double(), b.double()
+    norms = float(a.norm() * b.norm())
+    return float(a @ b) / norms if norms else math.nan
 
 
 def norm_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(a.double().norm() / b.double().norm())
+    size = float(b.double().norm())
+    return float(a.double().norm()) / size if size else math.nan
 
 
 def sample(setup: ProbeSetup, policy: Policy, seed: int, label: str) -> list[dict[str, Any]]:
@@ -121,41 +125,49 @@ class Reference:
     error: float  # ε★, g★'s relative standard error
 
 
+def reference_gradients(setup: ProbeSetup, objectives: list[ProbedObjective], seed: int) -> dict[Any, Reference]:
+    """g★ (K fresh samples of π) and g_floor (one more) for each kind of on-policy gradient
+    among `objectives`; a draw shares them across behaviour policies."""
+    policy = setup.policy
+    floor_rows = sample(setup, policy, seed * 1_009 + 1, "on-policy sample")
+    reference_rows = [sample(setup, policy, seed * 1_009 + 2 + k, f"reference sample {k + 1}")
+                      for k in range(setup.reference_multiple)]  # fmt: skip
+    references: dict[Any, Reference] = {}
+    for probed in objectives:
+        if probed.on_policy in references:
+            continue
+        pg, advantage = probed.reference(), probed.advantage
+        parts = [gradient(setup, pg, rows, advantage) for rows in reference_rows]
+        star = torch.stack(parts).mean(0)
+        k = len(parts)
+        spread = sum(float((g - star).double().norm() ** 2) for g in parts)
+        size = float(star.double().norm())  # 0 when every group's rewards were equal
+        error = math.sqrt(spread / (k * (k - 1))) / size if size else math.nan
+        references[probed.on_policy] = Reference(star, gradient(setup, pg, floor_rows, advantage), error)
+    return references
+
+
+def behavior_gradients(
+    setup: ProbeSetup, behavior: Policy, objectives: list[ProbedObjective], seed: int
+) -> Iterator[tuple[ProbedObjective, torch.Tensor]]:
+    """Each objective's g_obj on one fresh sample of μ (the same sample for all: paired), one at a time."""
+    rows = sample(setup, behavior, seed * 1_009, "behaviour sample")
+    for probed in objectives:
+        yield probed, gradient(setup, probed.objective, rows, probed.advantage)
+
+
 def draw_gradients(
     setup: ProbeSetup, behavior: Policy, objectives: list[ProbedObjective], seed: int
 ) -> Iterator[tuple[ProbedObjective, torch.Tensor, Reference]]:
-    """One draw: fresh samples of μ, of π and K of π★; yields each objective's g_obj on μ's
-    samples with its reference. One g_obj is held at a time; references per on-policy kind."""
-    policy = setup.policy
-    seeds = [seed * 1_009 + k for k in range(setup.reference_multiple + 2)]  # μ, floor, then S★_k
-    behavior_rows = sample(setup, behavior, seeds[0], "behaviour sample")
-    floor_rows = sample(setup, policy, seeds[1], "on-policy sample")
-    reference_rows = [sample(setup, policy, s, f"reference sample {k + 1}") for k, s in enumerate(seeds[2:])]
-    references: dict[tuple[Any, ...], Reference] = {}
-    for probed in objectives:
-        if probed.on_policy not in references:
-            pg, advantage = probed.reference(), probed.advantage
-            parts = [gradient(setup, pg, rows, advantage) for rows in reference_rows]
-            star = torch.stack(parts).mean(0)
-            k = len(parts)
-            spread = sum(float((g - star).double().norm() ** 2) for g in parts)
-            size = float(star.double().norm())  # 0 when every group's rewards were equal
-            error = math.sqrt(spread / (k * (k - 1))) / size if size else math.nan
-            references[probed.on_policy] = Reference(star, gradient(setup, pg, floor_rows, advantage), error)
-        yield probed, gradient(setup, probed.objective, behavior_rows, probed.advantage), references[probed.on_policy]
+    """One draw for one behaviour: each objective's g_obj with its reference."""
+    references = reference_gradients(setup, objectives, seed)
+    for probed, g in behavior_gradients(setup, behavior, objectives, seed):
+        yield probed, g, references[probed.on_policy]
 
 
-def probe_draw(
-    setup: ProbeSetup, behavior: Policy, objectives: list[ProbedObjective], seed: int
-) -> dict[str, DrawResult]:
-    """One draw's numbers for every objective."""
-    out = {}
-    for probed, g, ref in draw_gradients(setup, behavior, objectives, seed):
-        out[probed.label] = DrawResult(
-            cosine(g, ref.star), norm_ratio(g, ref.star), cosine(ref.floor, ref.star), norm_ratio(ref.floor, ref.star),
-            ref.error,
-        )  # fmt: skip
-    return out
+def draw_result(g: torch.Tensor, ref: Reference) -> DrawResult:
+    return DrawResult(cosine(g, ref.star), norm_ratio(g, ref.star), cosine(ref.floor, ref.star),
+                      norm_ratio(ref.floor, ref.star), ref.error)  # fmt: skip
 
 
 @dataclass
@@ -166,11 +178,12 @@ class Summary:
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.draws) if self.draws else math.nan
+        return sum(self.draws) / len(self.draws) if self.draws else math.nan
 
     @property
-    def se(self) -> float:
-        return statistics.stdev(self.draws) / math.sqrt(len(self.draws)) if len(self.draws) > 1 else math.nan
+    def se(self) -> float:  # a NaN draw (a gradient of 0: every reward equal) makes both NaN
+        n, mean = len(self.draws), self.mean
+        return math.sqrt(sum((x - mean) ** 2 for x in self.draws) / (n - 1) / n) if n > 1 else math.nan
 
     def as_json(self) -> dict[str, Any]:
         return {"mean": self.mean, "se": self.se, "draws": self.draws}
@@ -242,7 +255,8 @@ def run_probe(
     recipe: Recipe, policy_path: str, behaviors: list[Behavior], objective_specs: list[str], draws: int,
     prompts: int | None = None, reference_multiple: int = 8,
 ) -> list[Cell]:  # fmt: skip
-    """Every behaviour × objective over `draws` draws; the policy stays loaded, behaviours load in turn."""
+    """Every behaviour × objective over `draws` draws. Each draw's reference is shared by every
+    behaviour; the policy stays loaded, behaviours load in turn."""
     if draws < 1 or reference_multiple < 2:
         raise ConfigError("--draws must be ≥ 1 and --reference-multiple ≥ 2 (g★'s error is estimated from its parts)")
     objectives = [parse_objective(spec, recipe) for spec in objective_specs or [recipe.objective.name]]
@@ -256,13 +270,29 @@ def run_probe(
         micro_batch_tokens=recipe.train.micro_batch_tokens,
         length_budget=generation_budget(recipe),
     )
-    cells = []
-    for behavior in behaviors:
-        mu = setup.policy if behavior.path == policy_path else load_recipe_policy(recipe, behavior.path)
-        row = {p.label: Cell(behavior.label, behavior.staleness, p.label) for p in objectives}
-        for draw in range(draws):
-            console.print(f"{behavior.label}: draw {draw + 1}/{draws}")
-            for label, result in probe_draw(setup, mu, objectives, seed=recipe.seed * 100_003 + draw).items():
-                row[label].add(result)
-        cells.extend(row.values())
-    return cells
+    cells = {(b.label, p.label): Cell(b.label, b.staleness, p.label) for b in behaviors for p in objectives}
+    for draw in range(draws):
+        seed = recipe.seed * 100_003 + draw
+        console.print(f"draw {draw + 1}/{draws}: the on-policy reference")
+        references = reference_gradients(setup, objectives, seed)
+        for behavior in behaviors:
+            console.print(f"draw {draw + 1}/{draws}: {behavior.label}")
+            mu = setup.policy if behavior.path == policy_path else load_recipe_policy(recipe, behavior.path)
+            for probed, g in behavior_gradients(setup, mu, objectives, seed):
+                cells[behavior.label, probed.label].add(draw_result(g, references[probed.on_policy]))
+    return list(cells.values())
+
+
+def print_cells(cells: list[Cell]) -> None:
+    table = Table(title="cos(g_obj, g★) and ‖g_obj‖/‖g★‖: mean ± s.e. over draws (floor: fresh on-policy sample)")
+    for column in ("behaviour", "objective", "cos", "norm ratio", "floor cos", "floor norm", "ε★"):
+        table.add_column(column, overflow="fold")
+    for c in cells:
+        s = c.summaries
+        table.add_row(c.behavior, c.objective, *(f"{s[q].mean:.3f} ± {s[q].se:.3f}" for q in QUANTITIES[:4]),
+                      f"{s['reference_error'].mean:.3f}")  # fmt: skip
+    console.print(table)
+
+
+def report(cells: list[Cell], policy: str, settings: dict[str, Any]) -> dict[str, Any]:
+    return {"policy": policy, **settings, "results": [c.as_json() for c in cells]}

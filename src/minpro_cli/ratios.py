@@ -6,8 +6,6 @@ policy (batched, no grad) or, without a policy, from each file's `target_logprob
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,7 @@ from rich.table import Table
 
 from minpro_cli.console import console, progress_bar
 from minpro_cli.errors import ConfigError, MinproError, RolloutFileError
-from minpro_cli.fileio import write_json_atomic
+from minpro_cli.fileio import write_json_output
 from minpro_cli.modeling import Policy, pack, pad_rows, response_logprobs, tokenizer_fingerprint
 from minpro_cli.objectives import LOG_RATIO_CLAMP
 from minpro_cli.ratiostats import DEFAULT_THRESHOLDS, QUANTITIES, RatioStats
@@ -153,10 +151,8 @@ def inspect_ratios(
             group["worst"] = [decode_worst(item, policy) for item in group["worst"]]
     report["source"] = " ".join(map(str, rollouts)) if isinstance(rollouts, list) else str(rollouts)
     print_report(report, report["source"], options)
-    if json_path == Path("-"):  # machine-readable on stdout; the tables went to stderr
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
-    elif json_path is not None:
-        write_json_atomic(json_path, report)
+    if json_path is not None:
+        write_json_output(json_path, report)
     if plot_dir is not None:
         from minpro_cli.plots import plot_inspection
 
