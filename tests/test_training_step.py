@@ -71,7 +71,7 @@ def test_chunked_logprobs_match_the_full_vocabulary_values_and_gradients(monkeyp
     assert ours[2]["lm_head.weight" if "lm_head.weight" in ours[2] else "model.embed_tokens.weight"].abs().max() > 0
 
 
-def test_chunked_head_passes_gradcheck_with_a_bias():
+def test_chunked_head_passes_gradcheck_with_a_bias_and_the_entropy():
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     weight = torch.randn(7, 4, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -80,6 +80,13 @@ def test_chunked_head_passes_gradcheck_with_a_bias():
     assert torch.autograd.gradcheck(
         lambda h, w, b: ChunkedLogProbs.apply(h, w, b, targets, 0.7, False, 2)[0], (hidden, weight, bias)
     )
+    mix = torch.randn(5, dtype=torch.float64, generator=gen)
+
+    def with_entropy(h, w, b):  # the entropy bonus's gradient, with and without log-probs in the loss
+        logprobs, entropy = ChunkedLogProbs.apply(h, w, b, targets, 0.7, True, 2)
+        return entropy, logprobs + mix * entropy
+
+    assert torch.autograd.gradcheck(with_entropy, (hidden, weight, bias))
     logprobs, entropy = ChunkedLogProbs.apply(hidden, weight, bias, targets, 0.7, True, 2)
     by_hand = torch.log_softmax((hidden @ weight.T + bias) / 0.7, -1)  # independent of the chunking
     torch.testing.assert_close(logprobs, by_hand[torch.arange(5), targets])
