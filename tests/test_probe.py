@@ -191,9 +191,10 @@ def test_on_policy_every_objective_gradient_is_the_policy_gradient(name, policy)
                        micro_batch_tokens=600, length_budget=48)  # several micro-batches, as training cuts them
     rows = sample(setup, policy, seed=0, label="on-policy sample")
     advantage = objective.default_advantage
-    ours = gradient(setup, objective, rows, advantage)
-    plain = gradient(setup, PolicyGradient(loss_agg=objective.loss_agg, max_response_length=objective.max_response_length),
-                     rows, advantage)  # fmt: skip
+    ours, metrics = gradient(setup, objective, rows, advantage)
+    plain, _ = gradient(setup, PolicyGradient(loss_agg=objective.loss_agg, max_response_length=objective.max_response_length),
+                        rows, advantage)  # fmt: skip
+    assert abs(metrics["ratios/kl_k1"]) < 1e-5  # μ = π: the sampler's and the trainer's log-probs agree
     assert float(plain.norm()) > 0
     assert float((ours - plain).norm()) < 1e-4 * float(plain.norm())
 
@@ -226,6 +227,7 @@ def test_probe_command_along_a_run(tmp_path):
         assert c["reference_error"]["mean"] > 0
     same, other = cells[0, "minpro"]["cosine"]["draws"], cells[0, "grpo:loss_agg=token-mean"]["cosine"]["draws"]
     assert same == pytest.approx(other, abs=1e-4)  # on-policy both are the policy gradient
+    assert abs(cells[0, "minpro"]["kl"]["mean"]) < 1e-4  # KL(μ‖π) of μ = π
     assert (tmp_path / "plots" / "probe.png").stat().st_size > 10_000
     missing = CliRunner().invoke(app, [*probe, "--staleness", "0,7"])
     assert missing.exit_code == 2 and "no checkpoint 7 steps before step 3" in missing.output

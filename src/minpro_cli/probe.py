@@ -84,20 +84,24 @@ class DrawResult:
     floor_cosine: float
     floor_norm_ratio: float
     reference_error: float  # ε★
+    kl: float  # KL(μ‖π) per token of μ's sample
 
 
-def gradient(setup: ProbeSetup, objective: ObjectiveOptions, rows: list[dict[str, Any]], advantage: AdvantageEstimator) -> torch.Tensor:
-    """−∇_θ L at the policy's weights, as one flat float32 vector (the ascent direction)."""
+def gradient(
+    setup: ProbeSetup, objective: ObjectiveOptions, rows: list[dict[str, Any]], advantage: AdvantageEstimator
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """−∇_θ L at the policy's weights, as one flat float32 vector (the ascent direction), and the
+    step's metrics (`ratios/kl_k1`: KL(μ‖π) per token of the sample)."""
     batch = training_batch(rows, advantage, drop_zero_variance=False)
     assert batch is not None
     module = setup.policy.model
     trainee = Trainee(module, setup.policy.pad_token_id, compute_dtype=setup.policy.compute_dtype,
                       micro_batch_tokens=setup.micro_batch_tokens)  # fmt: skip
     no_step = torch.optim.SGD(module.parameters(), lr=0.0)  # update_step's gradient, weights untouched
-    update_step(trainee, no_step, objective, batch, grad_clip=math.inf, length_budget=setup.length_budget)
+    metrics = update_step(trainee, no_step, objective, batch, grad_clip=math.inf, length_budget=setup.length_budget)
     grads = [(-p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in module.parameters()]
     module.zero_grad(set_to_none=True)
-    return torch.cat(grads)
+    return torch.cat(grads), metrics
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -137,23 +141,25 @@ def reference_gradients(setup: ProbeSetup, objectives: list[ProbedObjective], se
         if probed.on_policy in references:
             continue
         pg, advantage = probed.reference(), probed.advantage
-        parts = [gradient(setup, pg, rows, advantage) for rows in reference_rows]
+        parts = [gradient(setup, pg, rows, advantage)[0] for rows in reference_rows]
         star = torch.stack(parts).mean(0)
         k = len(parts)
         spread = sum(float((g - star).double().norm() ** 2) for g in parts)
         size = float(star.double().norm())  # 0 when every group's rewards were equal
         error = math.sqrt(spread / (k * (k - 1))) / size if size else math.nan
-        references[probed.on_policy] = Reference(star, gradient(setup, pg, floor_rows, advantage), error)
+        references[probed.on_policy] = Reference(star, gradient(setup, pg, floor_rows, advantage)[0], error)
     return references
 
 
 def behavior_gradients(
     setup: ProbeSetup, behavior: Policy, objectives: list[ProbedObjective], seed: int
-) -> Iterator[tuple[ProbedObjective, torch.Tensor]]:
-    """Each objective's g_obj on one fresh sample of μ (the same sample for all: paired), one at a time."""
+) -> Iterator[tuple[ProbedObjective, torch.Tensor, float]]:
+    """Each objective's g_obj on one fresh sample of μ (the same sample for all: paired), one at
+    a time, with KL(μ‖π) per token of that sample (how far μ drifted, whatever the steps say)."""
     rows = sample(setup, behavior, seed * 1_009, "behaviour sample")
     for probed in objectives:
-        yield probed, gradient(setup, probed.objective, rows, probed.advantage)
+        g, metrics = gradient(setup, probed.objective, rows, probed.advantage)
+        yield probed, g, metrics["ratios/kl_k1"]
 
 
 def draw_gradients(
@@ -161,13 +167,13 @@ def draw_gradients(
 ) -> Iterator[tuple[ProbedObjective, torch.Tensor, Reference]]:
     """One draw for one behaviour: each objective's g_obj with its reference."""
     references = reference_gradients(setup, objectives, seed)
-    for probed, g in behavior_gradients(setup, behavior, objectives, seed):
+    for probed, g, _ in behavior_gradients(setup, behavior, objectives, seed):
         yield probed, g, references[probed.on_policy]
 
 
-def draw_result(g: torch.Tensor, ref: Reference) -> DrawResult:
+def draw_result(g: torch.Tensor, ref: Reference, kl: float) -> DrawResult:
     return DrawResult(cosine(g, ref.star), norm_ratio(g, ref.star), cosine(ref.floor, ref.star),
-                      norm_ratio(ref.floor, ref.star), ref.error)  # fmt: skip
+                      norm_ratio(ref.floor, ref.star), ref.error, kl)  # fmt: skip
 
 
 @dataclass
@@ -189,7 +195,7 @@ class Summary:
         return {"mean": self.mean, "se": self.se, "draws": self.draws}
 
 
-QUANTITIES = ("cosine", "norm_ratio", "floor_cosine", "floor_norm_ratio", "reference_error")
+QUANTITIES = ("cosine", "norm_ratio", "floor_cosine", "floor_norm_ratio", "reference_error", "kl")
 
 
 @dataclass
@@ -278,19 +284,19 @@ def run_probe(
         for behavior in behaviors:
             console.print(f"draw {draw + 1}/{draws}: {behavior.label}")
             mu = setup.policy if behavior.path == policy_path else load_recipe_policy(recipe, behavior.path)
-            for probed, g in behavior_gradients(setup, mu, objectives, seed):
-                cells[behavior.label, probed.label].add(draw_result(g, references[probed.on_policy]))
+            for probed, g, kl in behavior_gradients(setup, mu, objectives, seed):
+                cells[behavior.label, probed.label].add(draw_result(g, references[probed.on_policy], kl))
     return list(cells.values())
 
 
 def print_cells(cells: list[Cell]) -> None:
     table = Table(title="cos(g_obj, g★) and ‖g_obj‖/‖g★‖: mean ± s.e. over draws (floor: fresh on-policy sample)")
-    for column in ("behaviour", "objective", "cos", "norm ratio", "floor cos", "floor norm", "ε★"):
+    for column in ("behaviour", "KL(μ‖π)", "objective", "cos", "norm ratio", "floor cos", "floor norm", "ε★"):
         table.add_column(column, overflow="fold")
     for c in cells:
         s = c.summaries
-        table.add_row(c.behavior, c.objective, *(f"{s[q].mean:.3f} ± {s[q].se:.3f}" for q in QUANTITIES[:4]),
-                      f"{s['reference_error'].mean:.3f}")  # fmt: skip
+        table.add_row(c.behavior, f"{s['kl'].mean:.4f}", c.objective,
+                      *(f"{s[q].mean:.3f} ± {s[q].se:.3f}" for q in QUANTITIES[:4]), f"{s['reference_error'].mean:.3f}")  # fmt: skip
     console.print(table)
 
 
