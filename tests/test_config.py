@@ -103,3 +103,16 @@ def test_yaml_anchors_work_but_alias_bombs_recursion_and_deep_nesting_are_refuse
         load_recipe(write(tmp_path, "a: &a [1, *a]\n"))
     with pytest.raises(ConfigError, match="nested too deeply"):
         load_recipe(write(tmp_path, "a: " + "[" * 20_000 + "]" * 20_000 + "\n"))
+
+
+def test_optimizer_settings_reach_the_optimizer():
+    import torch
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    adamw = load_recipe(None, ["optim.eps=1e-3", "optim.betas=[0.8,0.9]"]).optim.build(params)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["eps"] == 1e-3
+    assert adamw.param_groups[0]["betas"] == (0.8, 0.9)
+    sgd = load_recipe(None, ["optim.name=sgd", "optim.momentum=0.5"]).optim.build(params)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
+    with pytest.raises(ConfigError, match="optim.momentum is SGD's"):
+        load_recipe(None, ["optim.momentum=0.9"])

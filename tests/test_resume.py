@@ -97,3 +97,19 @@ def test_another_runs_checkpoint_starts_a_new_directory_only(tmp_path, finished)
     run_train(recipe(tmp_path / "fork", "train.iterations=3"), resume=checkpoint)
     assert rounds(tmp_path / "fork") == [2]  # it starts after round 1, where the checkpoint stands
     assert same_weights(tmp_path / "fork", finished)
+
+
+def test_sgd_with_momentum_trains_and_resumes_exactly(tmp_path):
+    """optim.name=sgd (for runs without AdamW's per-coordinate normalisation): its momentum buffers
+    are checkpointed, so a run resumed from round 1 ends with the uninterrupted run's weights."""
+    sgd = ["train.iterations=3", "optim.name=sgd", "optim.momentum=0.9", "optim.lr=0.05",
+           "train.entropy_coef=0.1"]  # a gradient even when every reward is equal
+    run_train(recipe(tmp_path / "a", *sgd))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    run_train(recipe(tmp_path / "b", *sgd), resume=str(tmp_path / "b" / "checkpoints" / "round_00001"))
+    assert same_weights(tmp_path / "a", tmp_path / "b")
+    (group,) = json.loads((tmp_path / "a" / "checkpoints" / "round_00003" / "optimizer_param_groups.json").read_text())
+    assert group["momentum"] == 0.9 and "betas" not in group  # SGD's settings, not AdamW's
+    base = load_file(QUICKSTART.parents[1] / "src/minpro_cli/assets/default_model/model.safetensors")
+    final = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    assert any(not torch.equal(final[k], base[k]) for k in final)  # it trained

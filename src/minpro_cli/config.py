@@ -123,13 +123,30 @@ class RolloutConfig(Section):
 
 
 class OptimConfig(Section):
+    name: Literal["adamw", "sgd"] = Field(
+        "adamw", description="adamw, or sgd: plain gradient steps, no per-coordinate normalisation"
+    )
     lr: float = Field(1e-4, gt=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's moment decays")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW's ε; raised, it damps the per-coordinate normalisation")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD's momentum (sgd only)")
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     schedule: Schedule = Field("constant", description="lr after warm-up: constant, linear or cosine decay")
     warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up from lr/warmup_steps to lr")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="linear/cosine decay ends at lr × min_lr_ratio")
+
+    @model_validator(mode="after")
+    def _momentum_is_sgd_s(self) -> OptimConfig:
+        if self.momentum and self.name != "sgd":
+            raise ValueError("optim.momentum is SGD's: set optim.name=sgd, or drop it (AdamW has betas)")
+        return self
+
+    def build(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """The optimizer over `params`; the learning rate is set per step by the schedule."""
+        if self.name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
 
 
 class TrainConfig(Section):

@@ -529,12 +529,7 @@ def train_loop(recipe: Recipe, world: World, resume: str = "auto") -> Path:
         policy.compute_dtype,
         cfg.micro_batch_tokens,
     )
-    optimizer = torch.optim.AdamW(
-        [p for p in trainee.module.parameters() if p.requires_grad],  # LoRA: the adapters alone
-        lr=recipe.optim.lr,
-        betas=recipe.optim.betas,
-        weight_decay=recipe.optim.weight_decay,
-    )
+    optimizer = recipe.optim.build([p for p in trainee.module.parameters() if p.requires_grad])  # LoRA: adapters
     state, snapshots = LoopState(), {}
     if resume_from is not None:
         state, snapshots = load_checkpoint_state(resume_from, trainee.module, optimizer)
