@@ -19,8 +19,8 @@ from minpro_cli.config import load_recipe
 from minpro_cli.errors import ConfigError, MinproError
 from minpro_cli.eval import run_eval
 from minpro_cli.fileio import read_jsonl
-from minpro_cli.report import Cell, RunRecord, band, collapse_step, compare, write_report
-from minpro_cli.sweep import parse_grid, run_name, run_sweep
+from minpro_cli.report import Cell, RunRecord, band, cells_of, collapse_step, compare, split_keys, write_report
+from minpro_cli.sweep import parse_grid, plan_runs, run_name, run_sweep, sweep_plan, value_label
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
@@ -63,6 +63,20 @@ def test_grid_parsing_and_run_names():
     assert run_name({"data.train": "a/b c.jsonl"}) == "data.train-a_b_c.jsonl"
     with pytest.raises(ConfigError, match="KEY=V1,V2"):
         parse_grid(["train.staleness"])
+
+
+def test_a_whole_objective_with_options_is_a_grid_value(tmp_path):
+    """grid key `objective` with {name, options} values: MinPRO's two clip modes side by side."""
+    ppo = {"name": "minpro", "options": {"clip_mode": "ppo"}}
+    assert value_label(ppo) == "minpro:clip_mode=ppo" and value_label({"name": "grpo"}) == "grpo"
+    assert run_name({"objective": ppo, "seed": 0}) == "objective-minpro_clip_mode-ppo__seed-0"
+    recipe, data = sweep_plan(sweep_recipe(tmp_path, {"objective": [{"name": "grpo"}, ppo]}), [], [], None, False)
+    runs = plan_runs(data, recipe, tmp_path / "sweep", "test")
+    assert [r.name for r in runs] == ["objective-grpo__seed-0", "objective-minpro_clip_mode-ppo__seed-0"]
+    planned = load_recipe(runs[1].directory / "recipe.yaml")
+    assert planned.objective.name == "minpro" and planned.objective.options == {"clip_mode": "ppo"}
+    records = [RunRecord(r.name, r.overrides, "done", [], [], None) for r in runs]
+    assert [c.line for c in cells_of(records, *split_keys(recipe.sweep.grid, None))] == ["grpo", "minpro:clip_mode=ppo"]
 
 
 def test_a_bad_grid_value_is_refused_before_any_run_starts(tmp_path):

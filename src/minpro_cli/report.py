@@ -19,7 +19,7 @@ from minpro_cli.console import console
 from minpro_cli.errors import MinproError
 from minpro_cli.fileio import read_jsonl, write_text_atomic
 from minpro_cli.plots import Band, save, sweep_figure
-from minpro_cli.sweep import MANIFEST, RunStatus, run_status
+from minpro_cli.sweep import MANIFEST, RunStatus, run_status, value_label
 from minpro_cli.train import DIVERGED_FILE
 
 
@@ -83,14 +83,14 @@ def load_runs(sweep_dir: Path, fraction: float) -> tuple[dict[str, Any], list[Ru
 
 
 def split_keys(grid: dict[str, list[Any]], line_key: str | None) -> tuple[str, list[str]]:
-    line = line_key or ("objective.name" if "objective.name" in grid else next(iter(grid)))
+    line = line_key or next((k for k in ("objective.name", "objective") if k in grid), next(iter(grid)))
     if line not in grid:
         raise MinproError(f"--line {line}: not a swept key; the grid has {', '.join(grid)}")
     return line, [k for k in grid if k != line]
 
 
 def panel_label(overrides: dict[str, Any], panel_keys: list[str]) -> str:
-    return ", ".join(f"{key.rsplit('.', 1)[-1]}={overrides[key]}" for key in panel_keys) or "all runs"
+    return ", ".join(f"{key.rsplit('.', 1)[-1]}={value_label(overrides[key])}" for key in panel_keys) or "all runs"
 
 
 def band(label: str, series: list[list[tuple[float, float]]]) -> Band:
@@ -172,7 +172,7 @@ def cells_of(records: list[RunRecord], line: str, panel_keys: list[str]) -> list
     """One cell per (panel, line), panel-major, each in the grid's order."""
     cells: dict[tuple[str, str], Cell] = {}
     for r in records:
-        key = (panel_label(r.overrides, panel_keys), str(r.overrides[line]))
+        key = (panel_label(r.overrides, panel_keys), value_label(r.overrides[line]))
         cells.setdefault(key, Cell(*key, [])).runs.append(r)
     panels = list(dict.fromkeys(panel for panel, _ in cells))
     return sorted(cells.values(), key=lambda c: panels.index(c.panel))

@@ -62,9 +62,21 @@ def parse_grid(texts: list[str]) -> dict[str, list[Any]]:
     return grid
 
 
+def value_label(value: Any) -> str:
+    """A grid value as a person writes it: `grpo`, `0.0001`, or a whole objective with its options
+    (grid key `objective`, values {name, options}): `minpro:clip_mode=ppo`."""
+    if isinstance(value, dict) and "name" in value:
+        options = value.get("options") or {}
+        return str(value["name"]) + (":" + ",".join(f"{k}={value_label(v)}" for k, v in options.items()) if options else "")
+    if isinstance(value, dict):
+        return ",".join(f"{k}={value_label(v)}" for k, v in value.items())
+    return str(value)
+
+
 def run_name(overrides: dict[str, Any]) -> str:
-    """A directory name that says what the run is: objective.name-grpo__train.staleness-4__seed-0."""
-    parts = [f"{key}-{value}" for key, value in overrides.items()]
+    """A directory name that says what the run is: objective.name-grpo__train.staleness-4__seed-0
+    (objective-minpro_clip_mode-ppo__… for a whole objective)."""
+    parts = [f"{key}-{value_label(value).replace(':', '_').replace('=', '-')}" for key, value in overrides.items()]
     return re.sub(r"[^A-Za-z0-9_.-]", "_", "__".join(parts))
 
 
