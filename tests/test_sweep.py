@@ -131,6 +131,14 @@ def test_sweep_trains_every_grid_point_and_evaluates_held_out(tmp_path):
     for stem in ("heldout_pass1", "train_reward", "entropy", "grad_norm", "kl"):
         assert (sweep_dir / "report" / f"{stem}.png").stat().st_size > 10_000
         assert f"(report/{stem}.png)" in report
+    # with a `minpro probe --json` file: its table (numbers from the file) and figure
+    probe = ROOT / "docs" / "results" / "probe-quickstart.json"
+    with_probe = write_report(sweep_dir, tmp_path / "with-probe.md", probe=probe).read_text()
+    cells = {(c["staleness"], c["objective"]): c for c in json.loads(probe.read_text())["results"]}
+    minpro_row = next(line for line in with_probe.splitlines() if line.startswith("| minpro |"))
+    cosine = cells[8, "minpro"]["cosine"]
+    assert f"{cosine['mean']:.3f} ± {cosine['se']:.3f}" in minpro_row
+    assert "## Gradient probe" in with_probe and (tmp_path / "with-probe" / "probe.png").stat().st_size > 10_000
 
 
 def test_interrupted_sweep_finishes_only_the_missing_runs(tmp_path):

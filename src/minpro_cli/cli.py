@@ -288,11 +288,12 @@ def report_(
         float, typer.Option(min=0.0, max=1.0, help="collapsed: held-out pass@1 stays below this × its best")
     ] = 0.5,
     notes: Annotated[Path | None, typer.Option(help="markdown written by hand, included under 'Notes'")] = None,
+    probe: Annotated[Path | None, typer.Option(help="a `minpro probe --json` file: its table and figure")] = None,
 ) -> None:
     """Markdown report with PNG figures of a sweep: curves per panel, a table over seeds, every run."""
     from minpro_cli.report import write_report
 
-    write_report(sweep_dir, out, line, reference, collapse_fraction, notes)
+    write_report(sweep_dir, out, line, reference, collapse_fraction, notes, probe)
 
 
 @app.command()

@@ -215,6 +215,11 @@ class Cell:
         return {"behavior": self.behavior, "staleness": self.staleness, "objective": self.objective,
                 **{q: s.as_json() for q, s in self.summaries.items()}}  # fmt: skip
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Cell:
+        summaries = {q: Summary([float(x) for x in data[q]["draws"]]) for q in QUANTITIES}
+        return cls(str(data["behavior"]), data.get("staleness"), str(data["objective"]), summaries)
+
 
 def parse_objective(spec: str, recipe: Recipe) -> ProbedObjective:
     """`name` or `name:key=value,key=value` → the objective with those options (recipe's advantage
@@ -295,7 +300,7 @@ def print_cells(cells: list[Cell]) -> None:
         table.add_column(column, overflow="fold")
     for c in cells:
         s = c.summaries
-        table.add_row(c.behavior, f"{s['kl'].mean:.4f}", c.objective,
+        table.add_row(c.behavior, f"{round(s['kl'].mean, 4) + 0.0:.4f}", c.objective,  # no "-0.0000"
                       *(f"{s[q].mean:.3f} ± {s[q].se:.3f}" for q in QUANTITIES[:4]), f"{s['reference_error'].mean:.3f}")  # fmt: skip
     console.print(table)
 

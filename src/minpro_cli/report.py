@@ -248,8 +248,43 @@ def _dig(data: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return data if data != {} else "?"
 
 
+def probe_section(path: Path, figures_dir: Path, out: Path) -> list[str]:
+    """`minpro probe --json` results: cos(g_obj, g★) per objective and behaviour, with the KL of
+    each behaviour and the noise floor, and the probe's figure."""
+    from minpro_cli.plots import probe_figure
+    from minpro_cli.probe import Cell as ProbeCell
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        cells = [ProbeCell.from_json(c) for c in data["results"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MinproError(f"--probe {path}: not a `minpro probe --json` file ({exc!r})") from None
+    behaviors = list(dict.fromkeys(c.behavior for c in cells))
+    by = {(c.behavior, c.objective): c.summaries for c in cells}
+
+    def cell(s: Any) -> str:
+        return f"{s.mean:.3f} ± {s.se:.3f}"
+
+    objectives = list(dict.fromkeys(c.objective for c in cells))
+    rows = [["KL(μ‖π) per token", *(f"{round(by[b, objectives[0]]['kl'].mean, 4) + 0.0:.4f}" for b in behaviors)]]
+    rows += [[o, *(cell(by[b, o]["cosine"]) for b in behaviors)] for o in objectives]
+    floors: dict[str, list[str]] = {}  # the same for every behaviour: one fresh on-policy sample per draw
+    for o in objectives:
+        floors.setdefault(cell(by[behaviors[0], o]["floor_cosine"]), []).append(o)
+    figure = save(probe_figure(cells), figures_dir / "probe.png")
+    return ["## Gradient probe", "",
+            (f"`minpro probe` of `{data.get('policy')}`: cos(g_obj, g★), mean ± s.e. over {data.get('draws')} draws of "
+             f"{data.get('prompts')} prompts × {data.get('group_size')} responses; g★ from "
+             f"{data.get('reference_multiple')} times as many fresh on-policy samples (docs/probe.md)."),
+            "", *table(["", *behaviors], rows), "",
+            "Noise floor (a fresh on-policy sample as large as μ's): "
+            + "; ".join(f"{value} ({', '.join(names)})" for value, names in floors.items()) + ".",
+            "", f"![gradient probe]({os.path.relpath(figure, out.parent)})", ""]
+
+
 def write_report(sweep_dir: Path, out: Path | None = None, line_key: str | None = None,
-                 reference: str = "minpro", collapse_fraction: float = 0.5, notes: Path | None = None) -> Path:
+                 reference: str = "minpro", collapse_fraction: float = 0.5, notes: Path | None = None,
+                 probe: Path | None = None) -> Path:
     if notes is not None and not notes.is_file():
         raise MinproError(f"--notes {notes}: file not found")
     manifest, records = load_runs(sweep_dir, collapse_fraction)
@@ -274,7 +309,8 @@ def write_report(sweep_dir: Path, out: Path | None = None, line_key: str | None 
     md += ["## Summary (mean ± std over seeds)", "",
            *table(["panel", line, "finished", "initial pass@1", "best pass@1", "final pass@1", "collapsed",
                    "diverged", "peak entropy"], [c.summary_row() for c in cells]),
-           "", "## Reading", "", *reading(cells, reference), "",
+           "", *(probe_section(probe, figures_dir, out) if probe else []),
+           "## Reading", "", *reading(cells, reference), "",
            *(["## Notes", "", notes.read_text(encoding="utf-8").strip(), ""] if notes else []),
            "## Every run", "",
            *table(["panel", line, "seed", "status", "rounds", "initial", "best", "final", "collapse step",
