@@ -141,10 +141,16 @@ def reference_gradients(setup: ProbeSetup, objectives: list[ProbedObjective], se
         if probed.on_policy in references:
             continue
         pg, advantage = probed.reference(), probed.advantage
-        parts = [gradient(setup, pg, rows, advantage)[0] for rows in reference_rows]
-        star = torch.stack(parts).mean(0)
-        k = len(parts)
-        spread = sum(float((g - star).double().norm() ** 2) for g in parts)
+        total, squares = None, 0.0  # running sums: one gradient held at a time, not K
+        for rows in reference_rows:
+            g = gradient(setup, pg, rows, advantage)[0].double()
+            total = g if total is None else total.add_(g)
+            squares += float(g.norm() ** 2)
+        assert total is not None
+        k = len(reference_rows)
+        star = total.div_(k)
+        spread = max(0.0, squares - k * float(star.norm() ** 2))  # Σ_k ‖g_k − g★‖²
+        star = star.float()
         size = float(star.double().norm())  # 0 when every group's rewards were equal
         error = math.sqrt(spread / (k * (k - 1))) / size if size else math.nan
         references[probed.on_policy] = Reference(star, gradient(setup, pg, floor_rows, advantage)[0], error)
