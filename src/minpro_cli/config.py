@@ -176,7 +176,8 @@ class TrainConfig(Section):
     )
     kl_estimator: KLEstimator = Field("k3", description="k1 (log π − log π_ref), k2 (½ squared) or k3 (low variance)")
     entropy_coef: float = Field(
-        0.0, description="weight of an entropy bonus: the loss minus entropy_coef × the responses' mean entropy"
+        0.0, description="weight of an entropy bonus: the loss minus entropy_coef × the responses' entropy, "
+        "aggregated like the objective's loss"
     )
     micro_batch_tokens: int | None = Field(
         16384,
