@@ -98,5 +98,5 @@ def test_lora_rl_steps_on_smollm2_export_merged_weights_with_the_adapted_log_pro
     with torch.no_grad():
         ours, theirs = response_logprobs(merged, batch)[0], response_logprobs(adapted, batch)[0]
         before = response_logprobs(base.model, batch)[0]
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)  # measured: 7.6e-6 (float32)
     assert (ours - before).abs().max() > 10 * (ours - theirs).abs().max()  # the adapter changed the policy
