@@ -194,6 +194,22 @@ def write_loop_state(directory: Path, state: LoopState) -> None:
     (directory / "trainer_state.json").write_text(json.dumps({"loop": asdict(state)}, indent=1))
 
 
+def read_loop_state(directory: Path) -> LoopState:
+    """A checkpoint's trainer_state.json; a damaged one is a CheckpointError naming it."""
+    path = directory / "trainer_state.json"
+    try:
+        loop = json.loads(path.read_text(encoding="utf-8"))["loop"]
+        return LoopState(
+            round=int(loop["round"]),
+            step=int(loop["step"]),
+            snapshot_steps={int(k): int(v) for k, v in loop["snapshot_steps"].items()},
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{path}: unreadable loop state ({exc!r}); delete {directory} to resume from the one before"
+        ) from None
+
+
 def saved_policy_step(directory: Path) -> int | None:
     """The optimizer step of the weights in a checkpoint or final/ directory, if recorded."""
     path = directory / "trainer_state.json"
@@ -240,18 +256,7 @@ def load_checkpoint_state(
         model_state_dict=model_state,  # tied entries were filled through the one `loaded` holds
         optim_state_dict={"state": loaded["optim"]["state"], "param_groups": param_groups},
     )
-    try:
-        loop = json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))["loop"]
-        state = LoopState(
-            round=int(loop["round"]),
-            step=int(loop["step"]),
-            snapshot_steps={int(k): int(v) for k, v in loop["snapshot_steps"].items()},
-        )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(
-            f"{directory / 'trainer_state.json'}: unreadable loop state ({exc!r}); delete {directory} to resume "
-            "from the one before"
-        ) from None
+    state = read_loop_state(directory)
     snapshots = {
         int(p.stem.rsplit("_", 1)[1]): load_file(str(p)) for p in sorted(directory.glob("snapshot_round_*.safetensors"))
     }

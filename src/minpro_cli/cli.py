@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import sys
 import warnings
@@ -140,6 +139,7 @@ def eval_(
 ) -> None:
     """avg@n, pass@k, maj@k and the standard error of pass@1 of a checkpoint on the eval split."""
     from minpro_cli.eval import compare_results, run_eval
+    from minpro_cli.fileio import write_json_output
 
     if compare is not None:
         compare_results(*compare)
@@ -152,7 +152,7 @@ def eval_(
     to_stdout = output == Path("-")  # the files still go to their default place
     result = run_eval(loaded, None if to_stdout else output)
     if to_stdout:
-        typer.echo(json.dumps(result, indent=2))
+        write_json_output(Path("-"), result)
 
 
 @app.command("inspect-ratios")

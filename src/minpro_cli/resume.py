@@ -3,11 +3,10 @@ the check that a resumed run keeps the recipe its weights were trained with."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from minpro_cli.checkpoints import DCP_DIR, complete_checkpoints, latest_checkpoint
+from minpro_cli.checkpoints import DCP_DIR, complete_checkpoints, latest_checkpoint, read_loop_state
 from minpro_cli.config import Recipe, dump_recipe, flatten, recipe_from_data
 from minpro_cli.errors import CheckpointError, RunDirError
 from minpro_cli.fileio import directory_done_marker, read_yaml, remove
@@ -24,7 +23,11 @@ RESUMABLE_CHANGES = (
 
 def recipe_changes(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Dotted keys whose value differs and that a resumed run may not change."""
-    before, after = flatten(stored), flatten(now)
+    return changed_keys(flatten(stored), flatten(now))
+
+
+def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """`recipe_changes` of two flattened recipes."""
     keys = sorted(set(before) | set(after))
     return [k for k in keys if before.get(k) != after.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
@@ -34,11 +37,10 @@ def check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return
-    stored = dump_recipe(recipe_from_data(read_yaml(path), str(path)))  # today's defaults filled in
-    changed = recipe_changes(stored, dump_recipe(recipe))
+    before = flatten(dump_recipe(recipe_from_data(read_yaml(path), str(path))))  # today's defaults filled in
+    now = flatten(dump_recipe(recipe))
+    changed = changed_keys(before, now)
     if changed:
-        now = flatten(dump_recipe(recipe))
-        before = flatten(stored)
         shown = "; ".join(f"{k}: {before.get(k)!r} → {now.get(k)!r}" for k in changed[:5])
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         raise RunDirError(
@@ -82,17 +84,10 @@ def is_own_checkpoint(run_dir: Path, checkpoint: Path) -> bool:
     return checkpoint.resolve().parent == (run_dir / "checkpoints").resolve()
 
 
-def checkpoint_round(checkpoint: Path) -> int:
-    try:
-        return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["loop"]["round"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{checkpoint / 'trainer_state.json'}: unreadable loop state ({exc!r})") from None
-
-
 def forget_after(run_dir: Path, checkpoint: Path) -> None:
     """Resuming from an earlier checkpoint: the run's later checkpoints, rollout files and final
     weights belong to the timeline being replaced (an interruption must not resume from them)."""
-    round_ = checkpoint_round(checkpoint)
+    round_ = read_loop_state(checkpoint).round
     later = [c for c in complete_checkpoints(run_dir) if int(c.name.split("_")[1]) > round_]
     later += [p for p in (run_dir / "rollouts").glob("round_*.parquet") if int(p.stem.split("_")[1]) >= round_]
     for path in [*later, run_dir / "final"]:
