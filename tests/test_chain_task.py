@@ -29,7 +29,7 @@ def test_chain_answers_are_the_left_to_right_value_and_the_splits_are_disjoint()
 
 
 def test_chain_model_writes_long_solutions_and_solves_some():
-    recipe = load_recipe(RECIPE, ["eval.max_problems=24"])
+    recipe = load_recipe(RECIPE, ["model.path=embedded:chain", "sampler.options.max_new_tokens=256"])
     policy = load_policy("embedded:chain")
     problems = load_problems("embedded:arith-chain-test", "question", "answer", "id")[:24]
     rows, _ = sample_rows(sampling_job(recipe, policy), problems, 2, seed=0)

@@ -237,21 +237,28 @@ def test_report_refuses_a_directory_that_is_not_a_sweep(tmp_path):
         write_report(tmp_path)
 
 
-def test_the_shipped_study_plans_45_runs_and_its_quick_version_10(tmp_path):
-    from minpro_cli.sweep import plan_runs, sweep_plan
-
+def test_the_shipped_study_plans_84_runs_and_its_quick_version_4(tmp_path):
     recipe_path = ROOT / "recipes" / "offpolicy-sweep.yaml"
     recipe, data = sweep_plan(recipe_path, [], [], None, quick=False)
     runs = plan_runs(data, recipe, tmp_path / "full", str(recipe_path))
-    assert len(runs) == 45 and {r.overrides["objective.name"] for r in runs} == {"grpo", "gspo", "cispo", "prefix", "minpro"}
-    assert {r.overrides["train.staleness"] for r in runs} == {0, 4, 8} and {r.overrides["seed"] for r in runs} == {0, 1, 2}
+    objectives = {value_label(r.overrides["objective"]) for r in runs}
+    assert len(runs) == 84 and objectives == {
+        "grpo", "gspo", "cispo", "minpro", "minpro:clip_mode=ppo", "prefix", "m2po"}
+    assert {r.overrides["train.staleness"] for r in runs} == {0, 4, 8, 16} and {r.overrides["seed"] for r in runs} == {0, 1, 2}
+    ppo = load_recipe(next(r for r in runs if "ppo" in r.name).directory / "recipe.yaml")
+    assert (ppo.objective.name, ppo.objective.options["clip_mode"]) == ("minpro", "ppo")
     quick, quick_data = sweep_plan(recipe_path, [], [], None, quick=True)
     assert quick.run_dir == "runs/offpolicy-sweep-quick"
     quick_runs = plan_runs(quick_data, quick, tmp_path / "quick", str(recipe_path))
-    assert len(quick_runs) == 10 and {r.iterations for r in quick_runs} == {6}
+    assert len(quick_runs) == 4 and {r.iterations for r in quick_runs} == {6}
     written = load_recipe(quick_runs[-1].directory / "recipe.yaml")
     assert (written.train.staleness, written.objective.name, written.eval.max_problems) == (8, "minpro", 32)
     assert written.sweep.grid == {}  # a run's recipe is an ordinary training recipe
     # the command line adds to the grid and overrides the seeds
     recipe, data = sweep_plan(recipe_path, [], ["optim.lr=1e-5,3e-5"], 1, quick=False)
-    assert len(plan_runs(data, recipe, tmp_path / "more", str(recipe_path))) == 30
+    assert len(plan_runs(data, recipe, tmp_path / "more", str(recipe_path))) == 56
+    # the study script's SGD cells: the grid replaced by an override
+    sgd = ["optim.name=sgd", "sweep.grid={objective: [{name: cispo}, {name: minpro}], train.staleness: [0, 16]}"]
+    recipe, data = sweep_plan(recipe_path, sgd, [], None, quick=False)
+    sgd_runs = plan_runs(data, recipe, tmp_path / "sgd", str(recipe_path))
+    assert len(sgd_runs) == 12 and load_recipe(sgd_runs[0].directory / "recipe.yaml").optim.name == "sgd"

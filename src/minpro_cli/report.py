@@ -226,18 +226,26 @@ def seed_rows(cells: list[Cell]) -> list[list[str]]:
     return rows
 
 
+def optimizer_text(optim: dict[str, Any] | None) -> str:
+    optim = optim or {}
+    if optim.get("name") == "sgd":
+        return f"SGD lr {optim.get('lr')}, momentum {optim.get('momentum')}"
+    return f"AdamW lr {optim.get('lr')}, betas {optim.get('betas')}, eps {optim.get('eps')}"
+
+
 def settings_lines(manifest: dict[str, Any]) -> list[str]:
     c = manifest.get("config", {})
     get = lambda *keys: _dig(c, keys)
     return [
         (f"- recipe: `{manifest.get('recipe')}`{' with `--quick`' if manifest.get('quick') else ''}; "
-        f"grid: {', '.join(f'`{k}` ∈ {v}' for k, v in manifest['grid'].items())}; seeds: {manifest.get('seeds')}"),
+        f"grid: {', '.join(f'`{k}` ∈ {[value_label(x) for x in v]}' for k, v in manifest['grid'].items())}; "
+        f"seeds: {manifest.get('seeds')}"),
         (f"- model `{get('model', 'path')}`, training data `{get('data', 'train')}`, held-out data `{get('data', 'eval')}` "
         f"(first {get('eval', 'max_problems')} problems × {get('eval', 'n_samples')} samples every "
         f"{get('train', 'eval_every')} rounds)"),
         (f"- {get('train', 'iterations')} rounds × {get('train', 'prompts_per_iteration')} prompts × "
         f"{get('train', 'group_size')} responses; {get('train', 'epochs')} epoch(s) × {get('train', 'minibatches')} "
-        f"minibatch(es) per round; lr {get('optim', 'lr')}, warm-up {get('optim', 'warmup_steps')} steps, "
+        f"minibatch(es) per round; {optimizer_text(get('optim'))}, warm-up {get('optim', 'warmup_steps')} steps, "
         f"grad clip {get('optim', 'grad_clip')}; max {get('sampler', 'options', 'max_new_tokens')} new tokens"),
     ]
 
