@@ -22,13 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import measure
 
-from minpro_cli.collect import SamplingJob, sample_rows
 from minpro_cli.console import console
+from minpro_cli.inspect_ratios import InspectOptions, batch_log_ratios, inspect_ratios
 from minpro_cli.modeling import Policy, load_policy
-from minpro_cli.ratios import InspectOptions, batch_log_ratios, inspect_ratios
 from minpro_cli.ratiostats import QUANTILES, log_quantities
 from minpro_cli.rollouts import read_rollouts, write_rollouts
 from minpro_cli.samplers.hf import HFSampler
+from minpro_cli.sampling import SamplingJob, sample_rows
 from minpro_cli.tasks import load_problems
 from minpro_cli.verifiers.math import MathVerifier
 

@@ -31,7 +31,7 @@ from minpro_cli.lora import LoraAdapters
 from minpro_cli.modeling import response_logprobs
 from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.penalties import Penalties
-from minpro_cli.train import Trainee, update_step
+from minpro_cli.step import Trainee, update_step
 
 CONFIGS = ["full", "full+kl", "lora", "lora+kl"]
 

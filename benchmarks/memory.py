@@ -29,7 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 import minpro_cli.train as train_module
 from minpro_cli.modeling import _full_vocabulary_logprobs, load_policy
 from minpro_cli.objectives.minpro import MinPRO
-from minpro_cli.train import RolloutBatch, Trainee, update_step
+from minpro_cli.step import RolloutBatch, Trainee, update_step
 
 PROMPT_TOKENS, RESPONSE_TOKENS = 32, 256
 

@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS
 from vs_trl import LR, model_dir
 
-from minpro_cli.collect import load_split, sample_rows, sampling_job
 from minpro_cli.config import recipe_from_data
 from minpro_cli.console import console
 from minpro_cli.modeling import compile_blocks, load_policy
-from minpro_cli.train import Trainee, training_batch, update_policy
+from minpro_cli.sampling import load_split, sample_rows, sampling_job
+from minpro_cli.step import Trainee, training_batch, update_policy
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
 

@@ -23,7 +23,7 @@ from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS, measure, prompts, samp
 from minpro_cli.modeling import load_policy, pack
 from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.samplers.hf import HFSampler
-from minpro_cli.train import Trainee, training_batch, update_step
+from minpro_cli.step import Trainee, training_batch, update_step
 
 
 def minpro_sampling() -> tuple[float, int]:

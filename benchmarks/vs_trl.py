@@ -64,10 +64,10 @@ def _timed(fn: Any) -> float:
 
 
 def minpro_side(directory: str, steps: int, compiled: bool = False) -> dict[str, list[float]]:
-    from minpro_cli.collect import load_split, sample_rows, sampling_job
     from minpro_cli.config import recipe_from_data
     from minpro_cli.modeling import compile_blocks, load_policy
-    from minpro_cli.train import Trainee, micro_batches, training_batch, update_policy
+    from minpro_cli.sampling import load_split, sample_rows, sampling_job
+    from minpro_cli.step import Trainee, micro_batches, training_batch, update_policy
 
     recipe = recipe_from_data(
         {"model": {"path": directory}, "sampler": {"name": "hf", "options": {"max_new_tokens": MAX_NEW_TOKENS}},

@@ -16,7 +16,7 @@ from minpro_cli.distributed import SINGLE, World, parallelize
 from minpro_cli.modeling import Policy, load_policy, pack, response_logprobs
 from minpro_cli.objectives import ObjectiveOptions
 from minpro_cli.registry import load_objective
-from minpro_cli.train import RolloutBatch, Trainee, update_step
+from minpro_cli.step import RolloutBatch, Trainee, update_step
 
 OBJECTIVES = ["minpro", "grpo", "gspo", "cispo"]
 LOSS_AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]

@@ -21,7 +21,8 @@ from minpro_cli.advantages import (
     zero_variance_groups,
 )
 from minpro_cli.errors import MinproError
-from minpro_cli.eval import compare_results, pass_at_k, score_groups
+from minpro_cli.eval import compare_results
+from minpro_cli.heldout import pass_at_k, score_groups
 
 
 def test_grpo_advantages_match_per_group_statistics():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from minpro_cli.collect import sample_rows, sampling_job
 from minpro_cli.config import load_recipe
 from minpro_cli.modeling import load_policy
+from minpro_cli.sampling import sample_rows, sampling_job
 from minpro_cli.tasks import load_problems
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "offpolicy-sweep.yaml"

@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from minpro_cli.collect import run_rollout
 from minpro_cli.config import load_recipe
 from minpro_cli.errors import MinproError
 from minpro_cli.eval import run_eval
 from minpro_cli.modeling import load_policy
+from minpro_cli.rollout import run_rollout
 from minpro_cli.rollouts import read_rollouts
 from minpro_cli.tasks import load_problems
 from minpro_cli.train import run_train

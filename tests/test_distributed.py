@@ -21,10 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minpro_cli.collect import run_rollout
 from minpro_cli.config import load_recipe
 from minpro_cli.distributed import World, reduce_step_metrics
 from minpro_cli.objectives import MinibatchCounts, ObjectiveOptions, minibatch_counts
+from minpro_cli.rollout import run_rollout
 from minpro_cli.rollouts import read_rollouts
 from minpro_cli.train import run_train
 

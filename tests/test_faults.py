@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
 
-from minpro_cli.collect import run_rollout
 from minpro_cli.config import load_recipe
+from minpro_cli.rollout import run_rollout
 from minpro_cli.rollouts import read_rollouts, write_rollouts
 from minpro_cli.rundir import LOCK, MARKER
 from minpro_cli.train import run_train

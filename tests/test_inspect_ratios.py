@@ -15,13 +15,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from minpro_cli.collect import run_rollout
 from minpro_cli.config import load_recipe
 from minpro_cli.errors import ConfigError, RolloutFileError
+from minpro_cli.inspect_ratios import InspectOptions, inspect_ratios, target_logprobs
 from minpro_cli.modeling import load_policy
 from minpro_cli.plots import first_break_figure, histogram_figure, plot_run, position_figure
-from minpro_cli.ratios import InspectOptions, inspect_ratios, target_logprobs
 from minpro_cli.ratiostats import RatioStats, StepRatios
+from minpro_cli.rollout import run_rollout
 from minpro_cli.rollouts import SCHEMA, write_rollouts
 from minpro_cli.train import run_train
 

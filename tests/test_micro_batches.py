@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from minpro_cli.distributed import World
 from minpro_cli.modeling import load_policy
-from minpro_cli.train import RolloutBatch, micro_batch_plan, micro_batches
+from minpro_cli.step import RolloutBatch, micro_batch_plan, micro_batches
 
 HERE = Path(__file__).resolve().parent
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 5e-4}

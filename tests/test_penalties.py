@@ -20,7 +20,8 @@ from minpro_cli.objectives import ObjectiveInputs
 from minpro_cli.objectives.kl import kl_estimate
 from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.penalties import Penalties
-from minpro_cli.train import RolloutBatch, Trainee, run_train, update_step
+from minpro_cli.step import RolloutBatch, Trainee, update_step
+from minpro_cli.train import run_train
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 

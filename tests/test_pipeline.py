@@ -12,16 +12,18 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import minpro_cli.train as train_module
-from minpro_cli.collect import run_rollout
 from minpro_cli.config import load_recipe
 from minpro_cli.errors import ConfigError, TrainingDivergedError
-from minpro_cli.eval import pass_at_k, run_eval
+from minpro_cli.eval import run_eval
+from minpro_cli.heldout import pass_at_k
+from minpro_cli.inspect_ratios import inspect_ratios
 from minpro_cli.modeling import load_policy, pack, response_logprobs
 from minpro_cli.objectives import ObjectiveOptions, ObjectiveOutput
 from minpro_cli.objectives.minpro import MinPRO
-from minpro_cli.ratios import inspect_ratios
+from minpro_cli.rollout import run_rollout
 from minpro_cli.rollouts import SCHEMA, read_rollouts, write_rollouts
-from minpro_cli.train import Trainee, run_train, training_batch, update_step
+from minpro_cli.step import Trainee, training_batch, update_step
+from minpro_cli.train import run_train
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 SMALL = [
@@ -199,7 +201,7 @@ def test_nan_loss_stops_before_touching_the_weights(tmp_path):
 
 
 def test_chat_template_wraps_prompts_when_the_tokenizer_has_one(tmp_path):
-    from minpro_cli.collect import sample_rows, sampling_job
+    from minpro_cli.sampling import sample_rows, sampling_job
     from minpro_cli.tasks import Problem
 
     policy = load_policy("embedded")

@@ -16,7 +16,6 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from minpro_cli.collect import SamplingJob, sampling_job
 from minpro_cli.config import load_recipe
 from minpro_cli.modeling import load_policy
 from minpro_cli.objectives import LOG_RATIO_CLAMP, ObjectiveInputs, ObjectiveOptions, ObjectiveOutput
@@ -25,6 +24,7 @@ from minpro_cli.objectives.surrogates import detached_weight_surrogate
 from minpro_cli.probe import PolicyGradient, ProbedObjective, ProbeSetup, draw_gradients, gradient, sample
 from minpro_cli.registry import load_objective
 from minpro_cli.samplers.hf import HFSampler
+from minpro_cli.sampling import SamplingJob, sampling_job
 from minpro_cli.tasks import Problem, load_problems
 from minpro_cli.verifiers import VerifyResult
 

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from minpro_cli.cli import app
-from minpro_cli.collect import run_rollout
 from minpro_cli.config import load_recipe
 from minpro_cli.errors import CheckpointError, RunDirError
 from minpro_cli.resume import recipe_changes
+from minpro_cli.rollout import run_rollout
 from minpro_cli.train import run_train
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from minpro_cli.collect import run_rollout
 from minpro_cli.config import load_recipe
 from minpro_cli.errors import RolloutFileError
-from minpro_cli.ratios import inspect_ratios
+from minpro_cli.inspect_ratios import inspect_ratios
+from minpro_cli.rollout import run_rollout
 from minpro_cli.rollouts import SCHEMA, read_rollouts
 from minpro_cli.train import run_train
 

@@ -20,7 +20,8 @@ from minpro_cli.errors import ConfigError, MinproError
 from minpro_cli.eval import run_eval
 from minpro_cli.fileio import read_jsonl
 from minpro_cli.report import Cell, RunRecord, band, cells_of, collapse_step, compare, split_keys, write_report
-from minpro_cli.sweep import parse_grid, plan_runs, run_name, run_sweep, sweep_plan, value_label
+from minpro_cli.rundir import run_name, value_label
+from minpro_cli.sweep import parse_grid, plan_runs, run_sweep, sweep_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {

@@ -10,11 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from minpro_cli.advantages import group_indices, rloo_advantages, zero_variance_groups
-from minpro_cli.collect import run_rollout
 from minpro_cli.config import load_recipe
 from minpro_cli.registry import discover
+from minpro_cli.rollout import run_rollout
 from minpro_cli.rollouts import read_rollouts, write_rollouts
-from minpro_cli.train import generation_budget, run_train, training_batch
+from minpro_cli.sampling import generation_budget
+from minpro_cli.step import training_batch
+from minpro_cli.train import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from minpro_cli import modeling
-from minpro_cli.collect import run_rollout
 from minpro_cli.config import load_recipe
 from minpro_cli.errors import ConfigError
 from minpro_cli.modeling import ChunkedLogProbs, Policy, load_policy, pack, response_logprobs
 from minpro_cli.objectives.minpro import MinPRO
+from minpro_cli.rollout import run_rollout
 from minpro_cli.schedule import lr_multiplier
-from minpro_cli.train import RolloutBatch, Trainee, run_train, update_step
+from minpro_cli.step import RolloutBatch, Trainee, update_step
+from minpro_cli.train import run_train
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]

@@ -90,7 +90,7 @@ def config_(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 @user_errors
 def rollout(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Sample responses to training problems, score them, write a rollouts parquet file."""
-    from minpro_cli.collect import run_rollout
+    from minpro_cli.rollout import run_rollout
 
     run_rollout(_recipe(recipe, overrides))
 
@@ -115,9 +115,9 @@ def train(
     DDP or FSDP2 per the recipe's `distributed` section."""
     loaded = _recipe(recipe, overrides)  # validated before any process starts
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from minpro_cli.distributed import launch
+        from minpro_cli.launcher import run_under_torchrun
 
-        launch(nproc, ["train", str(recipe), *(overrides or []), f"--resume={resume}"], Path(loaded.run_dir))
+        run_under_torchrun(nproc, ["train", str(recipe), *(overrides or []), f"--resume={resume}"], Path(loaded.run_dir))
         return
     from minpro_cli.train import run_train
 
@@ -187,9 +187,9 @@ def inspect_ratios(
 ) -> None:
     """Statistics of ρ_t, ρ̲_t, ρ̲_t·ρ_t and ρ_1:t of saved rollouts against a policy."""
     from minpro_cli.checkpoints import saved_policy_step
+    from minpro_cli.inspect_ratios import InspectOptions, clip_range
+    from minpro_cli.inspect_ratios import inspect_ratios as run
     from minpro_cli.modeling import load_policy
-    from minpro_cli.ratios import InspectOptions, clip_range
-    from minpro_cli.ratios import inspect_ratios as run
     from minpro_cli.ratiostats import DEFAULT_THRESHOLDS
 
     if by not in (None, "policy_version", "staleness"):

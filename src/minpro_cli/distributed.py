@@ -14,20 +14,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from itertools import chain
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from minpro_cli.errors import MinproError
 from minpro_cli.modeling import decoder_blocks
 
 T = TypeVar("T")
@@ -178,33 +173,3 @@ def reduce_step_metrics(metrics: dict[str, float], weight: float, world: World) 
     return combine_metrics([(m, w) for m, w in world.gather([[metrics, weight]])])
 
 
-def torchrun_command(nproc: int, stage_args: list[str]) -> list[str]:
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "minpro_cli", *stage_args,
-    ]  # fmt: skip
-
-
-def launch(nproc: int, stage_args: list[str], run_dir: Path) -> None:
-    """`minpro train --nproc N`: run the stage under torchrun; a failed rank becomes one clear error."""
-    from minpro_cli.checkpoints import latest_checkpoint
-    from minpro_cli.rundir import owned
-
-    with owned(run_dir):  # a foreign or busy run_dir is refused here, before any rank starts
-        pass
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    process = subprocess.Popen(torchrun_command(nproc, stage_args), env=env)
-    try:
-        code = process.wait()
-    except KeyboardInterrupt:
-        process.send_signal(signal.SIGINT)
-        process.wait()
-        raise
-    if code != 0:
-        last = latest_checkpoint(run_dir)
-        raise MinproError(
-            f"distributed training stopped: torchrun exited with code {code} (its report above names the rank "
-            f"that failed and why); last complete checkpoint: {last or 'none'}; rerun the same command to resume "
-            "from it"
-        )

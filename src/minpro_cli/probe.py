@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +29,23 @@ import torch
 from rich.table import Table
 
 from minpro_cli.checkpoints import complete_checkpoints, saved_policy_step
-from minpro_cli.collect import SamplingJob, load_recipe_policy, load_split, sample_rows, sampling_job
 from minpro_cli.config import Recipe, parse_override
 from minpro_cli.console import console
 from minpro_cli.errors import ConfigError, InputFileError, PluginError
 from minpro_cli.modeling import Policy
 from minpro_cli.objectives import AdvantageEstimator, LossAgg, ObjectiveInputs, ObjectiveOptions, ObjectiveOutput
+from minpro_cli.probe_results import QUANTITIES, Cell, DrawResult
 from minpro_cli.registry import load_plugin
+from minpro_cli.sampling import (
+    SamplingJob,
+    generation_budget,
+    load_recipe_policy,
+    load_split,
+    sample_rows,
+    sampling_job,
+)
+from minpro_cli.step import Trainee, training_batch, update_step
 from minpro_cli.tasks import Problem
-from minpro_cli.train import Trainee, generation_budget, training_batch, update_step
 
 
 class PolicyGradient(ObjectiveOptions):
@@ -75,16 +83,6 @@ class ProbeSetup:
     job: Callable[[Policy], SamplingJob]  # a sampling job (sampler, verifier, prompt form) for a policy
     micro_batch_tokens: int | None = None
     length_budget: int | None = None  # Dr.GRPO's L when an objective pins none (the sampler's budget)
-
-
-@dataclass
-class DrawResult:
-    cosine: float
-    norm_ratio: float
-    floor_cosine: float
-    floor_norm_ratio: float
-    reference_error: float  # ε★
-    kl: float  # KL(μ‖π) per token of μ's sample
 
 
 def gradient(
@@ -180,51 +178,6 @@ def draw_gradients(
 def draw_result(g: torch.Tensor, ref: Reference, kl: float) -> DrawResult:
     return DrawResult(cosine(g, ref.star), norm_ratio(g, ref.star), cosine(ref.floor, ref.star),
                       norm_ratio(ref.floor, ref.star), ref.error, kl)  # fmt: skip
-
-
-@dataclass
-class Summary:
-    """Mean and standard error of one quantity over the draws (s.e. NaN for one draw)."""
-
-    draws: list[float] = field(default_factory=list)
-
-    @property
-    def mean(self) -> float:
-        return sum(self.draws) / len(self.draws) if self.draws else math.nan
-
-    @property
-    def se(self) -> float:  # a NaN draw (a gradient of 0: every reward equal) makes both NaN
-        n, mean = len(self.draws), self.mean
-        return math.sqrt(sum((x - mean) ** 2 for x in self.draws) / (n - 1) / n) if n > 1 else math.nan
-
-    def as_json(self) -> dict[str, Any]:
-        return {"mean": self.mean, "se": self.se, "draws": self.draws}
-
-
-QUANTITIES = ("cosine", "norm_ratio", "floor_cosine", "floor_norm_ratio", "reference_error", "kl")
-
-
-@dataclass
-class Cell:
-    """One behaviour policy × one objective over all draws."""
-
-    behavior: str
-    staleness: int | None  # optimizer steps between μ and π, when known
-    objective: str
-    summaries: dict[str, Summary] = field(default_factory=lambda: {q: Summary() for q in QUANTITIES})
-
-    def add(self, result: DrawResult) -> None:
-        for q in QUANTITIES:
-            self.summaries[q].draws.append(getattr(result, q))
-
-    def as_json(self) -> dict[str, Any]:
-        return {"behavior": self.behavior, "staleness": self.staleness, "objective": self.objective,
-                **{q: s.as_json() for q, s in self.summaries.items()}}  # fmt: skip
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Cell:
-        summaries = {q: Summary([float(x) for x in data[q]["draws"]]) for q in QUANTITIES}
-        return cls(str(data["behavior"]), data.get("staleness"), str(data["objective"]), summaries)
 
 
 def parse_objective(spec: str, recipe: Recipe) -> ProbedObjective:

@@ -19,8 +19,7 @@ from minpro_cli.console import console
 from minpro_cli.errors import MinproError
 from minpro_cli.fileio import read_jsonl, write_text_atomic
 from minpro_cli.plots import Band, save, sweep_figure
-from minpro_cli.sweep import MANIFEST, RunStatus, run_status, value_label
-from minpro_cli.train import DIVERGED_FILE
+from minpro_cli.rundir import DIVERGED_FILE, SWEEP_MANIFEST, RunStatus, run_status, value_label
 
 
 @dataclass
@@ -58,9 +57,9 @@ def read_jsonl_or_fail(path: Path) -> list[dict[str, Any]]:
 
 
 def load_runs(sweep_dir: Path, fraction: float) -> tuple[dict[str, Any], list[RunRecord]]:
-    manifest_path = sweep_dir / MANIFEST
+    manifest_path = sweep_dir / SWEEP_MANIFEST
     if not manifest_path.is_file():
-        raise MinproError(f"{sweep_dir} has no {MANIFEST}: point `minpro report` at a directory `minpro sweep` wrote")
+        raise MinproError(f"{sweep_dir} has no {SWEEP_MANIFEST}: point `minpro report` at a directory `minpro sweep` wrote")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         entries = [(r["name"], r["overrides"]) for r in manifest["runs"]]
@@ -260,7 +259,7 @@ def probe_section(path: Path, figures_dir: Path, out: Path) -> list[str]:
     """`minpro probe --json` results: cos(g_obj, g★) per objective and behaviour, with the KL of
     each behaviour and the noise floor, and the probe's figure."""
     from minpro_cli.plots import probe_figure
-    from minpro_cli.probe import Cell as ProbeCell
+    from minpro_cli.probe_results import Cell as ProbeCell
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

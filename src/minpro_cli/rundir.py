@@ -1,5 +1,8 @@
-"""Directories minpro owns: a marker that says so, a lock against a second process, and the
-clean-up of what an interrupted write left behind.
+"""Run and sweep directories: the files that say what they are, and the names of runs.
+
+Directories minpro owns: a marker that says so, a lock against a second process, and the
+clean-up of what an interrupted write left behind. A run is done when `final/` is complete,
+diverged when it holds `diverged.json`; a sweep's runs are named after their grid values.
 
 A run (or sweep) directory holds `.minpro-run`. minpro writes only into a directory that is
 new, empty or marked, so it never overwrites or deletes files it did not write; a directory
@@ -13,15 +16,19 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Literal
 
 from minpro_cli.errors import RunDirError
-from minpro_cli.fileio import remove
+from minpro_cli.fileio import directory_done_marker, remove
 
 MARKER = ".minpro-run"
 LOCK = ".minpro-lock"
+DIVERGED_FILE = "diverged.json"  # written when a non-finite loss or gradient stops the run
+SWEEP_MANIFEST = "sweep.json"  # a sweep directory's grid, seeds and runs (what `minpro report` reads)
 # what atomic writes leave when killed: temp files and directories next to their final path
 LEFTOVERS = (".*.tmp", ".final.*", "rollouts/.*.tmp", "checkpoints/.round_*.partial")
 
@@ -94,3 +101,30 @@ def owned(directory: Path, what: str = "run") -> Iterator[None]:
                 (Path(directory) / name).unlink(missing_ok=True)
             Path(directory).rmdir()
         raise
+
+
+RunStatus = Literal["done", "diverged", "pending"]
+
+
+def run_status(directory: Path) -> RunStatus:
+    if directory_done_marker(directory / "final").exists():
+        return "done"
+    return "diverged" if (directory / DIVERGED_FILE).exists() else "pending"
+
+
+def value_label(value: Any) -> str:
+    """A grid value as a person writes it: `grpo`, `0.0001`, or a whole objective with its options
+    (grid key `objective`, values {name, options}): `minpro:clip_mode=ppo`."""
+    if isinstance(value, dict) and "name" in value:
+        options = value.get("options") or {}
+        return str(value["name"]) + (":" + ",".join(f"{k}={value_label(v)}" for k, v in options.items()) if options else "")
+    if isinstance(value, dict):
+        return ",".join(f"{k}={value_label(v)}" for k, v in value.items())
+    return str(value)
+
+
+def run_name(overrides: dict[str, Any]) -> str:
+    """A directory name that says what the run is: objective.name-grpo__train.staleness-4__seed-0
+    (objective-minpro_clip_mode-ppo__… for a whole objective)."""
+    parts = [f"{key}-{value_label(value).replace(':', '_').replace('=', '-')}" for key, value in overrides.items()]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", "__".join(parts))

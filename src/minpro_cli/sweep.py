@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,17 +20,13 @@ import time
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from minpro_cli.config import Recipe, dump_recipe, load_recipe, parse_override, recipe_from_data, set_dotted
 from minpro_cli.console import console, progress_bar
 from minpro_cli.errors import ConfigError, MinproError
-from minpro_cli.fileio import directory_done_marker, read_jsonl, read_yaml, write_json_atomic, write_yaml_atomic
-from minpro_cli.rundir import claim, owned
-from minpro_cli.train import DIVERGED_FILE
-
-RunStatus = Literal["done", "diverged", "pending"]
-MANIFEST = "sweep.json"
+from minpro_cli.fileio import read_jsonl, read_yaml, write_json_atomic, write_yaml_atomic
+from minpro_cli.rundir import SWEEP_MANIFEST, RunStatus, claim, owned, run_name, run_status
 
 
 @dataclass(frozen=True)
@@ -45,12 +40,6 @@ class SweepRun:
         return run_status(self.directory)
 
 
-def run_status(directory: Path) -> RunStatus:
-    if directory_done_marker(directory / "final").exists():
-        return "done"
-    return "diverged" if (directory / DIVERGED_FILE).exists() else "pending"
-
-
 def parse_grid(texts: list[str]) -> dict[str, list[Any]]:
     """`train.staleness=0,4,8` → {"train.staleness": [0, 4, 8]} (each value read as YAML)."""
     grid: dict[str, list[Any]] = {}
@@ -60,24 +49,6 @@ def parse_grid(texts: list[str]) -> dict[str, list[Any]]:
             raise ConfigError(f"--grid '{text}' is not KEY=V1,V2,… (for example train.staleness=0,4,8)")
         grid[key.strip()] = [parse_override(f"{key}={value}")[1] for value in raw.split(",")]
     return grid
-
-
-def value_label(value: Any) -> str:
-    """A grid value as a person writes it: `grpo`, `0.0001`, or a whole objective with its options
-    (grid key `objective`, values {name, options}): `minpro:clip_mode=ppo`."""
-    if isinstance(value, dict) and "name" in value:
-        options = value.get("options") or {}
-        return str(value["name"]) + (":" + ",".join(f"{k}={value_label(v)}" for k, v in options.items()) if options else "")
-    if isinstance(value, dict):
-        return ",".join(f"{k}={value_label(v)}" for k, v in value.items())
-    return str(value)
-
-
-def run_name(overrides: dict[str, Any]) -> str:
-    """A directory name that says what the run is: objective.name-grpo__train.staleness-4__seed-0
-    (objective-minpro_clip_mode-ppo__… for a whole objective)."""
-    parts = [f"{key}-{value_label(value).replace(':', '_').replace('=', '-')}" for key, value in overrides.items()]
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", "__".join(parts))
 
 
 def plan_runs(recipe_data: dict[str, Any], recipe: Recipe, sweep_dir: Path, where: str) -> list[SweepRun]:
@@ -147,7 +118,7 @@ def progress_of(runs: list[SweepRun], statuses: list[RunStatus]) -> int:
     return total
 
 
-def launch(run: SweepRun, threads: int | None) -> subprocess.Popen[bytes]:
+def start_run(run: SweepRun, threads: int | None) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     if threads is not None:  # torch reads these at import: each job gets its share of the cores
         env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -189,7 +160,7 @@ def execute(runs: list[SweepRun], jobs: int) -> list[SweepRun]:
             while pending or active:
                 while pending and len(active) < jobs:
                     run = pending.pop(0)
-                    active[launch(run, threads)] = run
+                    active[start_run(run, threads)] = run
                 time.sleep(1.0)
                 for proc, run in list(active.items()):
                     if proc.poll() is None:
@@ -215,7 +186,7 @@ def run_sweep(path: Path, overrides: list[str], grid: list[str], seeds: int | No
 
 def sweep_in(sweep_dir: Path, recipe: Recipe, data: dict[str, Any], path: Path, quick: bool, jobs: int | None) -> Path:
     runs = plan_runs(data, recipe, sweep_dir, str(path))
-    write_json_atomic(sweep_dir / MANIFEST, {
+    write_json_atomic(sweep_dir / SWEEP_MANIFEST, {
         "recipe": str(path),
         "quick": quick,
         "grid": recipe.sweep.grid,

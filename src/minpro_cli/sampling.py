@@ -1,24 +1,20 @@
-"""`minpro rollout`: problems × group size → responses → rewards → rollouts parquet."""
+"""Sampling, as every stage does it: problems × group size → responses → rewards → rollout rows
+(the rows `rollouts.py` writes), with the recipe's sampler, verifier and prompt template."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from minpro_cli.advantages import group_indices, zero_variance_groups
-from minpro_cli.config import Recipe, dump_recipe
-from minpro_cli.console import print_metrics, progress_bar
+from minpro_cli.config import Recipe
+from minpro_cli.console import progress_bar
 from minpro_cli.errors import ConfigError
-from minpro_cli.fileio import write_yaml_atomic
 from minpro_cli.modeling import Policy, load_policy, model_fingerprint, tokenizer_fingerprint
-from minpro_cli.rollouts import write_rollouts
-from minpro_cli.rundir import owned
 from minpro_cli.samplers import Sampler
 from minpro_cli.tasks import Problem, load_problems, render_prompt
 from minpro_cli.verifiers import Verifier, verify_batch
@@ -157,16 +153,7 @@ def load_split(recipe: Recipe, split: str) -> list[Problem]:
     )
 
 
-def run_rollout(recipe: Recipe) -> Path:
-    out = recipe.run_path(recipe.rollout.output)
-    inside = out.parent.resolve().is_relative_to(Path(recipe.run_dir).resolve())
-    with owned(Path(recipe.run_dir)) if inside else contextlib.nullcontext():  # never someone else's directory
-        policy = load_recipe_policy(recipe)
-        problems = load_split(recipe, "train")[: recipe.rollout.num_prompts]
-        rows, tokens_per_s = sample_rows(sampling_job(recipe, policy), problems, recipe.rollout.group_size, recipe.seed)
-        write_rollouts(out, rows, dump_recipe(recipe))
-        write_yaml_atomic(out.with_suffix(".config.yaml"), dump_recipe(recipe))
-    stats = summarize_rows(rows) | {"tokens_per_s": tokens_per_s}
-    formatted = {k: f"{v:.0f}" if k == "tokens_per_s" else f"{v:.3f}" for k, v in stats.items()}
-    print_metrics(f"rollout → {out}", {"responses": str(len(rows)), **formatted})
-    return out
+def generation_budget(recipe: Recipe) -> int | None:
+    """The sampler's max_new_tokens: Dr.GRPO's constant L when the objective pins none."""
+    length = getattr(recipe.plugin("samplers"), "max_new_tokens", None)
+    return length if isinstance(length, int) else None

@@ -1,0 +1,276 @@
+"""The training step: a round's rows as a batch with advantages, cut into minibatches and
+micro-batches, and one optimizer step of the objective (plus penalties) on each minibatch.
+
+`update_policy` is a function of a trainee (the module forward and backward go through, in a
+world of 1 or N ranks), an optimizer, an objective and a batch: no global state and no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from minpro_cli.advantages import compute_advantages, group_indices, zero_variance_groups
+from minpro_cli.distributed import SINGLE, World, combine_metrics, gradient_sync, reduce_step_metrics
+from minpro_cli.errors import RolloutFileError, TrainingDivergedError
+from minpro_cli.modeling import Policy, autocast, pack, pad_rows, response_logprobs
+from minpro_cli.objectives import (
+    AdvantageEstimator,
+    MinibatchCounts,
+    ObjectiveInputs,
+    ObjectiveOptions,
+    minibatch_counts,
+)
+from minpro_cli.objectives.logratios import log_token_ratio
+from minpro_cli.penalties import NO_PENALTIES, Penalties
+from minpro_cli.ratiostats import StepRatios
+
+
+@dataclass
+class RolloutBatch:
+    """One round's training data: token ids, behaviour log-probs and advantages."""
+
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    old_logprobs: list[list[float]]
+    advantages: torch.Tensor  # (B,)
+    temperature: float
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]], advantages: torch.Tensor) -> RolloutBatch:
+        temperatures = {round(float(r["temperature"]), 6) for r in rows}
+        if len(temperatures) != 1:
+            raise RolloutFileError(f"a training batch mixes sampling temperatures {sorted(temperatures)}")
+        return cls(
+            prompts=[list(r["prompt_token_ids"]) for r in rows],
+            responses=[list(r["response_token_ids"]) for r in rows],
+            old_logprobs=[list(r["behavior_logprobs"]) for r in rows],
+            advantages=advantages,
+            temperature=temperatures.pop(),
+        )
+
+    def select(self, index: list[int]) -> RolloutBatch:
+        return RolloutBatch(
+            prompts=[self.prompts[i] for i in index],
+            responses=[self.responses[i] for i in index],
+            old_logprobs=[self.old_logprobs[i] for i in index],
+            advantages=self.advantages[index],
+            temperature=self.temperature,
+        )
+
+
+def training_batch(
+    rows: list[dict[str, Any]], estimator: AdvantageEstimator, drop_zero_variance: bool
+) -> RolloutBatch | None:
+    """Advantages per response; with `drop_zero_variance`, groups whose rewards are all equal
+    are left out (None when nothing is left)."""
+    rewards = torch.tensor([float(r["reward"]) for r in rows], dtype=torch.float64)
+    group = group_indices([r["prompt_id"] for r in rows])
+    advantages = compute_advantages(estimator, rewards, group).float()
+    if drop_zero_variance:
+        keep = ~zero_variance_groups(rewards, group)[group]
+        rows = [r for r, k in zip(rows, keep.tolist()) if k]
+        advantages = advantages[keep]
+    return RolloutBatch.from_rows(rows, advantages) if rows else None
+
+
+@dataclass
+class Trainee:
+    """What an update trains: the module forward and backward go through (the model itself,
+    or its DDP / FSDP2 wrapping) in its world of ranks, the pad id batches are packed with,
+    the compute precision, and the token budget of one forward/backward (None: no split)."""
+
+    module: torch.nn.Module
+    pad_token_id: int
+    world: World = SINGLE
+    compute_dtype: torch.dtype = torch.float32
+    micro_batch_tokens: int | None = None
+
+    @classmethod
+    def of(cls, policy: Policy, micro_batch_tokens: int | None = None) -> Trainee:
+        return cls(policy.model, policy.pad_token_id, SINGLE, policy.compute_dtype, micro_batch_tokens)
+
+
+def micro_batches(prompt_lengths: list[int], response_lengths: list[int], budget: int | None) -> list[list[int]]:
+    """Row indices of each micro-batch. A packed micro-batch holds rows × (longest prompt +
+    longest response) tokens; rows go longest first into the current micro-batch while that
+    stays within `budget` (a row over the budget alone gets one). None: one micro-batch, in order."""
+    n = len(prompt_lengths)
+    if budget is None or n == 0:
+        return [list(range(n))] if n else []
+    responses = [max(n, 1) for n in response_lengths]  # `pack` pads responses to at least 1 column
+    order = sorted(range(n), key=lambda i: prompt_lengths[i] + responses[i], reverse=True)
+    out: list[list[int]] = []
+    current: list[int] = []
+    widest_prompt = widest_response = 0
+    for i in order:
+        prompt, response = max(widest_prompt, prompt_lengths[i]), max(widest_response, responses[i])
+        if current and (len(current) + 1) * (prompt + response) > budget:
+            out.append(current)
+            current, prompt, response = [], prompt_lengths[i], responses[i]
+        current.append(i)
+        widest_prompt, widest_response = prompt, response
+    return [*out, current]
+
+
+def micro_batch_plan(minibatch: RolloutBatch, world: World, budget: int | None) -> tuple[list[list[int]], int]:
+    """This rank's micro-batches (row indices into the minibatch) and the number of forward /
+    backward passes every rank makes: the most any rank needs (each can tell every share)."""
+    rows = list(range(len(minibatch.prompts)))
+    plans = []
+    for rank in range(world.size):
+        share = world.shard_of(rows, rank)
+        cut = micro_batches([len(minibatch.prompts[i]) for i in share], [len(minibatch.responses[i]) for i in share], budget)
+        plans.append([[share[i] for i in micro] for micro in cut])
+    return plans[world.rank], max(len(plan) for plan in plans)
+
+
+@dataclass
+class StepTally:
+    """Metrics of one optimizer step, accumulated over its micro-batches as device tensors and
+    read back once per step (no host sync per micro-batch): token-weighted means, extremes,
+    and the ratio statistics of every trained token."""
+
+    ratios: StepRatios = field(default_factory=StepRatios)
+    objective: list[tuple[dict[str, float | torch.Tensor], torch.Tensor]] = field(default_factory=list)
+    entropy_sum: list[torch.Tensor] = field(default_factory=list)
+
+    def add(
+        self, metrics: dict[str, float | torch.Tensor], log_rho: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        self.objective.append((metrics, mask.sum()))
+        self.ratios.add(log_rho, mask)
+        self.entropy_sum.append(torch.where(mask, entropy.double(), 0.0).sum())
+
+    def metrics(self) -> tuple[dict[str, float], float]:
+        """The step's metrics and its trained-token count, from one device-to-host transfer."""
+        scalars: list[float | torch.Tensor] = []
+
+        def slot(value: float | torch.Tensor) -> int:  # index of `value` in the one transfer
+            scalars.append(value)
+            return len(scalars) - 1
+
+        parts = [({key: slot(v) for key, v in m.items()}, slot(n)) for m, n in self.objective]
+        ratios = {key: slot(v) for key, v in self.ratios.tensors().items()}
+        entropy_sum = slot(torch.stack(self.entropy_sum).sum())
+        device = self.entropy_sum[0].device
+        host = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in scalars]).tolist()
+        tokens = sum(host[n] for _, n in parts)
+        return {
+            "entropy": host[entropy_sum] / tokens if tokens else math.nan,
+            **combine_metrics([({key: host[i] for key, i in m.items()}, host[n]) for m, n in parts]),
+            **{key: host[i] for key, i in ratios.items()},
+        }, tokens
+
+
+def update_step(
+    trainee: Trainee,
+    optimizer: torch.optim.Optimizer,
+    objective: ObjectiveOptions,
+    minibatch: RolloutBatch,
+    grad_clip: float,
+    length_budget: int | None = None,
+    penalties: Penalties = NO_PENALTIES,
+) -> dict[str, float]:
+    """One optimizer step on one minibatch: this rank's share of it, cut into micro-batches
+    within `trainee.micro_batch_tokens`, gradients accumulated, then one step. The loss is the
+    objective's plus `penalties` (KL to a reference, entropy bonus).
+
+    Every micro-batch's loss is normalised by the counts of the whole minibatch (all
+    micro-batches, all ranks; `length_budget` is Dr.GRPO's L when the objective pins none),
+    so the step is the same however the minibatch is cut. Every rank runs the same number of
+    forward/backward passes (a rank with fewer runs stand-ins that contribute 0), as DDP and
+    FSDP2 need. Raises before stepping if the loss or the gradient is not finite.
+    """
+    module, world = trainee.module, trainee.world
+    device = next(module.parameters()).device
+    counts = MinibatchCounts.of_lengths([len(r) for r in minibatch.responses], length_budget)
+    mine, passes = micro_batch_plan(minibatch, world, trainee.micro_batch_tokens)
+    optimizer.zero_grad(set_to_none=True)
+    tally, loss_sum = StepTally(), torch.zeros((), dtype=torch.float64, device=device)
+    with minibatch_counts(counts):
+        for k in range(passes):
+            real = k < len(mine)
+            part = minibatch.select(mine[k] if real else [0])
+            packed = pack(part.prompts, part.responses, trainee.pad_token_id)
+            with gradient_sync(module, k == passes - 1):  # forward and backward: DDP decides at forward
+                with autocast(device, trainee.compute_dtype):
+                    logprobs, entropy = response_logprobs(
+                        module, packed, part.temperature, with_entropy=True, entropy_grad=bool(penalties.entropy_coef)
+                    )
+                assert entropy is not None
+                old = pad_rows(part.old_logprobs, logprobs)
+                mask = packed.response_mask.to(device)
+                out = objective(ObjectiveInputs(logprobs, old, part.advantages.to(device), mask))
+                with autocast(device, trainee.compute_dtype):  # the reference computes as the policy does
+                    penalty, penalty_metrics = penalties(objective, logprobs, entropy, packed, part.temperature, mask)
+                loss = out.loss + penalty if real else (out.loss + penalty) * 0.0
+                (loss * world.size).backward()  # DDP and FSDP2 average gradients over ranks
+            loss_sum += loss.detach().double()
+            if real:
+                metrics = out.metrics | penalty_metrics
+                tally.add(metrics, log_token_ratio(logprobs.detach(), old), entropy.detach(), mask)
+    global_loss = world.sum([loss_sum.item()])[0]  # every rank sees the same, so all stop together
+    if not math.isfinite(global_loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDivergedError(f"loss is {global_loss}")
+    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDivergedError(f"gradient norm is {grad_norm.item()}")
+    optimizer.step()
+    metrics, tokens = tally.metrics()
+    return {"loss": global_loss, "grad_norm": grad_norm.item(), **reduce_step_metrics(metrics, tokens, world)}
+
+
+def update_policy(
+    trainee: Trainee,
+    optimizer: torch.optim.Optimizer,
+    objective: ObjectiveOptions,
+    batch: RolloutBatch,
+    epochs: int,
+    minibatches: int,
+    grad_clip: float,
+    seed: int,
+    before_step: Callable[[], None] = lambda: None,
+    length_budget: int | None = None,
+    penalties: Penalties = NO_PENALTIES,
+) -> list[dict[str, float]]:
+    """`epochs` shuffled passes over the batch, `minibatches` optimizer steps per pass; each
+    rank trains on its share of every minibatch (the same split whatever the world size)."""
+    generator = torch.Generator().manual_seed(seed)
+    n = len(batch.prompts)
+    step_metrics = []
+    trainee.module.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).tolist()
+        for k in range(minibatches):
+            index = order[k * n // minibatches : (k + 1) * n // minibatches]
+            if index:
+                before_step()
+                step_metrics.append(
+                    update_step(trainee, optimizer, objective, batch.select(index), grad_clip, length_budget, penalties)
+                )
+    trainee.module.eval()
+    return step_metrics
+
+
+def reduce_metrics(step_metrics: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over the round's steps; `*_min` metrics take the minimum, `*_max` the maximum."""
+    out: dict[str, float] = {}
+    for key in step_metrics[0] if step_metrics else []:
+        values = [m[key] for m in step_metrics if not math.isnan(m[key])]
+        if not values:
+            out[key] = float("nan")
+        elif key.endswith("_min"):
+            out[key] = min(values)
+        elif key.endswith("_max"):
+            out[key] = max(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return out
