@@ -23,7 +23,7 @@ LAYERS: dict[str, list[str]] = {
     "plugins": ["objectives", "verifiers", "registry", "advantages", "ratiostats"],
     "recipe": ["config"],
     "models": ["lora", "modeling", "samplers", "distributed", "checkpoints", "trackers", "plots"],
-    "work": ["sampling", "heldout", "penalties", "step", "resume"],
+    "work": ["sampling", "heldout", "penalties", "step", "rounds", "resume"],
     "stages": ["rollout", "train", "eval", "inspect_ratios", "probe", "sweep", "report", "convert", "scaffold",
                "conformance", "launcher"],
     "cli": ["cli", "__main__"],

@@ -14,7 +14,7 @@ import torch
 
 from minpro_cli.distributed import SINGLE, World, parallelize
 from minpro_cli.modeling import Policy, load_policy, pack, response_logprobs
-from minpro_cli.objectives import ObjectiveOptions
+from minpro_cli.objectives import Objective
 from minpro_cli.registry import load_objective
 from minpro_cli.step import RolloutBatch, Trainee, update_step
 
@@ -45,7 +45,7 @@ def budget_tokens(batch: RolloutBatch, budget: str) -> int:
 
 
 def train_case(
-    base: Policy, batch: RolloutBatch, objective: ObjectiveOptions, budget: int, world: World = SINGLE
+    base: Policy, batch: RolloutBatch, objective: Objective, budget: int, world: World = SINGLE
 ) -> dict[str, torch.Tensor]:
     model = copy.deepcopy(base.model)
     module = parallelize(model, "ddp", world)

@@ -119,7 +119,7 @@ def test_plugins_show_prints_the_formula_and_every_option_with_its_default():
 
 def test_objective_plugin_must_build_on_the_objective_base(broken_and_duplicate_plugins):
     result = invoke("train", QUICKSTART, "objective.name=bare")
-    assert_one_line_error(result, "bare", "bare-plugin", "must subclass minpro_cli.objectives.ObjectiveOptions")
+    assert_one_line_error(result, "bare", "bare-plugin", "must subclass minpro_cli.objectives.Objective")
 
 
 def test_broken_plugin_is_named_and_others_keep_working(broken_and_duplicate_plugins):

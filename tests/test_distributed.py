@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from minpro_cli.config import load_recipe
 from minpro_cli.distributed import World, reduce_step_metrics
-from minpro_cli.objectives import MinibatchCounts, ObjectiveOptions, minibatch_counts
+from minpro_cli.objectives import MinibatchCounts, Objective, minibatch_counts
 from minpro_cli.rollout import run_rollout
 from minpro_cli.rollouts import read_rollouts
 from minpro_cli.train import run_train
@@ -51,7 +51,7 @@ def test_shares_normalised_by_the_minibatch_counts_sum_to_the_whole_batch_loss(o
     lengths = [5, 1, 7, 3, 0, 6, 2]  # one row with no trained token
     per_token = torch.randn(len(lengths), 7, dtype=torch.float64)
     mask = torch.arange(7).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-    objective = ObjectiveOptions(**options)
+    objective = Objective(**options)
     whole = objective.aggregate(per_token, mask)
     # three shares (micro-batches or ranks), each padded only to its own longest response, as `pack` does
     shards = [slice(0, 2), slice(2, 5), slice(5, 7)]

@@ -18,7 +18,7 @@ from minpro_cli.eval import run_eval
 from minpro_cli.heldout import pass_at_k
 from minpro_cli.inspect_ratios import inspect_ratios
 from minpro_cli.modeling import load_policy, pack, response_logprobs
-from minpro_cli.objectives import ObjectiveOptions, ObjectiveOutput
+from minpro_cli.objectives import Objective, ObjectiveOutput
 from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.rollout import run_rollout
 from minpro_cli.rollouts import SCHEMA, read_rollouts, write_rollouts
@@ -182,7 +182,7 @@ def test_inspect_ratios_on_policy_is_one_and_off_policy_is_not(tmp_path, policy)
     assert off["kl_k3"] > 1e-4
 
 
-class NanObjective(ObjectiveOptions):
+class NanObjective(Objective):
     def __call__(self, inputs):
         return ObjectiveOutput(loss=(inputs.logprobs * float("nan")).sum())
 

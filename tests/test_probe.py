@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from minpro_cli.config import load_recipe
 from minpro_cli.modeling import load_policy
-from minpro_cli.objectives import LOG_RATIO_CLAMP, ObjectiveInputs, ObjectiveOptions, ObjectiveOutput
+from minpro_cli.objectives import LOG_RATIO_CLAMP, Objective, ObjectiveInputs, ObjectiveOutput
 from minpro_cli.objectives.logratios import log_token_ratio
 from minpro_cli.objectives.surrogates import detached_weight_surrogate
 from minpro_cli.probe import PolicyGradient, ProbedObjective, ProbeSetup, draw_gradients, gradient, sample
@@ -33,7 +33,7 @@ EOS, A, B = 0, 1, 2
 LENGTH = 4  # max_new_tokens
 
 
-class SequenceRatio(ObjectiveOptions):
+class SequenceRatio(Objective):
     """Every token weighted by the whole response's ratio ∏_t ρ_t (unclipped): exact in expectation."""
 
     def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:

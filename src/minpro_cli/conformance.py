@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from minpro_cli.modeling import Policy
-from minpro_cli.objectives import ObjectiveInputs, ObjectiveOptions, is_scalar_metric
+from minpro_cli.objectives import Objective, ObjectiveInputs, is_scalar_metric
 from minpro_cli.registry import REQUIRED_BASE, Kind, discover
 from minpro_cli.samplers import Generation
 from minpro_cli.verifiers import VerifyResult
@@ -80,7 +80,7 @@ def objective_batch(seed: int, pad: int = 0, on_policy: bool = False) -> Objecti
     return ObjectiveInputs(logp.clone().requires_grad_(True), old.detach().clone(), advantages, mask)
 
 
-def objective_checks(objective: ObjectiveOptions) -> list[CheckResult]:
+def objective_checks(objective: Objective) -> list[CheckResult]:
     def call(inputs: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
         out = objective(inputs)
         out.loss.backward()

@@ -1,4 +1,5 @@
-"""Loading, saving and scoring causal LMs: the only module that talks to transformers."""
+"""Loading and scoring causal LMs: policies (model + tokenizer) from local safetensors or the
+embedded models, their fingerprints, and log-probs and entropy through the chunked head."""
 
 from __future__ import annotations
 
@@ -143,12 +144,6 @@ def eager(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for block, forward in swapped:
             block.forward = forward
-
-
-def save_policy(policy: Policy, directory: Path) -> None:
-    """HF `save_pretrained` layout with safetensors weights: loadable by plain transformers."""
-    policy.model.save_pretrained(directory, safe_serialization=True)
-    policy.tokenizer.save_pretrained(directory)
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -19,7 +19,7 @@ import torch
 from minpro_cli.config import Recipe
 from minpro_cli.distributed import World, parallelize, unwrap
 from minpro_cli.modeling import PackedBatch, Policy, load_policy, response_logprobs
-from minpro_cli.objectives import ObjectiveOptions, masked_mean
+from minpro_cli.objectives import Objective, masked_mean
 from minpro_cli.objectives.kl import KLEstimator, kl_estimate
 
 ReferenceLogprobs = Callable[[PackedBatch, float], torch.Tensor]  # (batch, temperature) → (B, R) log π_ref
@@ -34,7 +34,7 @@ class Penalties:
 
     def __call__(
         self,
-        objective: ObjectiveOptions,
+        objective: Objective,
         logprobs: torch.Tensor,
         entropy: torch.Tensor,
         batch: PackedBatch,

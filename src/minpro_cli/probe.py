@@ -33,7 +33,7 @@ from minpro_cli.config import Recipe, parse_override
 from minpro_cli.console import console
 from minpro_cli.errors import ConfigError, InputFileError, PluginError
 from minpro_cli.modeling import Policy
-from minpro_cli.objectives import AdvantageEstimator, LossAgg, ObjectiveInputs, ObjectiveOptions, ObjectiveOutput
+from minpro_cli.objectives import AdvantageEstimator, LossAgg, Objective, ObjectiveInputs, ObjectiveOutput
 from minpro_cli.probe_results import QUANTITIES, Cell, DrawResult
 from minpro_cli.registry import load_plugin
 from minpro_cli.sampling import (
@@ -48,7 +48,7 @@ from minpro_cli.step import Trainee, training_batch, update_step
 from minpro_cli.tasks import Problem
 
 
-class PolicyGradient(ObjectiveOptions):
+class PolicyGradient(Objective):
     """The plain policy gradient, L = −agg(Â_{i,t} · log π_θ(o_t | …)): every objective's
     gradient when μ = π (ρ ≡ 1, nothing clipped)."""
 
@@ -60,7 +60,7 @@ class PolicyGradient(ObjectiveOptions):
 @dataclass(frozen=True)
 class ProbedObjective:
     label: str  # as the user named it: `minpro` or `minpro:clip_mode=ppo`
-    objective: ObjectiveOptions
+    objective: Objective
     advantage: AdvantageEstimator
 
     @property
@@ -86,7 +86,7 @@ class ProbeSetup:
 
 
 def gradient(
-    setup: ProbeSetup, objective: ObjectiveOptions, rows: list[dict[str, Any]], advantage: AdvantageEstimator
+    setup: ProbeSetup, objective: Objective, rows: list[dict[str, Any]], advantage: AdvantageEstimator
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """−∇_θ L at the policy's weights, as one flat float32 vector (the ascent direction), and the
     step's metrics (`ratios/kl_k1`: KL(μ‖π) per token of the sample)."""
@@ -186,7 +186,7 @@ def parse_objective(spec: str, recipe: Recipe) -> ProbedObjective:
     name, _, options_text = spec.partition(":")
     options = dict(parse_override(item) for item in options_text.split(",") if item.strip()) if options_text else {}
     try:
-        objective: ObjectiveOptions = load_plugin("objectives", name.strip(), options)
+        objective: Objective = load_plugin("objectives", name.strip(), options)
     except PluginError as exc:
         raise ConfigError(f"--objective {spec}: {exc}") from None
     return ProbedObjective(spec, objective, recipe.train.advantage or objective.default_advantage)

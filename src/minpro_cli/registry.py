@@ -18,12 +18,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from minpro_cli.errors import PluginError
-from minpro_cli.objectives import ObjectiveOptions
+from minpro_cli.objectives import Objective
 
 Kind = Literal["objectives", "verifiers", "samplers"]
 KINDS: tuple[Kind, ...] = ("objectives", "verifiers", "samplers")
 OWN_PACKAGE = "minpro"
-REQUIRED_BASE: dict[Kind, type[BaseModel]] = {"objectives": ObjectiveOptions}
+REQUIRED_BASE: dict[Kind, type[BaseModel]] = {"objectives": Objective}
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def closest_key(model: type[BaseModel], loc: tuple[int | str, ...]) -> str | Non
     return ".".join([*map(str, loc[:-1]), match[0]]) if match else None
 
 
-def load_objective(name: str, **options: Any) -> ObjectiveOptions:
+def load_objective(name: str, **options: Any) -> Objective:
     return load_plugin("objectives", name, options)
 
 

@@ -155,5 +155,5 @@ def load_split(recipe: Recipe, split: str) -> list[Problem]:
 
 def generation_budget(recipe: Recipe) -> int | None:
     """The sampler's max_new_tokens: Dr.GRPO's constant L when the objective pins none."""
-    length = getattr(recipe.plugin("samplers"), "max_new_tokens", None)
+    length = getattr(recipe.plugin("samplers"), "max_new_tokens", None)  # any sampler that declares one
     return length if isinstance(length, int) else None

@@ -59,15 +59,15 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from minpro_cli.objectives import ObjectiveInputs, ObjectiveOptions, ObjectiveOutput
+from minpro_cli.objectives import Objective, ObjectiveInputs, ObjectiveOutput
 
 
-class $cls(ObjectiveOptions):
+class $cls(Objective):
     """One line that says what this objective does (shown by `minpro plugins`).
 
         L = − Σ_{i,t} w_t · Â_{i,t} · log π_θ(o_t | …) / Σ_i |o_i|      (write your formula here)
 
-    Fields are the options, validated by Pydantic; `loss_agg` comes from ObjectiveOptions.
+    Fields are the options, validated by Pydantic; `loss_agg` comes from Objective.
     """
 
     scale: float = Field(1.0, gt=0.0, description="an example option: replace it with yours")

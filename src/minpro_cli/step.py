@@ -21,8 +21,8 @@ from minpro_cli.modeling import Policy, autocast, pack, pad_rows, response_logpr
 from minpro_cli.objectives import (
     AdvantageEstimator,
     MinibatchCounts,
+    Objective,
     ObjectiveInputs,
-    ObjectiveOptions,
     minibatch_counts,
 )
 from minpro_cli.objectives.logratios import log_token_ratio
@@ -170,7 +170,7 @@ class StepTally:
 def update_step(
     trainee: Trainee,
     optimizer: torch.optim.Optimizer,
-    objective: ObjectiveOptions,
+    objective: Objective,
     minibatch: RolloutBatch,
     grad_clip: float,
     length_budget: int | None = None,
@@ -187,33 +187,18 @@ def update_step(
     FSDP2 need. Raises before stepping if the loss or the gradient is not finite.
     """
     module, world = trainee.module, trainee.world
-    device = next(module.parameters()).device
     counts = MinibatchCounts.of_lengths([len(r) for r in minibatch.responses], length_budget)
     mine, passes = micro_batch_plan(minibatch, world, trainee.micro_batch_tokens)
     optimizer.zero_grad(set_to_none=True)
-    tally, loss_sum = StepTally(), torch.zeros((), dtype=torch.float64, device=device)
+    tally = StepTally()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=next(module.parameters()).device)
     with minibatch_counts(counts):
         for k in range(passes):
             real = k < len(mine)
-            part = minibatch.select(mine[k] if real else [0])
-            packed = pack(part.prompts, part.responses, trainee.pad_token_id)
             with gradient_sync(module, k == passes - 1):  # forward and backward: DDP decides at forward
-                with autocast(device, trainee.compute_dtype):
-                    logprobs, entropy = response_logprobs(
-                        module, packed, part.temperature, with_entropy=True, entropy_grad=bool(penalties.entropy_coef)
-                    )
-                assert entropy is not None
-                old = pad_rows(part.old_logprobs, logprobs)
-                mask = packed.response_mask.to(device)
-                out = objective(ObjectiveInputs(logprobs, old, part.advantages.to(device), mask))
-                with autocast(device, trainee.compute_dtype):  # the reference computes as the policy does
-                    penalty, penalty_metrics = penalties(objective, logprobs, entropy, packed, part.temperature, mask)
-                loss = out.loss + penalty if real else (out.loss + penalty) * 0.0
-                (loss * world.size).backward()  # DDP and FSDP2 average gradients over ranks
-            loss_sum += loss.detach().double()
-            if real:
-                metrics = out.metrics | penalty_metrics
-                tally.add(metrics, log_token_ratio(logprobs.detach(), old), entropy.detach(), mask)
+                loss = micro_batch_backward(trainee, objective, minibatch.select(mine[k] if real else [0]),
+                                            penalties, tally if real else None)  # fmt: skip
+            loss_sum += loss
     global_loss = world.sum([loss_sum.item()])[0]  # every rank sees the same, so all stop together
     if not math.isfinite(global_loss):
         optimizer.zero_grad(set_to_none=True)
@@ -228,10 +213,34 @@ def update_step(
     return {"loss": global_loss, "grad_norm": grad_norm.item(), **reduce_step_metrics(metrics, tokens, world)}
 
 
+def micro_batch_backward(
+    trainee: Trainee, objective: Objective, part: RolloutBatch, penalties: Penalties, tally: StepTally | None
+) -> torch.Tensor:
+    """Forward and backward of one micro-batch; returns its detached loss (float64). A stand-in
+    (`tally` None: this rank has no rows left) contributes a loss and gradient of 0."""
+    module, device = trainee.module, next(trainee.module.parameters()).device
+    packed = pack(part.prompts, part.responses, trainee.pad_token_id)
+    with autocast(device, trainee.compute_dtype):
+        logprobs, entropy = response_logprobs(
+            module, packed, part.temperature, with_entropy=True, entropy_grad=bool(penalties.entropy_coef)
+        )
+    assert entropy is not None
+    old = pad_rows(part.old_logprobs, logprobs)
+    mask = packed.response_mask.to(device)
+    out = objective(ObjectiveInputs(logprobs, old, part.advantages.to(device), mask))
+    with autocast(device, trainee.compute_dtype):  # the reference computes as the policy does
+        penalty, penalty_metrics = penalties(objective, logprobs, entropy, packed, part.temperature, mask)
+    loss = out.loss + penalty if tally is not None else (out.loss + penalty) * 0.0
+    (loss * trainee.world.size).backward()  # DDP and FSDP2 average gradients over ranks
+    if tally is not None:
+        tally.add(out.metrics | penalty_metrics, log_token_ratio(logprobs.detach(), old), entropy.detach(), mask)
+    return loss.detach().double()
+
+
 def update_policy(
     trainee: Trainee,
     optimizer: torch.optim.Optimizer,
-    objective: ObjectiveOptions,
+    objective: Objective,
     batch: RolloutBatch,
     epochs: int,
     minibatches: int,

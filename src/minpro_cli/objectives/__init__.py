@@ -2,9 +2,9 @@
 
 Public API for plugin authors::
 
-    from minpro_cli.objectives import ObjectiveInputs, ObjectiveOptions, ObjectiveOutput
+    from minpro_cli.objectives import Objective, ObjectiveInputs, ObjectiveOutput
 
-An objective plugin is a subclass of `ObjectiveOptions` (a Pydantic model: its fields are
+An objective plugin is a subclass of `Objective` (a Pydantic model: its fields are
 the objective's options, validated on load) whose `__call__` maps `ObjectiveInputs` to
 `ObjectiveOutput`. No model and no optimizer inside: only tensors in, loss and metrics out.
 It reduces its per-token losses with `self.aggregate`, so `loss_agg` means the same thing
@@ -49,8 +49,9 @@ class ObjectiveOutput:
     metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)  # floats or detached 0-d tensors
 
 
-class ObjectiveOptions(BaseModel):
-    """Base of every objective's options; unknown options are errors.
+class Objective(BaseModel):
+    """Base of every objective: its options (unknown options are errors) and, as `__call__`,
+    the loss they configure.
 
     Class attributes a plugin may override: `uses_prefix_weight` (the objective weights a
     token by its prefix, so `minpro train` warns about truncated sampling) and
@@ -71,7 +72,7 @@ class ObjectiveOptions(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _normaliser_only_where_used(self) -> ObjectiveOptions:
+    def _normaliser_only_where_used(self) -> Objective:
         if self.max_response_length is not None and self.loss_agg != "seq-mean-token-sum-norm":
             raise ValueError(
                 f"max_response_length is only used by loss_agg=seq-mean-token-sum-norm, not {self.loss_agg}"
@@ -83,6 +84,9 @@ class ObjectiveOptions(BaseModel):
 
     def aggregate(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return aggregate_loss(per_token, mask, self.loss_agg, self.max_response_length)
+
+
+ObjectiveOptions = Objective  # deprecated name: plugins written against it keep working
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from minpro_cli.objectives import ObjectiveInputs, ObjectiveOptions, ObjectiveOutput, masked_fraction, masked_mean
+from minpro_cli.objectives import Objective, ObjectiveInputs, ObjectiveOutput, masked_fraction, masked_mean
 from minpro_cli.objectives.logratios import log_token_ratio
 from minpro_cli.objectives.surrogates import ratio_metrics
 
 
-class M2PO(ObjectiveOptions):
+class M2PO(Objective):
     """Unclipped token ratio with the batch's most off-policy tokens masked out.
 
         M̂_2 = (1/N) Σ_{trained t} (log ρ_t)²

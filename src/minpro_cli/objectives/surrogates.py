@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field
 
-from minpro_cli.objectives import ObjectiveOptions, masked_fraction, masked_mean, masked_min
+from minpro_cli.objectives import Objective, masked_fraction, masked_mean, masked_min
 
 
-class ClippedObjective(ObjectiveOptions):
+class ClippedObjective(Objective):
     """Options of an objective with a clip interval [1 − eps_low, 1 + eps_high].
 
     eps_low ≥ 1 puts the lower bound at or below 0, i.e. no lower clipping of a ratio. TRL's

@@ -1,6 +1,7 @@
 """Samplers: generation back ends returning token ids and the log-probs they sampled with.
 
-A sampler plugin is a Pydantic model (its options) with a `generate` method:
+A sampler plugin is a Pydantic model (its options) with a `generate` method; its sampling
+options come from `SamplingParams`, which a sampler extends with its own:
 
     generate(policy, prompts: list[list[int]], seed: int) -> list[Generation]
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from minpro_cli.modeling import Policy, pack, response_logprobs
 
@@ -23,6 +25,18 @@ class Generation:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: Literal["stop", "length"]
+
+
+class SamplingParams(BaseModel):
+    """The options every sampler shares (defaults: plain temperature sampling, no truncation,
+    which keeps μ the distribution the ratio needs). `max_new_tokens` is also Dr.GRPO's L."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    max_new_tokens: int = Field(64, ge=1)
 
 
 class Sampler(Protocol):

@@ -11,11 +11,11 @@ import functools
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from minpro_cli.modeling import Policy, eager, positions_from_mask
-from minpro_cli.samplers import Generation
+from minpro_cli.samplers import Generation, SamplingParams
 
 
 def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -33,18 +33,12 @@ def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
     return logits
 
 
-class HFSampler(BaseModel):
+class HFSampler(SamplingParams):
     """Transformers model with a KV cache; records log μ of the distribution actually sampled.
 
-    The fields are the `hf` sampler's options (defaults: plain temperature sampling, no truncation).
+    The fields are the `hf` sampler's options: the shared sampling options and its batch size.
     """
 
-    model_config = ConfigDict(extra="forbid")
-
-    temperature: float = Field(1.0, gt=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k")
-    max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(256, ge=1, description="prompts per generation batch")
 
     def generate(self, policy: Policy, prompts: list[list[int]], seed: int) -> list[Generation]:
@@ -64,12 +58,7 @@ class HFSampler(BaseModel):
         model, device = policy.model, policy.model.device
         batch, prompt_len = len(prompts), max(len(p) for p in prompts)
         width = prompt_len + self.max_new_tokens
-        input_ids = torch.full((batch, prompt_len), policy.pad_token_id, dtype=torch.long)
-        attention = torch.ones((batch, width), dtype=torch.long)  # every column it will need, allocated once
-        for i, p in enumerate(prompts):
-            input_ids[i, prompt_len - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention[i, : prompt_len - len(p)] = 0  # left padding; step t attends to the first prompt_len + t
-        input_ids, attention = input_ids.to(device), attention.to(device)
+        input_ids, attention = left_padded(prompts, width, policy.pad_token_id, device)
         step_pos = positions_from_mask(attention[:, :prompt_len])
 
         tokens = torch.full((batch, self.max_new_tokens), policy.pad_token_id, dtype=torch.long, device=device)
@@ -114,15 +103,24 @@ class HFSampler(BaseModel):
                 cache.batch_select_indices(keep)
 
         tokens_host, logprobs_host = tokens.cpu(), logprobs.cpu()
-        lengths_host, ended_host = lengths.tolist(), ended.tolist()
         return [
-            Generation(
-                token_ids=tokens_host[i, :n].tolist(),
-                logprobs=logprobs_host[i, :n].tolist(),
-                finish_reason="stop" if ended_host[i] else "length",
-            )
-            for i, n in enumerate(lengths_host)
+            Generation(tokens_host[i, :n].tolist(), logprobs_host[i, :n].tolist(), "stop" if end else "length")
+            for i, (n, end) in enumerate(zip(lengths.tolist(), ended.tolist()))
         ]
+
+
+def left_padded(
+    prompts: list[list[int]], width: int, pad_token_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one left-padded batch, and an attention mask with every column the decode
+    will need (`width`), allocated once: step t attends to the first prompt_len + t."""
+    prompt_len = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), prompt_len), pad_token_id, dtype=torch.long)
+    attention = torch.ones((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, prompt_len - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attention[i, : prompt_len - len(p)] = 0
+    return input_ids.to(device), attention.to(device)
 
 
 COMPACT_EVERY = 8  # drop ended rows once they are 1/8 of the batch: each drop copies the KV cache

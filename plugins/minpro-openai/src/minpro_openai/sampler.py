@@ -11,16 +11,16 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from minpro_cli.errors import MinproError
 from minpro_cli.modeling import Policy
-from minpro_cli.samplers import Generation
+from minpro_cli.samplers import Generation, SamplingParams
 
 TOKEN_ID_PREFIX = "token_id:"
 
 
-class OpenAICompletionsSampler(BaseModel):
+class OpenAICompletionsSampler(SamplingParams):
     """Samples from an OpenAI-compatible /v1/completions server, with token ids and log-probs.
 
     Prompts go out as token ids and come back as token ids (`return_tokens_as_token_ids`,
@@ -35,10 +35,7 @@ class OpenAICompletionsSampler(BaseModel):
     base_url: str = Field("http://127.0.0.1:8000/v1", description="server root, ending in /v1")
     model: str = Field("default", description="model name the server knows")
     api_key_env: str | None = Field(None, description="environment variable holding the API key")
-    temperature: float = Field(1.0, gt=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k (sent as -1)")
-    max_new_tokens: int = Field(64, ge=1)
     concurrency: int = Field(32, ge=1, description="requests in flight (one prompt each; the server batches them)")
     timeout_s: float = Field(300.0, gt=0.0, description="per request")
     max_retries: int = Field(4, ge=0, description="retries of a failed request (refused, timeout, 429, 5xx)")

@@ -22,12 +22,12 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr
 from safetensors.torch import save_file
 
 from minpro_cli.errors import MinproError
 from minpro_cli.modeling import Policy, model_fingerprint
-from minpro_cli.samplers import Generation
+from minpro_cli.samplers import Generation, SamplingParams
 
 WORKER = Path(__file__).with_name("worker.py")
 PYTHON_ENV = "MINPRO_VLLM_PYTHON"
@@ -114,21 +114,18 @@ def export_untied(policy: Policy, directory: Path) -> None:
     policy.tokenizer.save_pretrained(directory)
 
 
-class VLLMSampler(BaseModel):
+class VLLMSampler(SamplingParams):
     """Samples with offline vLLM; records log μ of the distribution actually sampled.
 
     vLLM runs with `logprobs_mode=processed_logprobs`, so the recorded log-prob is the one
-    after temperature and any top-k / top-p truncation, as DESIGN.md §4 asks. No truncation
+    after temperature and any top-k / top-p truncation: the μ that sampled (the ratio's
+    denominator must be the distribution actually sampled, docs/rollout-format.md). No truncation
     unless set here. Each prompt gets its own seed (`seed + i`).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     python: str = Field(default_factory=default_python, description="the vllm environment's interpreter")
-    temperature: float = Field(1.0, gt=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k")
-    max_new_tokens: int = Field(64, ge=1)
     memory_fraction: float = Field(
         0.1, gt=0.0, le=1.0, description="vLLM gpu_memory_utilization (on CPU: the share of RAM it reserves)"
     )

@@ -1,0 +1,146 @@
+"""Where each training round's rows come from, and the stale weights they are sampled with.
+
+`OnlineRounds` samples round r with the weights of round r − staleness (the paper's off-policy
+knob); `StoredRounds` replays a stored rollout set; `StaleWeights` keeps the snapshots and
+their optimizer steps (the rows' `policy_version`) that staleness needs, and drops each once
+no later round samples with it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from minpro_cli.checkpoints import StateDict
+from minpro_cli.config import Recipe, dump_recipe
+from minpro_cli.distributed import SINGLE, World
+from minpro_cli.errors import RolloutFileError
+from minpro_cli.modeling import Policy, model_fingerprint, tokenizer_fingerprint
+from minpro_cli.rollouts import check_token_ids, read_rollouts, write_rollouts
+from minpro_cli.sampling import load_split, sample_rows, sampling_job
+from minpro_cli.tasks import Problem
+
+
+@dataclass
+class StaleWeights:
+    """Round r samples with the weights taken at the start of round r − `staleness`, and its
+    rows carry the optimizer step of those weights as their policy version. `steps` is the
+    loop state's `snapshot_steps` (the same dict), so checkpoints save both together."""
+
+    staleness: int
+    snapshots: dict[int, StateDict] = field(default_factory=dict)  # round → whole weights at its start
+    steps: dict[int, int] = field(default_factory=dict)  # round → the optimizer step of those weights
+
+    def take(self, round_: int, weights: StateDict, step: int) -> None:
+        self.snapshots[round_], self.steps[round_] = weights, step
+
+    def sampled_by(self, round_: int) -> int:
+        return max(0, round_ - self.staleness)
+
+    def for_round(self, round_: int, step: int) -> tuple[StateDict | None, int]:
+        """The weights round `round_` samples with (None: the current ones) and their version."""
+        if not self.staleness:
+            return None, step
+        source = self.sampled_by(round_)
+        return self.snapshots.get(source), self.steps.get(source, step)
+
+    def drop_before(self, round_: int) -> None:
+        """Forget the snapshots no round from `round_` on samples with."""
+        for old in [r for r in self.snapshots if r < self.sampled_by(round_)]:
+            self.snapshots.pop(old)
+            self.steps.pop(old, None)
+
+
+class OnlineRounds:
+    """Round r samples `prompts_per_iteration` training problems with the weights of round
+    r − staleness (the paper's off-policy knob) and stores them as parquet in the run dir.
+    Under torchrun each rank samples its share of the problems and rank 0 writes them all."""
+
+    def __init__(self, recipe: Recipe, policy: Policy, run_dir: Path, world: World = SINGLE) -> None:
+        self.recipe, self.run_dir, self.world = recipe, run_dir, world
+        self.problems = load_split(recipe, "train")
+        self.stale_policy = (
+            policy.copy() if recipe.train.staleness else policy
+        )
+        self.job = sampling_job(recipe, self.stale_policy)
+
+    def problems_for(self, round_: int) -> list[Problem]:
+        """Deterministic passes over the training split, reshuffled each pass."""
+        per_round = self.recipe.train.prompts_per_iteration
+        start, out = round_ * per_round, []
+        while len(out) < per_round:
+            pass_index, offset = divmod(start + len(out), len(self.problems))
+            order = list(range(len(self.problems)))
+            random.Random(self.recipe.seed * 7919 + pass_index).shuffle(order)
+            take = order[offset : offset + per_round - len(out)]
+            out.extend(self.problems[i] for i in take)
+        return out
+
+    def rows(self, round_: int, weights: StateDict | None, version: int) -> list[dict[str, Any]]:
+        path = self.run_dir / "rollouts" / f"round_{round_:05d}.parquet"
+        if weights is not None:
+            self.stale_policy.model.load_state_dict(weights)
+        if path.exists():  # written before an interruption: same weights and seed, reuse it
+            rows = read_rollouts(path).to_pylist()
+            self.check_reused(path, rows, round_, version)
+            return rows
+        self.job.policy_version = version
+        world = self.world
+        mine, _ = sample_rows(
+            self.job,
+            world.shard(self.problems_for(round_)),
+            self.recipe.train.group_size,
+            seed=(self.recipe.seed * 100_003 + round_) * world.size + world.rank,
+            label=f"round {round_} sampling",
+        )
+        rows = world.gather(mine)  # every rank has checked `path` before rank 0 writes it
+        if world.is_main:
+            write_rollouts(path, rows, dump_recipe(self.recipe))
+        return rows
+
+    def check_reused(self, path: Path, rows: list[dict[str, Any]], round_: int, version: int) -> None:
+        """A round file is reused only if this run sampled it: the round's prompts, each
+        `group_size` times, by the weights and tokenizer this round samples with."""
+        policy = self.stale_policy
+        expected: dict[str, Any] = {
+            "prompts": Counter({p.id: self.recipe.train.group_size for p in self.problems_for(round_)}),
+            "policy_version": {version},
+            "model_fingerprint": {model_fingerprint(policy.model)},
+            "tokenizer_fingerprint": {tokenizer_fingerprint(policy.tokenizer)},
+        }
+        found: dict[str, Any] = {"prompts": Counter(r["prompt_id"] for r in rows)}
+        found |= {key: {r[key] for r in rows} for key in expected if key != "prompts"}
+        differ = [key for key in expected if found[key] != expected[key]]
+        if differ:
+            raise RolloutFileError(
+                f"{path}: not this run's round {round_} (its {', '.join(differ)} differ from what this round samples "
+                "with); move the file away and rerun to sample the round again"
+            )
+
+
+class StoredRounds:
+    """Round r trains on the r-th chunk (cycling) of prompt groups of a stored rollout set."""
+
+    def __init__(self, recipe: Recipe, policy: Policy, spec: str) -> None:
+        table = read_rollouts(spec)
+        check_token_ids(spec, table, policy.vocab_size)
+        expected = tokenizer_fingerprint(policy.tokenizer)
+        found = set(table["tokenizer_fingerprint"].to_pylist())
+        if found != {expected}:
+            raise RolloutFileError(
+                f"{spec}: rollouts were tokenized with tokenizer {sorted(found)}, the policy's is {expected}; "
+                "train with the model that sampled them (model.path)"
+            )
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for row in table.to_pylist():
+            groups.setdefault(row["prompt_id"], []).append(row)
+        per_round = recipe.train.prompts_per_iteration
+        ordered = list(groups.values())
+        self.chunks = [list(itertools.chain(*ordered[i : i + per_round])) for i in range(0, len(ordered), per_round)]
+
+    def rows(self, round_: int, weights: StateDict | None, version: int) -> list[dict[str, Any]]:
+        return self.chunks[round_ % len(self.chunks)]
