@@ -21,12 +21,12 @@ LAYERS: dict[str, list[str]] = {
     "basics": ["errors", "console", "fileio", "schedule"],
     "formats": ["rollouts", "rundir", "tasks", "probe_results"],
     "plugins": ["objectives", "verifiers", "registry", "advantages", "ratiostats"],
-    "recipe": ["config"],
-    "models": ["lora", "modeling", "samplers", "distributed", "checkpoints", "trackers", "plots"],
+    "recipe": ["sections", "config"],
+    "models": ["lora", "logprobs", "modeling", "samplers", "distributed", "checkpoints", "trackers", "plots"],
     "work": ["sampling", "heldout", "penalties", "step", "rounds", "resume"],
     "stages": ["rollout", "train", "eval", "inspect_ratios", "probe", "sweep", "report", "convert", "scaffold",
                "conformance", "launcher"],
-    "cli": ["cli", "__main__"],
+    "cli": ["cli_support", "cli_tools", "cli", "__main__"],
 }
 STAGES = "stages"
 

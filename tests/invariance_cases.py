@@ -13,7 +13,8 @@ import copy
 import torch
 
 from minpro_cli.distributed import SINGLE, World, parallelize
-from minpro_cli.modeling import Policy, load_policy, pack, response_logprobs
+from minpro_cli.logprobs import pack, response_logprobs
+from minpro_cli.modeling import Policy, load_policy
 from minpro_cli.objectives import Objective
 from minpro_cli.registry import load_objective
 from minpro_cli.step import RolloutBatch, Trainee, update_step

@@ -15,12 +15,13 @@ from safetensors.torch import load_file
 from test_training_step import ragged_batch
 from transformers import AutoModelForCausalLM
 
-from minpro_cli.config import LoraConfig, load_recipe
+from minpro_cli.config import load_recipe
 from minpro_cli.distributed import SINGLE
 from minpro_cli.errors import ConfigError
+from minpro_cli.logprobs import response_logprobs
 from minpro_cli.lora import LoraAdapters
-from minpro_cli.modeling import response_logprobs
 from minpro_cli.penalties import reference_logprobs
+from minpro_cli.sections import LoraConfig
 from minpro_cli.train import run_train
 
 peft = pytest.importorskip("peft")

@@ -15,7 +15,7 @@ import torch
 from test_training_step import ragged_rows
 
 from minpro_cli.config import load_recipe
-from minpro_cli.modeling import pack, response_logprobs
+from minpro_cli.logprobs import pack, response_logprobs
 from minpro_cli.objectives import ObjectiveInputs
 from minpro_cli.objectives.kl import kl_estimate
 from minpro_cli.objectives.minpro import MinPRO

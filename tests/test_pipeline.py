@@ -17,7 +17,8 @@ from minpro_cli.errors import ConfigError, TrainingDivergedError
 from minpro_cli.eval import run_eval
 from minpro_cli.heldout import pass_at_k
 from minpro_cli.inspect_ratios import inspect_ratios
-from minpro_cli.modeling import load_policy, pack, response_logprobs
+from minpro_cli.logprobs import pack, response_logprobs
+from minpro_cli.modeling import load_policy
 from minpro_cli.objectives import Objective, ObjectiveOutput
 from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.rollout import run_rollout
@@ -268,3 +269,22 @@ def test_model_fingerprint_is_kept_until_a_weight_changes(monkeypatch):
     assert modeling.model_fingerprint(model) not in (first, stepped)
     model.load_state_dict(twin.state_dict())
     assert modeling.model_fingerprint(model) == first
+
+
+def test_stale_weights_serve_round_r_minus_s_and_forget_what_no_round_needs():
+    from minpro_cli.rounds import StaleWeights
+
+    steps: dict[int, int] = {}  # the loop state's snapshot_steps: StaleWeights writes into it
+    stale = StaleWeights(2, steps=steps)
+    w = [{"w": torch.tensor(float(r))} for r in range(5)]
+    assert stale.for_round(0, step=0) == (None, 0)  # nothing taken yet: the current weights, version = step
+    for round_, step in ((0, 0), (1, 3), (2, 6)):  # three optimizer steps per round
+        stale.take(round_, w[round_], step)
+    weights, version = stale.for_round(2, step=6)  # round 2 samples with round 0's weights, taken at step 0
+    assert weights is w[0] and version == 0
+    weights, version = stale.for_round(1, step=3)  # round 1 − 2 < 0: the first snapshot
+    assert weights is w[0] and version == 0
+    stale.drop_before(3)  # round 3 samples with round 1's: round 0's goes, from both dicts
+    assert sorted(stale.snapshots) == [1, 2] and steps == {1: 3, 2: 6}
+    assert stale.for_round(3, step=9)[1] == 3
+    assert StaleWeights(0).for_round(7, step=21) == (None, 21)  # on-policy: always the current weights

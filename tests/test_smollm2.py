@@ -81,7 +81,8 @@ def test_lora_rl_steps_on_smollm2_export_merged_weights_with_the_adapted_log_pro
     import peft
     from transformers import AutoModelForCausalLM
 
-    from minpro_cli.modeling import load_policy, pack, response_logprobs
+    from minpro_cli.logprobs import pack, response_logprobs
+    from minpro_cli.modeling import load_policy
     from minpro_cli.train import run_train
 
     rl = [f"model.path={converted}", f"run_dir={tmp_path}", "train.iterations=2", "train.prompts_per_iteration=2",

@@ -227,7 +227,19 @@ def test_band_and_comparison_match_hand_computation():
     text = compare(a, g)
     assert f"{diff:+.3f}" in text and f"{se:.3f}" in text and "more than 2 standard errors" in text
     close = Cell("p", "cispo", [record("c", [0.1, f]) for f in (0.25, 0.35, 0.31)])
-    assert "no clear difference" in compare(a, close)
+    assert "no clear difference" in compare(a, close) and "unpaired" in text
+
+
+def test_lines_that_ran_the_same_seeds_are_compared_seed_by_seed():
+    a = Cell("p", "minpro", [record("a", [0.1, f], seed=s) for s, f in enumerate((0.30, 0.34, 0.32))])
+    b = Cell("p", "cispo", [record("b", [0.1, f], seed=s) for s, f in enumerate((0.28, 0.33, 0.29))])
+    # per seed: +0.02, +0.01, +0.03 → mean +0.020, s.e. 0.010/√3 = 0.006: clear, where the unpaired
+    # s.e. √(0.0004/3 + 0.0007/3) = 0.019 would not be
+    text = compare(a, b)
+    assert "+0.020" in text and "0.006" in text and "paired over 3 seeds, ahead in 3" in text
+    assert "more than 2 standard errors" in text
+    shuffled = Cell("p", "cispo", [record("b", [0.1, f], seed=s) for s, f in zip((0, 1, 5), (0.28, 0.33, 0.29))])
+    assert "unpaired" in compare(a, shuffled) and "no clear difference" in compare(a, shuffled)
 
 
 def test_report_refuses_a_directory_that_is_not_a_sweep(tmp_path):

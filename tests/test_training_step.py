@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import minpro_cli.logprobs as chunked_head
 from minpro_cli import modeling
 from minpro_cli.config import load_recipe
 from minpro_cli.errors import ConfigError
-from minpro_cli.modeling import ChunkedLogProbs, Policy, load_policy, pack, response_logprobs
+from minpro_cli.logprobs import ChunkedLogProbs, pack, response_logprobs
+from minpro_cli.modeling import Policy, load_policy
 from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.rollout import run_rollout
 from minpro_cli.schedule import lr_multiplier
@@ -50,7 +52,7 @@ def full_vocabulary_reference(model: torch.nn.Module, batch, temperature: float)
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 5e-6)])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_chunked_logprobs_match_the_full_vocabulary_values_and_gradients(monkeypatch, dtype, tolerance, temperature):
-    monkeypatch.setattr(modeling, "CHUNK_ELEMENTS", 3 * 1024)  # chunks of 3 tokens: several per batch
+    monkeypatch.setattr(chunked_head, "CHUNK_ELEMENTS", 3 * 1024)  # chunks of 3 tokens: several per batch
     policy = load_policy("embedded")
     model = policy.model.to(dtype)
     batch = ragged_batch(policy)
@@ -95,8 +97,8 @@ def test_chunked_head_passes_gradcheck_with_a_bias_and_the_entropy():
 
 
 def test_chunk_size_bounds_the_logits_held_at_once():
-    assert modeling.chunk_tokens(49_152) * 49_152 <= modeling.CHUNK_ELEMENTS
-    assert modeling.chunk_tokens(151_936) >= 200 and modeling.chunk_tokens(10**9) == 1
+    assert chunked_head.chunk_tokens(49_152) * 49_152 <= chunked_head.CHUNK_ELEMENTS
+    assert chunked_head.chunk_tokens(151_936) >= 200 and chunked_head.chunk_tokens(10**9) == 1
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

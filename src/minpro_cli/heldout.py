@@ -10,10 +10,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from minpro_cli.config import BenchmarkConfig, Recipe
+from minpro_cli.config import Recipe
 from minpro_cli.modeling import Policy
 from minpro_cli.registry import load_plugin
 from minpro_cli.sampling import sample_rows, sampling_job
+from minpro_cli.sections import BenchmarkConfig
 from minpro_cli.tasks import load_problems
 
 

@@ -17,7 +17,8 @@ from rich.table import Table
 from minpro_cli.console import console, progress_bar
 from minpro_cli.errors import ConfigError, MinproError, RolloutFileError
 from minpro_cli.fileio import write_json_output
-from minpro_cli.modeling import Policy, pack, pad_rows, response_logprobs, tokenizer_fingerprint
+from minpro_cli.logprobs import pack, pad_rows, response_logprobs
+from minpro_cli.modeling import Policy, tokenizer_fingerprint
 from minpro_cli.objectives import LOG_RATIO_CLAMP
 from minpro_cli.ratiostats import DEFAULT_THRESHOLDS, QUANTITIES, RatioStats
 from minpro_cli.registry import load_plugin

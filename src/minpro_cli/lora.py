@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from minpro_cli.config import LoraConfig
 from minpro_cli.errors import ConfigError
+from minpro_cli.sections import LoraConfig
 
 StateDict = dict[str, torch.Tensor]
 ADAPTER_DIR = "adapter"  # in a checkpoint or final/: the adapter alone, loadable by peft

@@ -18,7 +18,8 @@ import torch
 
 from minpro_cli.config import Recipe
 from minpro_cli.distributed import World, parallelize, unwrap
-from minpro_cli.modeling import PackedBatch, Policy, load_policy, response_logprobs
+from minpro_cli.logprobs import PackedBatch, response_logprobs
+from minpro_cli.modeling import Policy, load_policy
 from minpro_cli.objectives import Objective, masked_mean
 from minpro_cli.objectives.kl import KLEstimator, kl_estimate
 

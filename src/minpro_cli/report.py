@@ -178,14 +178,31 @@ def cells_of(records: list[RunRecord], line: str, panel_keys: list[str]) -> list
 
 
 def compare(a: Cell, b: Cell) -> str:
-    """Difference of final held-out pass@1 (a − b) and whether it exceeds two standard errors."""
+    """Difference of final held-out pass@1 (a − b) and whether it exceeds two standard errors.
+    When both lines ran the same seeds the difference is paired by seed (runs of one seed share
+    the starting weights and the sampling and evaluation seeds, so their noise partly cancels)."""
     fa, fb = a.finals(), b.finals()
     if len(fa) < 2 or len(fb) < 2:
         return f"{a.line} vs {b.line}: too few finished seeds to compare"
-    diff = statistics.fmean(fa) - statistics.fmean(fb)
-    stderr = math.sqrt(statistics.variance(fa) / len(fa) + statistics.variance(fb) / len(fb))
+    sa, sb = seed_finals(a), seed_finals(b)
+    if sa is not None and sb is not None and sa.keys() == sb.keys():
+        diffs = [sa[seed] - sb[seed] for seed in sa]
+        diff, stderr = statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+        how = f"paired over {len(diffs)} seeds, ahead in {sum(d > 0 for d in diffs)}"
+    else:
+        diff = statistics.fmean(fa) - statistics.fmean(fb)
+        stderr = math.sqrt(statistics.variance(fa) / len(fa) + statistics.variance(fb) / len(fb))
+        how = "unpaired"
     verdict = "more than 2 standard errors" if abs(diff) > 2 * stderr else "within 2 standard errors: no clear difference"
-    return f"{a.line} − {b.line}: {diff:+.3f} (standard error {stderr:.3f}; {verdict})"
+    return f"{a.line} − {b.line}: {diff:+.3f} (standard error {stderr:.3f}, {how}; {verdict})"
+
+
+def seed_finals(cell: Cell) -> dict[Any, float] | None:
+    """Final held-out pass@1 by seed; None when the runs' seeds are not all known and distinct."""
+    seeds = [r.overrides.get("seed") for r in cell.runs]
+    if None in seeds or len(set(seeds)) < len(seeds):
+        return None
+    return {seed: f for seed, r in zip(seeds, cell.runs) if math.isfinite(f := final(r))}
 
 
 def reading(cells: list[Cell], reference: str) -> list[str]:

@@ -17,7 +17,8 @@ import torch
 from minpro_cli.advantages import compute_advantages, group_indices, zero_variance_groups
 from minpro_cli.distributed import SINGLE, World, combine_metrics, gradient_sync, reduce_step_metrics
 from minpro_cli.errors import RolloutFileError, TrainingDivergedError
-from minpro_cli.modeling import Policy, autocast, pack, pad_rows, response_logprobs
+from minpro_cli.logprobs import autocast, pack, pad_rows, response_logprobs
+from minpro_cli.modeling import Policy
 from minpro_cli.objectives import (
     AdvantageEstimator,
     MinibatchCounts,

@@ -46,10 +46,7 @@ from minpro_cli.fileio import (
 )
 from minpro_cli.heldout import benchmarks_of, evaluate_benchmark
 from minpro_cli.lora import LoraAdapters
-from minpro_cli.modeling import (
-    Policy,
-    compile_blocks,
-)
+from minpro_cli.modeling import Policy, compile_blocks
 from minpro_cli.objectives import (
     Objective,
 )

@@ -17,7 +17,8 @@ from typing import Literal, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from minpro_cli.modeling import Policy, pack, response_logprobs
+from minpro_cli.logprobs import pack, response_logprobs
+from minpro_cli.modeling import Policy
 
 
 @dataclass

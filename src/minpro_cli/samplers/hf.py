@@ -14,7 +14,8 @@ import torch
 from pydantic import Field
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from minpro_cli.modeling import Policy, eager, positions_from_mask
+from minpro_cli.logprobs import positions_from_mask
+from minpro_cli.modeling import Policy, eager
 from minpro_cli.samplers import Generation, SamplingParams
 
 
