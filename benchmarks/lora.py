@@ -25,12 +25,12 @@ import torch
 from common import Measurement, measure
 from memory import build_model, minibatch, spread
 
-from minpro_cli.config import LoraConfig
 from minpro_cli.distributed import SINGLE
+from minpro_cli.logprobs import response_logprobs
 from minpro_cli.lora import LoraAdapters
-from minpro_cli.modeling import response_logprobs
 from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.penalties import Penalties
+from minpro_cli.sections import LoraConfig
 from minpro_cli.step import Trainee, update_step
 
 CONFIGS = ["full", "full+kl", "lora", "lora+kl"]

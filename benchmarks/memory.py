@@ -27,7 +27,8 @@ from common import Measurement, measure
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 import minpro_cli.train as train_module
-from minpro_cli.modeling import _full_vocabulary_logprobs, load_policy
+from minpro_cli.logprobs import _full_vocabulary_logprobs
+from minpro_cli.modeling import load_policy
 from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.step import RolloutBatch, Trainee, update_step
 

@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS, measure, sampled_rows, timed
 
-from minpro_cli.modeling import load_policy, pack, pad_rows, response_logprobs
+from minpro_cli.logprobs import pack, pad_rows, response_logprobs
+from minpro_cli.modeling import load_policy
 from minpro_cli.objectives import ObjectiveInputs, ObjectiveOutput
 from minpro_cli.objectives.logratios import log_token_ratio
 from minpro_cli.registry import discover, load_objective

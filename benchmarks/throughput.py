@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS, measure, prompts, sampled_rows, timed
 
-from minpro_cli.modeling import load_policy, pack
+from minpro_cli.logprobs import pack
+from minpro_cli.modeling import load_policy
 from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.samplers.hf import HFSampler
 from minpro_cli.step import Trainee, training_batch, update_step
