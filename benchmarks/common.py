@@ -8,12 +8,13 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from transformers.utils import logging as hf_logging
 
 from minpro_cli.modeling import Policy
+from minpro_cli.rollouts import RolloutRow
 from minpro_cli.samplers.hf import HFSampler
 from minpro_cli.tasks import load_problems, render_prompt
 
@@ -72,12 +73,17 @@ def prompts(policy: Policy) -> list[list[int]]:
     return [p for p in ids for _ in range(GROUP_SIZE)]
 
 
-def sampled_rows(policy: Policy) -> list[dict[str, Any]]:
+def sampled_rows(policy: Policy) -> list[RolloutRow]:
     """One sampled batch as rollout rows (rewards alternate so every group has signal)."""
     batch = prompts(policy)
     gens = HFSampler(max_new_tokens=MAX_NEW_TOKENS, batch_size=len(batch)).generate(policy, batch, seed=0)
     return [
-        {"prompt_token_ids": p, "response_token_ids": g.token_ids, "behavior_logprobs": g.logprobs,
-         "reward": float(i % 3 == 0), "prompt_id": str(i // GROUP_SIZE), "temperature": 1.0}
+        RolloutRow(
+            prompt_id=str(i // GROUP_SIZE), sample_index=i % GROUP_SIZE, prompt="", response="", prompt_token_ids=p,
+            response_token_ids=g.token_ids, behavior_logprobs=g.logprobs, reference_answer="",
+            reward=float(i % 3 == 0), verifier="", verifier_details="{}", finish_reason=g.finish_reason,
+            policy_version=0, model_fingerprint="", tokenizer_fingerprint="", sampler="hf", temperature=1.0,
+            top_p=1.0, top_k=0, seed=0,
+        )
         for i, (p, g) in enumerate(zip(batch, gens))
     ]

@@ -26,7 +26,7 @@ from minpro_cli.console import console
 from minpro_cli.inspect_ratios import InspectOptions, batch_log_ratios, inspect_ratios
 from minpro_cli.modeling import Policy, load_policy
 from minpro_cli.ratiostats import QUANTILES, log_quantities
-from minpro_cli.rollouts import read_rollouts, write_rollouts
+from minpro_cli.rollouts import read_rollout_rows, write_rollouts
 from minpro_cli.samplers.hf import HFSampler
 from minpro_cli.sampling import SamplingJob, sample_rows
 from minpro_cli.tasks import load_problems
@@ -69,7 +69,7 @@ def streaming(spec: str) -> tuple[float, int]:
 def in_memory(spec: str) -> tuple[float, int]:
     policy = drifted_policy()
     started = time.perf_counter()
-    rows = read_rollouts(spec).to_pylist()
+    rows = read_rollout_rows(spec)
     values: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(rows), 64):
         log_rho, mask = batch_log_ratios(rows[start : start + 64], policy)

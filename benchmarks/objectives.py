@@ -59,7 +59,7 @@ def minpro_token_loop(inputs: ObjectiveInputs) -> ObjectiveOutput:
 def run() -> tuple[float, int]:
     policy = load_policy("embedded")
     rows = sampled_rows(policy)
-    packed = pack([r["prompt_token_ids"] for r in rows], [r["response_token_ids"] for r in rows], policy.pad_token_id)
+    packed = pack([r.prompt_token_ids for r in rows], [r.response_token_ids for r in rows], policy.pad_token_id)
     mask = packed.response_mask
     n_tokens = int(mask.sum())
     policy.model.train()
@@ -74,7 +74,7 @@ def run() -> tuple[float, int]:
     model_ms = median_ms(forward_backward, repeats=5)
     gen = torch.Generator().manual_seed(0)
     old = logprobs + 0.3 * torch.randn(logprobs.shape, generator=gen)
-    old = torch.where(mask, old, pad_rows([r["behavior_logprobs"] for r in rows], logprobs))
+    old = torch.where(mask, old, pad_rows([r.behavior_logprobs for r in rows], logprobs))
     advantages = torch.randn(len(rows), generator=gen)
 
     candidates: list[tuple[str, Callable[[ObjectiveInputs], ObjectiveOutput]]] = [

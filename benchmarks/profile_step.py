@@ -24,7 +24,7 @@ from vs_trl import LR, model_dir
 from minpro_cli.config import recipe_from_data
 from minpro_cli.console import console
 from minpro_cli.modeling import compile_blocks, load_policy
-from minpro_cli.sampling import load_split, sample_rows, sampling_job
+from minpro_cli.sampling import Plugins, load_split, sample_rows, sampling_job
 from minpro_cli.step import Trainee, training_batch, update_policy
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
@@ -48,7 +48,7 @@ def main() -> None:
     recipe = recipe_from_data({"model": {"path": directory}, "sampler": {"name": "hf", "options": {
         "max_new_tokens": MAX_NEW_TOKENS}}}, "profile")
     policy = load_policy(directory)
-    job, problems = sampling_job(recipe, policy), load_split(recipe, "train")[:N_PROMPTS]
+    job, problems = sampling_job(recipe, policy, Plugins.of(recipe)), load_split(recipe, "train")[:N_PROMPTS]
     objective, optimizer = recipe.plugin("objectives"), torch.optim.AdamW(policy.model.parameters(), lr=LR)
     if args.compile:
         compile_blocks(policy.model)

@@ -67,7 +67,7 @@ def minpro_training() -> tuple[float, int]:
 
     def step() -> int:
         update_step(Trainee.of(policy), optimizer, MinPRO(), rollout, 1.0)
-        return sum(len(r["response_token_ids"]) for r in rows)
+        return sum(len(r.response_token_ids) for r in rows)
 
     return timed(step)
 

@@ -66,7 +66,7 @@ def _timed(fn: Any) -> float:
 def minpro_side(directory: str, steps: int, compiled: bool = False) -> dict[str, list[float]]:
     from minpro_cli.config import recipe_from_data
     from minpro_cli.modeling import compile_blocks, load_policy
-    from minpro_cli.sampling import load_split, sample_rows, sampling_job
+    from minpro_cli.sampling import Plugins, load_split, sample_rows, sampling_job
     from minpro_cli.step import Trainee, micro_batches, training_batch, update_policy
 
     recipe = recipe_from_data(
@@ -75,9 +75,10 @@ def minpro_side(directory: str, steps: int, compiled: bool = False) -> dict[str,
         "benchmark",
     )
     policy = load_policy(directory)
-    job = sampling_job(recipe, policy)
+    plugins = Plugins.of(recipe)
+    job = sampling_job(recipe, policy, plugins)
     problems = load_split(recipe, "train")[:N_PROMPTS]
-    objective = recipe.plugin("objectives")
+    objective = plugins.objective
     if recipe.train.compile:  # as `minpro train` does; the warm-up step pays the compile
         compile_blocks(policy.model)
     trainee = Trainee.of(policy, recipe.train.micro_batch_tokens)

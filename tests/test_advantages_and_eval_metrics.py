@@ -23,6 +23,7 @@ from minpro_cli.advantages import (
 from minpro_cli.errors import MinproError
 from minpro_cli.eval import compare_results
 from minpro_cli.heldout import pass_at_k, score_groups
+from minpro_cli.rollouts import RolloutRow
 
 
 def test_grpo_advantages_match_per_group_statistics():
@@ -82,9 +83,9 @@ def test_pass_at_k_rejects_impossible_counts():
         pass_at_k(4, 1, 5)
 
 
-def sample(prompt: str, index: int, extracted: str | None, reward: float) -> dict:
-    return {"prompt_id": prompt, "sample_index": index, "reward": reward,
-            "verifier_details": json.dumps({"extracted": extracted})}
+def sample(prompt: str, index: int, extracted: str | None, reward: float) -> RolloutRow:
+    return RolloutRow(prompt, index, "", "", [], [], [], "", reward, "math", json.dumps({"extracted": extracted}),
+                      "stop", 0, "m", "t", "hf", 1.0, 1.0, 0, 0)
 
 
 def test_maj_at_k_and_standard_error_by_hand():

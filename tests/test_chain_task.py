@@ -7,7 +7,7 @@ from pathlib import Path
 
 from minpro_cli.config import load_recipe
 from minpro_cli.modeling import load_policy
-from minpro_cli.sampling import sample_rows, sampling_job
+from minpro_cli.sampling import Plugins, sample_rows, sampling_job
 from minpro_cli.tasks import load_problems
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "offpolicy-sweep.yaml"
@@ -32,11 +32,11 @@ def test_chain_model_writes_long_solutions_and_solves_some():
     recipe = load_recipe(RECIPE, ["model.path=embedded:chain", "sampler.options.max_new_tokens=256"])
     policy = load_policy("embedded:chain")
     problems = load_problems("embedded:arith-chain-test", "question", "answer", "id")[:24]
-    rows, _ = sample_rows(sampling_job(recipe, policy), problems, 2, seed=0)
-    finished = [r for r in rows if r["finish_reason"] == "stop"]
+    rows, _ = sample_rows(sampling_job(recipe, policy, Plugins.of(recipe)), problems, 2, seed=0)
+    finished = [r for r in rows if r.finish_reason == "stop"]
     assert len(finished) >= 40  # 48 responses: nearly all end with eos within 256 tokens
-    assert min(len(r["response_token_ids"]) for r in finished) >= 150
-    solved = [r for r in rows if r["reward"] == 1.0]
+    assert min(len(r.response_token_ids) for r in finished) >= 150
+    solved = [r for r in rows if r.reward == 1.0]
     assert 1 <= len(solved) <= 24  # a minority: RL has room to improve
     for r in solved:
-        assert r["response"].rstrip().endswith(f"\\boxed{{{r['reference_answer']}}}")
+        assert r.response.rstrip().endswith(f"\\boxed{{{r.reference_answer}}}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.image
@@ -22,7 +23,7 @@ from minpro_cli.modeling import load_policy
 from minpro_cli.plots import first_break_figure, histogram_figure, plot_run, position_figure
 from minpro_cli.ratiostats import RatioStats, StepRatios
 from minpro_cli.rollout import run_rollout
-from minpro_cli.rollouts import SCHEMA, write_rollouts
+from minpro_cli.rollouts import SCHEMA, read_rollout_rows, write_rollouts
 from minpro_cli.train import run_train
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
@@ -149,9 +150,9 @@ def test_batch_size_does_not_change_the_report(trained):
 def test_stored_target_logprobs_replace_the_forward_pass(trained, tmp_path):
     rollouts, checkpoint, _ = trained
     policy = load_policy(str(checkpoint))
-    rows = pq.read_table(rollouts).to_pylist()
+    rows = read_rollout_rows(rollouts)
     target = target_logprobs(policy, rows)
-    scored = [r | {"target_logprobs": target[i, : len(r["response_token_ids"])].tolist()} for i, r in enumerate(rows)]
+    scored = [replace(r, target_logprobs=target[i, : len(r.response_token_ids)].tolist()) for i, r in enumerate(rows)]
     write_rollouts(tmp_path / "scored.parquet", scored, {})
     stored = inspect_ratios(str(tmp_path / "scored.parquet"), None)
     forward = inspect_ratios(str(rollouts), policy)

@@ -22,7 +22,7 @@ from minpro_cli.modeling import load_policy
 from minpro_cli.objectives import Objective, ObjectiveOutput
 from minpro_cli.objectives.minpro import MinPRO
 from minpro_cli.rollout import run_rollout
-from minpro_cli.rollouts import SCHEMA, read_rollouts, write_rollouts
+from minpro_cli.rollouts import SCHEMA, read_rollout_rows, read_rollouts, write_rollouts
 from minpro_cli.step import Trainee, training_batch, update_step
 from minpro_cli.train import run_train
 
@@ -190,7 +190,7 @@ class NanObjective(Objective):
 
 def test_nan_loss_stops_before_touching_the_weights(tmp_path):
     policy = load_policy("embedded")
-    rows = read_rollouts(run_rollout(recipe(tmp_path))).to_pylist()
+    rows = read_rollout_rows(run_rollout(recipe(tmp_path)))
     batch = training_batch(rows, "grpo", drop_zero_variance=False)
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
@@ -202,24 +202,24 @@ def test_nan_loss_stops_before_touching_the_weights(tmp_path):
 
 
 def test_chat_template_wraps_prompts_when_the_tokenizer_has_one(tmp_path):
-    from minpro_cli.sampling import sample_rows, sampling_job
+    from minpro_cli.sampling import Plugins, sample_rows, sampling_job
     from minpro_cli.tasks import Problem
 
     policy = load_policy("embedded")
-    plain = sampling_job(recipe(tmp_path), policy)
+    plain = sampling_job(recipe(tmp_path), policy, Plugins.of(recipe(tmp_path)))
     assert not plain.chat  # auto: the embedded tokenizer has no template
     with pytest.raises(ConfigError, match="has no chat template"):
-        sampling_job(recipe(tmp_path, "data.chat_template=always"), policy)
+        sampling_job(recipe(tmp_path, "data.chat_template=always"), policy, Plugins.of(recipe(tmp_path)))
     policy.tokenizer.chat_template = (
         "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[A]{% endif %}"
     )
-    job = sampling_job(recipe(tmp_path, "data.system_prompt=Be brief."), policy)
+    job = sampling_job(recipe(tmp_path, "data.system_prompt=Be brief."), policy, Plugins.of(recipe(tmp_path)))
     problem = Problem(id="x", question="Compute 2+3.", answer="5")
     assert job.chat and job.prompt(problem) == "[system]Be brief.[user]Compute 2+3.\n[A]"
     (row, *_), _ = sample_rows(job, [problem], group_size=2, seed=0)
-    assert row["prompt"] == "[system]Be brief.[user]Compute 2+3.\n[A]"
-    assert policy.tokenizer.decode(row["prompt_token_ids"]) == row["prompt"]
-    off = sampling_job(recipe(tmp_path, "data.chat_template=never"), policy)
+    assert row.prompt == "[system]Be brief.[user]Compute 2+3.\n[A]"
+    assert policy.tokenizer.decode(row.prompt_token_ids) == row.prompt
+    off = sampling_job(recipe(tmp_path, "data.chat_template=never"), policy, Plugins.of(recipe(tmp_path)))
     assert off.prompt(problem) == "Compute 2+3.\n"
 
 

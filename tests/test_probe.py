@@ -24,7 +24,7 @@ from minpro_cli.objectives.surrogates import detached_weight_surrogate
 from minpro_cli.probe import PolicyGradient, ProbedObjective, ProbeSetup, draw_gradients, gradient, sample
 from minpro_cli.registry import load_objective
 from minpro_cli.samplers.hf import HFSampler
-from minpro_cli.sampling import SamplingJob, sampling_job
+from minpro_cli.sampling import Plugins, SamplingJob, sampling_job
 from minpro_cli.tasks import Problem, load_problems
 from minpro_cli.verifiers import VerifyResult
 
@@ -187,7 +187,7 @@ def test_probed_gradients_converge_to_the_enumerated_expectations(tiny):
 def test_on_policy_every_objective_gradient_is_the_policy_gradient(name, policy):
     recipe = load_recipe(QUICKSTART)
     objective = load_objective("minpro", clip_mode="ppo") if name == "minpro:ppo" else load_objective(name)
-    setup = ProbeSetup(policy, load_problems("embedded:arith-train")[:16], 8, 2, lambda p: sampling_job(recipe, p),
+    setup = ProbeSetup(policy, load_problems("embedded:arith-train")[:16], 8, 2, lambda p: sampling_job(recipe, p, Plugins.of(recipe)),
                        micro_batch_tokens=600, length_budget=48)  # several micro-batches, as training cuts them
     rows = sample(setup, policy, seed=0, label="on-policy sample")
     advantage = objective.default_advantage

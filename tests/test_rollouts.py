@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from minpro_cli.errors import RolloutFileError
-from minpro_cli.rollouts import SCHEMA, read_rollouts, write_rollouts
+from minpro_cli.rollouts import SCHEMA, RolloutRow, read_rollout_rows, read_rollouts, write_rollouts
 
 
 def make_row(prompt_id="p0", index=0, n=3):
@@ -87,3 +87,18 @@ def test_ragged_logprobs_name_the_row(tmp_path):
     pq.write_table(table, tmp_path / "r.parquet")
     with pytest.raises(RolloutFileError, match=r"row 1 .*sample_index=1.* 1 behavior_logprobs for 3"):
         read_rollouts(tmp_path / "r.parquet")
+
+
+def test_typed_rows_are_the_schema_and_round_trip(tmp_path):
+    from dataclasses import fields
+
+    assert [f.name for f in fields(RolloutRow)] == [*SCHEMA.names, "target_logprobs"]
+    rows = [RolloutRow.from_record(make_row()), RolloutRow.from_record(make_row(index=1, n=5))]
+    write_rollouts(tmp_path / "typed.parquet", rows, {})
+    assert read_rollout_rows(tmp_path / "typed.parquet") == rows  # every value survives float32/int32
+    assert "target_logprobs" not in pq.read_table(tmp_path / "typed.parquet").schema.names
+    scored = [RolloutRow.from_record(make_row() | {"target_logprobs": [-0.25] * 3})]
+    write_rollouts(tmp_path / "scored.parquet", scored, {})
+    assert pq.read_table(tmp_path / "scored.parquet")["target_logprobs"].to_pylist() == [[-0.25] * 3]
+    with pytest.raises(TypeError, match="reward"):  # a record without a column is not a row
+        RolloutRow.from_record({k: v for k, v in make_row().items() if k != "reward"})

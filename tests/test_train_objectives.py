@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,8 @@ from minpro_cli.advantages import group_indices, rloo_advantages, zero_variance_
 from minpro_cli.config import load_recipe
 from minpro_cli.registry import discover
 from minpro_cli.rollout import run_rollout
-from minpro_cli.rollouts import read_rollouts, write_rollouts
-from minpro_cli.sampling import generation_budget
+from minpro_cli.rollouts import read_rollout_rows, write_rollouts
+from minpro_cli.sampling import Plugins
 from minpro_cli.step import training_batch
 from minpro_cli.train import run_train
 
@@ -58,10 +59,10 @@ def test_dr_grpo_normaliser_is_the_sampler_length(tmp_path, stored_rollouts):
     logged loss of one step is Σ ℓ / (B · 40) with ℓ_t = −Â·ρ_t = −Â on-policy."""
     recipe = load_recipe(QUICKSTART, [f"run_dir={tmp_path}", *SMALL, "objective.name=dr_grpo", "objective.options={}",
                                       f"train.rollouts={stored_rollouts}"])
-    assert generation_budget(recipe) == 40
+    assert Plugins.of(recipe).generation_budget == 40
     run_train(recipe)
     (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    rows = read_rollouts(stored_rollouts).to_pylist()
+    rows = read_rollout_rows(stored_rollouts)
     batch = training_batch(rows, "dr_grpo", drop_zero_variance=False)
     assert batch is not None and max(len(r) for r in batch.responses) < 40
     expected = -sum(float(a) * len(r) for a, r in zip(batch.advantages, batch.responses)) / (len(rows) * 40)
@@ -72,21 +73,21 @@ def test_dr_grpo_normaliser_is_the_sampler_length(tmp_path, stored_rollouts):
 
 
 def test_rloo_with_zero_variance_groups_dropped(stored_rollouts):
-    rows = read_rollouts(stored_rollouts).to_pylist()
-    rewards = torch.tensor([r["reward"] for r in rows], dtype=torch.float64)
-    group = group_indices([r["prompt_id"] for r in rows])
+    rows = read_rollout_rows(stored_rollouts)
+    rewards = torch.tensor([r.reward for r in rows], dtype=torch.float64)
+    group = group_indices([r.prompt_id for r in rows])
     flat = zero_variance_groups(rewards, group)[group]
     assert 0 < int(flat.sum()) < len(rows), "fixture should hold both kinds of group"
     batch = training_batch(rows, "rloo", drop_zero_variance=True)
     assert batch is not None and len(batch.prompts) == int((~flat).sum())
     torch.testing.assert_close(batch.advantages, rloo_advantages(rewards, group)[~flat].float())
-    assert batch.responses == [list(r["response_token_ids"]) for r, f in zip(rows, flat.tolist()) if not f]
+    assert batch.responses == [list(r.response_token_ids) for r, f in zip(rows, flat.tolist()) if not f]
     kept_all = training_batch(rows, "rloo", drop_zero_variance=False)
     assert kept_all is not None and len(kept_all.prompts) == len(rows)
 
 
 def test_round_with_no_signal_is_skipped_not_crashed(tmp_path, stored_rollouts):
-    same = [{**r, "reward": 1.0} for r in read_rollouts(stored_rollouts).to_pylist()]
+    same = [replace(r, reward=1.0) for r in read_rollout_rows(stored_rollouts)]
     assert training_batch(same, "grpo", drop_zero_variance=True) is None
     write_rollouts(tmp_path / "flat.parquet", same, {})
     recipe = load_recipe(QUICKSTART, [f"run_dir={tmp_path / 'run'}", *SMALL, f"train.rollouts={tmp_path / 'flat.parquet'}",

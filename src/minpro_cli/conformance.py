@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -80,64 +81,76 @@ def objective_batch(seed: int, pad: int = 0, on_policy: bool = False) -> Objecti
     return ObjectiveInputs(logp.clone().requires_grad_(True), old.detach().clone(), advantages, mask)
 
 
+def _call(objective: Objective, inputs: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+    out = objective(inputs)
+    out.loss.backward()
+    assert inputs.logprobs.grad is not None, "the loss does not depend on logprobs"
+    return out.loss, out.metrics, inputs.logprobs.grad
+
+
+def scalar_finite(objective: Objective) -> str:
+    loss, _, _ = _call(objective, objective_batch(0))
+    assert loss.dim() == 0, f"loss has shape {tuple(loss.shape)}, expected a scalar"
+    assert torch.isfinite(loss), f"loss is {loss.item()}"
+    return f"loss {loss.item():+.4g}"
+
+
+def gradient_on_response_only(objective: Objective) -> None:
+    inputs = objective_batch(1)
+    _, _, grad = _call(objective, inputs)
+    assert torch.isfinite(grad).all(), "non-finite gradient"
+    outside = grad[~inputs.response_mask].abs().max().item()
+    assert outside == 0.0, f"gradient {outside:.3g} on a masked position (padding or a fully masked row)"
+    assert grad[inputs.response_mask].abs().max().item() > 0, "no gradient on any response token"
+
+
+def metrics_are_scalars(objective: Objective) -> str:
+    _, metrics, _ = _call(objective, objective_batch(2))
+    bad = {k: type(v).__name__ for k, v in metrics.items() if not isinstance(k, str) or not is_scalar_metric(v)}
+    assert not bad, f"metrics must be floats or detached 0-d tensors: {bad}"
+    return f"{len(metrics)} metric(s)"
+
+
+def padding_invariance(objective: Objective) -> None:
+    short, padded = objective_batch(3), objective_batch(3, pad=6)
+    loss_s, _, grad_s = _call(objective, short)
+    loss_p, _, grad_p = _call(objective, padded)
+    assert math.isclose(loss_s.item(), loss_p.item(), rel_tol=1e-5, abs_tol=1e-7), (
+        f"loss changes with padding: {loss_s.item()} vs {loss_p.item()} (normalise by the mask, not the width)"
+    )
+    assert torch.allclose(grad_s, grad_p[:, : grad_s.shape[1]], rtol=1e-5, atol=1e-7), "gradient changes with padding"
+
+
+def on_policy_direction(objective: Objective) -> None:
+    inputs = objective_batch(4, on_policy=True)
+    _, _, grad = _call(objective, inputs)
+    adv = inputs.token_advantages()
+    trained = inputs.response_mask & (adv != 0)
+    wrong = (torch.sign(grad[trained]) != -torch.sign(adv[trained])).sum().item()
+    assert wrong == 0, (
+        f"at ratio 1, {wrong} token(s) move against the policy gradient (∂L/∂log π must have the sign of −A)"
+    )
+
+
+def per_token_advantages(objective: Objective) -> None:
+    inputs = objective_batch(5)
+    inputs.advantages = inputs.advantages[:, None] * torch.linspace(0.5, 1.5, inputs.logprobs.shape[1])
+    loss, _, _ = _call(objective, inputs)
+    assert torch.isfinite(loss), "non-finite loss with (B, T) advantages"
+
+
+OBJECTIVE_CHECKS: list[tuple[str, Callable[[Objective], str | None]]] = [
+    ("loss is a finite scalar", scalar_finite),
+    ("gradient only on response tokens", gradient_on_response_only),
+    ("metrics are scalars", metrics_are_scalars),
+    ("invariant to padding length", padding_invariance),
+    ("on-policy gradient follows −A", on_policy_direction),
+    ("accepts per-token advantages", per_token_advantages),
+]
+
+
 def objective_checks(objective: Objective) -> list[CheckResult]:
-    def call(inputs: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
-        out = objective(inputs)
-        out.loss.backward()
-        assert inputs.logprobs.grad is not None, "the loss does not depend on logprobs"
-        return out.loss, out.metrics, inputs.logprobs.grad
-
-    def scalar_finite() -> str:
-        loss, _, _ = call(objective_batch(0))
-        assert loss.dim() == 0, f"loss has shape {tuple(loss.shape)}, expected a scalar"
-        assert torch.isfinite(loss), f"loss is {loss.item()}"
-        return f"loss {loss.item():+.4g}"
-
-    def gradient_on_response_only() -> None:
-        inputs = objective_batch(1)
-        _, _, grad = call(inputs)
-        assert torch.isfinite(grad).all(), "non-finite gradient"
-        outside = grad[~inputs.response_mask].abs().max().item()
-        assert outside == 0.0, f"gradient {outside:.3g} on a masked position (padding or a fully masked row)"
-        assert grad[inputs.response_mask].abs().max().item() > 0, "no gradient on any response token"
-
-    def metrics_are_scalars() -> str:
-        _, metrics, _ = call(objective_batch(2))
-        bad = {k: type(v).__name__ for k, v in metrics.items() if not isinstance(k, str) or not is_scalar_metric(v)}
-        assert not bad, f"metrics must be floats or detached 0-d tensors: {bad}"
-        return f"{len(metrics)} metric(s)"
-
-    def padding_invariance() -> None:
-        short, padded = objective_batch(3), objective_batch(3, pad=6)
-        loss_s, _, grad_s = call(short)
-        loss_p, _, grad_p = call(padded)
-        assert math.isclose(loss_s.item(), loss_p.item(), rel_tol=1e-5, abs_tol=1e-7), (
-            f"loss changes with padding: {loss_s.item()} vs {loss_p.item()} (normalise by the mask, not the width)"
-        )
-        assert torch.allclose(grad_s, grad_p[:, : grad_s.shape[1]], rtol=1e-5, atol=1e-7), "gradient changes with padding"
-
-    def on_policy_direction() -> None:
-        inputs = objective_batch(4, on_policy=True)
-        _, _, grad = call(inputs)
-        adv = inputs.token_advantages()
-        trained = inputs.response_mask & (adv != 0)
-        wrong = (torch.sign(grad[trained]) != -torch.sign(adv[trained])).sum().item()
-        assert wrong == 0, (
-            f"at ratio 1, {wrong} token(s) move against the policy gradient (∂L/∂log π must have the sign of −A)"
-        )
-
-    def per_token_advantages() -> None:
-        inputs = objective_batch(5)
-        inputs.advantages = inputs.advantages[:, None] * torch.linspace(0.5, 1.5, inputs.logprobs.shape[1])
-        loss, _, _ = call(inputs)
-        assert torch.isfinite(loss), "non-finite loss with (B, T) advantages"
-
-    return [run_check("loss is a finite scalar", scalar_finite),
-            run_check("gradient only on response tokens", gradient_on_response_only),
-            run_check("metrics are scalars", metrics_are_scalars),
-            run_check("invariant to padding length", padding_invariance),
-            run_check("on-policy gradient follows −A", on_policy_direction),
-            run_check("accepts per-token advantages", per_token_advantages)]
+    return [run_check(name, partial(check, objective)) for name, check in OBJECTIVE_CHECKS]
 
 
 # --- verifiers ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from minpro_cli.heldout import (
 )
 from minpro_cli.modeling import EMBEDDED_MODELS
 from minpro_cli.rollouts import write_rollouts
-from minpro_cli.sampling import load_recipe_policy
+from minpro_cli.sampling import Plugins, load_recipe_policy
 
 
 def flatten_numbers(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -78,8 +78,9 @@ def run_eval(recipe: Recipe, output: Path | None = None) -> dict[str, Any]:
     shown = ["n_problems", "n_samples", "avg@n", "pass@1_stderr", *[f"pass@{k}" for k in cfg.k],
              *[f"maj@{k}" for k in cfg.k]]
     results: dict[str, dict[str, Any]] = {}
+    plugins = Plugins.of(recipe)
     for name, bench in benchmarks_of(recipe).items():
-        result, rows = evaluate_benchmark(recipe, policy, bench)
+        result, rows = evaluate_benchmark(recipe, policy, plugins, name, bench)
         results[name] = result
         target = out if not name else out.with_suffix("") / f"{name}.json"
         write_rollouts(target.with_suffix(".samples.parquet"), rows, config)  # the result JSON last:

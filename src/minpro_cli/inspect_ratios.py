@@ -23,7 +23,9 @@ from minpro_cli.objectives import LOG_RATIO_CLAMP
 from minpro_cli.ratiostats import DEFAULT_THRESHOLDS, QUANTITIES, RatioStats
 from minpro_cli.registry import load_plugin
 from minpro_cli.rollouts import (
+    SCHEMA,
     TARGET_LOGPROBS_FIELD,
+    RolloutRow,
     RolloutSpec,
     iter_rollout_batches,
     open_rollout_file,
@@ -32,8 +34,7 @@ from minpro_cli.rollouts import (
 )
 
 GroupBy = Literal["policy_version", "staleness"]
-COLUMNS = ["prompt_id", "sample_index", "prompt_token_ids", "response_token_ids", "behavior_logprobs", "reward",
-           "policy_version", "tokenizer_fingerprint", "temperature", TARGET_LOGPROBS_FIELD.name]
+COLUMNS = [*SCHEMA.names, TARGET_LOGPROBS_FIELD.name]
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,15 @@ class InspectOptions:
 
 
 @torch.no_grad()
-def target_logprobs(policy: Policy, rows: list[dict[str, Any]]) -> torch.Tensor:
+def target_logprobs(policy: Policy, rows: list[RolloutRow]) -> torch.Tensor:
     """(B, T) log π_θ of each row's response tokens, right-padded; rows may mix temperatures."""
-    width = max(len(r["response_token_ids"]) for r in rows)
+    width = max(len(r.response_token_ids) for r in rows)
     out = torch.zeros(len(rows), width, dtype=torch.float32)
     by_temperature: dict[float, list[int]] = {}
     for i, r in enumerate(rows):
-        by_temperature.setdefault(float(r["temperature"]), []).append(i)
+        by_temperature.setdefault(float(r.temperature), []).append(i)
     for temperature, index in by_temperature.items():
-        packed = pack([rows[i]["prompt_token_ids"] for i in index], [rows[i]["response_token_ids"] for i in index],
+        packed = pack([rows[i].prompt_token_ids for i in index], [rows[i].response_token_ids for i in index],
                       policy.pad_token_id)
         with policy.autocast():
             logprobs, _ = response_logprobs(policy.model, packed, temperature)
@@ -67,16 +68,16 @@ def target_logprobs(policy: Policy, rows: list[dict[str, Any]]) -> torch.Tensor:
     return out
 
 
-def batch_log_ratios(rows: list[dict[str, Any]], policy: Policy | None) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_log_ratios(rows: list[RolloutRow], policy: Policy | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clamped log ρ (B, T) and the response mask for one batch of rows."""
-    lengths = torch.tensor([len(r["response_token_ids"]) for r in rows])
+    lengths = torch.tensor([len(r.response_token_ids) for r in rows])
     width = int(lengths.max())
     mask = torch.arange(width)[None, :] < lengths[:, None]
     if policy is not None:
         target = target_logprobs(policy, rows)
     else:
-        target = pad_rows([r[TARGET_LOGPROBS_FIELD.name] for r in rows], torch.zeros(len(rows), width))
-    behaviour = pad_rows([r["behavior_logprobs"] for r in rows], target)
+        target = pad_rows([r.target_logprobs or [] for r in rows], torch.zeros(len(rows), width))
+    behaviour = pad_rows([r.behavior_logprobs for r in rows], target)
     log_rho = (target.double() - behaviour.double()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return log_rho.masked_fill(~mask, 0.0), mask
 
@@ -100,12 +101,12 @@ def check_source(
         )
 
 
-def group_key(row: dict[str, Any], options: InspectOptions) -> str | None:
+def group_key(row: RolloutRow, options: InspectOptions) -> str | None:
     if options.by == "policy_version":
-        return str(row["policy_version"])
+        return str(row.policy_version)
     if options.by == "staleness":
         assert options.policy_step is not None
-        return str(options.policy_step - int(row["policy_version"]))
+        return str(options.policy_step - row.policy_version)
     return None
 
 
@@ -123,26 +124,7 @@ def inspect_ratios(
             "--by staleness needs the policy's optimizer step: the checkpoint has no trainer_state.json, "
             "so pass --policy-step N"
         )
-    total = sum(open_rollout_file(p).metadata.num_rows for p in rollout_files(rollouts))
-    overall, groups = options.new_stats(), dict[str, RatioStats]()
-    expected = tokenizer_fingerprint(policy.tokenizer) if policy is not None else None
-    if policy is not None:
-        policy.model.eval()
-    with progress_bar("scoring rollouts", total=total) as bar:
-        for path, table in iter_rollout_batches(
-            rollouts, options.batch_size, COLUMNS, policy.vocab_size if policy is not None else None
-        ):
-            check_source(path, table.column_names, set(table["tokenizer_fingerprint"].to_pylist()), policy, expected)
-            rows = [r | {"source": path.name} for r in table.to_pylist()]
-            log_rho, mask = batch_log_ratios(rows, policy)
-            overall.add(log_rho, mask, rows)
-            if options.by is not None:
-                keys = [group_key(r, options) for r in rows]
-                for key in dict.fromkeys(keys):
-                    index = [i for i, k in enumerate(keys) if k == key]
-                    groups.setdefault(key, options.new_stats()).add(log_rho[index], mask[index],
-                                                                    [rows[i] for i in index])
-            bar.advance(len(rows))
+    overall, groups = score_rollouts(rollouts, policy, options)
     report = overall.report()
     report["worst"] = [decode_worst(item, policy) for item in report["worst"]]
     if options.by is not None:
@@ -160,6 +142,34 @@ def inspect_ratios(
         for written in plot_inspection(overall, report, plot_dir):
             console.print(f"plot: {written}")
     return report
+
+
+
+def score_rollouts(
+    rollouts: RolloutSpec, policy: Policy | None, options: InspectOptions
+) -> tuple[RatioStats, dict[str, RatioStats]]:
+    """Stream the rollout set in batches: the statistics of every token, and of each `--by` group."""
+    total = sum(open_rollout_file(p).metadata.num_rows for p in rollout_files(rollouts))
+    overall, groups = options.new_stats(), dict[str, RatioStats]()
+    expected = tokenizer_fingerprint(policy.tokenizer) if policy is not None else None
+    if policy is not None:
+        policy.model.eval()
+    with progress_bar("scoring rollouts", total=total) as bar:
+        for path, table in iter_rollout_batches(
+            rollouts, options.batch_size, COLUMNS, policy.vocab_size if policy is not None else None
+        ):
+            check_source(path, table.column_names, set(table["tokenizer_fingerprint"].to_pylist()), policy, expected)
+            rows = RolloutRow.from_table(table)
+            log_rho, mask = batch_log_ratios(rows, policy)
+            overall.add(log_rho, mask, rows, path.name)
+            if options.by is not None:
+                keys = [group_key(r, options) for r in rows]
+                for key in dict.fromkeys(keys):
+                    index = [i for i, k in enumerate(keys) if k == key]
+                    groups.setdefault(key, options.new_stats()).add(log_rho[index], mask[index],
+                                                                    [rows[i] for i in index], path.name)
+            bar.advance(len(rows))
+    return overall, groups
 
 
 def clip_range(rollouts: RolloutSpec, eps_low: float | None, eps_high: float | None) -> tuple[float, float]:

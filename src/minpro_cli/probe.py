@@ -36,9 +36,10 @@ from minpro_cli.modeling import Policy
 from minpro_cli.objectives import AdvantageEstimator, LossAgg, Objective, ObjectiveInputs, ObjectiveOutput
 from minpro_cli.probe_results import QUANTITIES, Cell, DrawResult
 from minpro_cli.registry import load_plugin
+from minpro_cli.rollouts import RolloutRow
 from minpro_cli.sampling import (
+    Plugins,
     SamplingJob,
-    generation_budget,
     load_recipe_policy,
     load_split,
     sample_rows,
@@ -86,7 +87,7 @@ class ProbeSetup:
 
 
 def gradient(
-    setup: ProbeSetup, objective: Objective, rows: list[dict[str, Any]], advantage: AdvantageEstimator
+    setup: ProbeSetup, objective: Objective, rows: list[RolloutRow], advantage: AdvantageEstimator
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """−∇_θ L at the policy's weights, as one flat float32 vector (the ascent direction), and the
     step's metrics (`ratios/kl_k1`: KL(μ‖π) per token of the sample)."""
@@ -114,7 +115,7 @@ def norm_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a.double().norm()) / size if size else math.nan
 
 
-def sample(setup: ProbeSetup, policy: Policy, seed: int, label: str) -> list[dict[str, Any]]:
+def sample(setup: ProbeSetup, policy: Policy, seed: int, label: str) -> list[RolloutRow]:
     return sample_rows(setup.job(policy), setup.problems, setup.group_size, seed, label)[0]
 
 
@@ -231,14 +232,15 @@ def run_probe(
         raise ConfigError("--draws must be ≥ 1 and --reference-multiple ≥ 2 (g★'s error is estimated from its parts)")
     objectives = [parse_objective(spec, recipe) for spec in objective_specs or [recipe.objective.name]]
     problems = load_split(recipe, "train")[: prompts or recipe.train.prompts_per_iteration]
+    plugins = Plugins.of(recipe)
     setup = ProbeSetup(
         policy=load_recipe_policy(recipe, policy_path),
         problems=problems,
         group_size=recipe.train.group_size,
         reference_multiple=reference_multiple,
-        job=lambda policy: sampling_job(recipe, policy),
+        job=lambda policy: sampling_job(recipe, policy, plugins),
         micro_batch_tokens=recipe.train.micro_batch_tokens,
-        length_budget=generation_budget(recipe),
+        length_budget=plugins.generation_budget,
     )
     cells = {(b.label, p.label): Cell(b.label, b.staleness, p.label) for b in behaviors for p in objectives}
     for draw in range(draws):

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from minpro_cli.objectives.logratios import log_min_prefix_ratio, log_prefix_ratio
+from minpro_cli.rollouts import RolloutRow
 
 QUANTITIES = {
     "token_ratio": "ρ_t",
@@ -243,9 +244,10 @@ class RatioStats:
         self.sequence_weight = Summary(())
         self.breaks = [FirstBreaks(t) for t in self.thresholds if t < 1.0]
 
-    def add(self, log_rho: torch.Tensor, mask: torch.Tensor, rows: list[dict[str, Any]] | None = None) -> None:
-        """One batch: (B, T) clamped token log-ratios and the mask of trained tokens; `rows`
-        (for the worst-sequence list) are dicts with prompt_id, sample_index, reward, token ids."""
+    def add(self, log_rho: torch.Tensor, mask: torch.Tensor, rows: list[RolloutRow] | None = None,
+            source: str | None = None) -> None:
+        """One batch: (B, T) clamped token log-ratios and the mask of trained tokens; `rows` (for
+        the worst-sequence list) are the batch's rows, read from the file named `source`."""
         mask = mask.bool()
         quantities = log_quantities(log_rho, mask)
         for key, summary in self.summaries.items():
@@ -275,10 +277,10 @@ class RatioStats:
         for breaks in self.breaks:
             breaks.add(quantities["min_prefix_ratio"], mask, position, length.double())
         if self.worst_k and rows is not None:
-            self._track_worst(quantities["token_ratio"], mask, rows, length)
+            self._track_worst(quantities["token_ratio"], mask, rows, length, source)
 
-    def _track_worst(self, log_rho: torch.Tensor, mask: torch.Tensor, rows: list[dict[str, Any]],
-                     length: torch.Tensor) -> None:
+    def _track_worst(self, log_rho: torch.Tensor, mask: torch.Tensor, rows: list[RolloutRow],
+                     length: torch.Tensor, source: str | None) -> None:
         end_min, where = log_rho.masked_fill(~mask, math.inf).min(-1)
         for i in torch.argsort(end_min)[: self.worst_k].tolist():
             if not bool(mask[i].any()):
@@ -288,16 +290,17 @@ class RatioStats:
                 break
             column = int(where[i])
             position = int(mask[i, : column + 1].sum()) - 1
+            row = rows[i]
             item = {
-                "prompt_id": rows[i].get("prompt_id"),
-                "sample_index": rows[i].get("sample_index"),
-                "reward": rows[i].get("reward"),
-                "policy_version": rows[i].get("policy_version"),
-                "source": rows[i].get("source"),
+                "prompt_id": row.prompt_id,
+                "sample_index": row.sample_index,
+                "reward": row.reward,
+                "policy_version": row.policy_version,
+                "source": source,
                 "min_ratio": math.exp(value),
                 "position": position + 1,
                 "response_length": int(length[i]),
-                "token_ids": list(rows[i]["response_token_ids"]),
+                "token_ids": list(row.response_token_ids),
             }
             heapq.heappush(self.worst, (-value, next(self._order), item))
             if len(self.worst) > self.worst_k:

@@ -10,7 +10,7 @@ from minpro_cli.console import print_metrics
 from minpro_cli.fileio import write_yaml_atomic
 from minpro_cli.rollouts import write_rollouts
 from minpro_cli.rundir import owned
-from minpro_cli.sampling import load_recipe_policy, load_split, sample_rows, sampling_job, summarize_rows
+from minpro_cli.sampling import Plugins, load_recipe_policy, load_split, sample_rows, sampling_job, summarize_rows
 
 
 def run_rollout(recipe: Recipe) -> Path:
@@ -19,7 +19,8 @@ def run_rollout(recipe: Recipe) -> Path:
     with owned(Path(recipe.run_dir)) if inside else contextlib.nullcontext():  # never someone else's directory
         policy = load_recipe_policy(recipe)
         problems = load_split(recipe, "train")[: recipe.rollout.num_prompts]
-        rows, tokens_per_s = sample_rows(sampling_job(recipe, policy), problems, recipe.rollout.group_size, recipe.seed)
+        job = sampling_job(recipe, policy, Plugins.of(recipe))
+        rows, tokens_per_s = sample_rows(job, problems, recipe.rollout.group_size, recipe.seed)
         write_rollouts(out, rows, dump_recipe(recipe))
         write_yaml_atomic(out.with_suffix(".config.yaml"), dump_recipe(recipe))
     stats = summarize_rows(rows) | {"tokens_per_s": tokens_per_s}

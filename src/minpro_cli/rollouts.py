@@ -1,6 +1,6 @@
 """Rollout files: the parquet format stages exchange (documented in docs/rollout-format.md).
 
-One row per sampled response. The file metadata holds `minpro.schema_version` and the
+One row per sampled response, a `RolloutRow` in memory. The file metadata holds `minpro.schema_version` and the
 resolved config. Readers validate the version, the columns and the per-row contents, and
 ignore columns they do not know. A file written back by a dataframe tool (pandas, polars,
 `datasets`) is read too: compatible column types (large strings and lists, other integer
@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import glob
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_type_hints
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,41 +29,67 @@ SCHEMA_VERSION = "1"
 VERSION_KEY = b"minpro.schema_version"
 CONFIG_KEY = b"minpro.config"
 
-SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.string()),
-        ("sample_index", pa.int32()),
-        ("prompt", pa.string()),
-        ("response", pa.string()),
-        ("prompt_token_ids", pa.list_(pa.int32())),
-        ("response_token_ids", pa.list_(pa.int32())),
-        ("behavior_logprobs", pa.list_(pa.float32())),
-        ("reference_answer", pa.string()),
-        ("reward", pa.float32()),
-        ("verifier", pa.string()),
-        ("verifier_details", pa.string()),
-        ("finish_reason", pa.string()),
-        ("policy_version", pa.int64()),
-        ("model_fingerprint", pa.string()),
-        ("tokenizer_fingerprint", pa.string()),
-        ("sampler", pa.string()),
-        ("temperature", pa.float32()),
-        ("top_p", pa.float32()),
-        ("top_k", pa.int32()),
-        ("seed", pa.int64()),
-    ]
-)
-# Optional: log π_θ of each response token under a scoring policy (same length as the tokens).
-# `inspect-ratios` without --policy reads its target log-probs from here.
-TARGET_LOGPROBS_FIELD = pa.field("target_logprobs", pa.list_(pa.float32()))
+
+@dataclass(slots=True)
+class RolloutRow:
+    """One sampled response: a row of a rollout file, read by attribute. The fields are the
+    file's columns, in order, each annotated with its parquet type (SCHEMA is made from them)."""
+
+    prompt_id: Annotated[str, pa.string()]
+    sample_index: Annotated[int, pa.int32()]  # 0 … group_size − 1 within the prompt's group
+    prompt: Annotated[str, pa.string()]
+    response: Annotated[str, pa.string()]
+    prompt_token_ids: Annotated[list[int], pa.list_(pa.int32())]
+    response_token_ids: Annotated[list[int], pa.list_(pa.int32())]
+    behavior_logprobs: Annotated[list[float], pa.list_(pa.float32())]  # log μ of each response token
+    reference_answer: Annotated[str, pa.string()]
+    reward: Annotated[float, pa.float32()]
+    verifier: Annotated[str, pa.string()]
+    verifier_details: Annotated[str, pa.string()]  # JSON: what the verifier extracted, why it failed
+    finish_reason: Annotated[str, pa.string()]  # "stop" or "length"
+    policy_version: Annotated[int, pa.int64()]  # the optimizer step of the weights that sampled it
+    model_fingerprint: Annotated[str, pa.string()]
+    tokenizer_fingerprint: Annotated[str, pa.string()]
+    sampler: Annotated[str, pa.string()]
+    temperature: Annotated[float, pa.float32()]
+    top_p: Annotated[float, pa.float32()]
+    top_k: Annotated[int, pa.int32()]
+    seed: Annotated[int, pa.int64()]
+    # optional: log π_θ of each response token under a scoring policy; `inspect-ratios` without
+    # --policy reads its target log-probs from here
+    target_logprobs: Annotated[list[float] | None, pa.list_(pa.float32())] = None
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RolloutRow:
+        """From a dict with every column (extra keys are ignored, `target_logprobs` may be absent)."""
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> list[RolloutRow]:
+        return [cls.from_record(record) for record in table.to_pylist()]
+
+    def as_record(self) -> dict[str, Any]:
+        """The row as a dict of its columns (`target_logprobs` only when set)."""
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
+        if record[TARGET_LOGPROBS] is None:
+            del record[TARGET_LOGPROBS]
+        return record
+
+
+TARGET_LOGPROBS = "target_logprobs"
+_ARROW = {name: pa.field(name, hint.__metadata__[0])
+          for name, hint in get_type_hints(RolloutRow, include_extras=True).items()}
+SCHEMA = pa.schema([column for name, column in _ARROW.items() if name != TARGET_LOGPROBS])
+TARGET_LOGPROBS_FIELD = _ARROW[TARGET_LOGPROBS]
 _warned_unversioned: set[Path] = set()  # once per file and process, however often it is opened
 
 
-def write_rollouts(path: Path, rows: list[dict[str, Any]], config: dict[str, Any]) -> None:
-    """Write rows atomically: the final path holds either nothing or a complete file. The
-    optional `target_logprobs` column is written when every row has it."""
-    with_target = bool(rows) and all(TARGET_LOGPROBS_FIELD.name in r for r in rows)
-    table = pa.Table.from_pylist(rows, schema=SCHEMA.append(TARGET_LOGPROBS_FIELD) if with_target else SCHEMA)
+def write_rollouts(path: Path, rows: Sequence[RolloutRow | Mapping[str, Any]], config: dict[str, Any]) -> None:
+    """Write rows (typed, or dicts of the columns) atomically: the final path holds either nothing
+    or a complete file. The optional `target_logprobs` column is written when every row has it."""
+    records = [r.as_record() if isinstance(r, RolloutRow) else r for r in rows]
+    with_target = bool(records) and all(TARGET_LOGPROBS in r for r in records)
+    table = pa.Table.from_pylist(records, schema=SCHEMA.append(TARGET_LOGPROBS_FIELD) if with_target else SCHEMA)
     table = table.replace_schema_metadata(
         {VERSION_KEY: SCHEMA_VERSION.encode(), CONFIG_KEY: json.dumps(config).encode()}
     )
@@ -271,4 +298,9 @@ def read_rollouts(spec: RolloutSpec) -> pa.Table:
     """All rows of a rollout set, restricted to the known columns, in file order."""
     tables = [read_rollout_file(p).select(SCHEMA.names) for p in rollout_files(spec)]
     return pa.concat_tables(tables)
+
+
+def read_rollout_rows(spec: RolloutSpec) -> list[RolloutRow]:
+    """`read_rollouts`, as typed rows."""
+    return RolloutRow.from_table(read_rollouts(spec))
 

@@ -20,8 +20,8 @@ from minpro_cli.config import Recipe, dump_recipe
 from minpro_cli.distributed import SINGLE, World
 from minpro_cli.errors import RolloutFileError
 from minpro_cli.modeling import Policy, model_fingerprint, tokenizer_fingerprint
-from minpro_cli.rollouts import check_token_ids, read_rollouts, write_rollouts
-from minpro_cli.sampling import load_split, sample_rows, sampling_job
+from minpro_cli.rollouts import RolloutRow, check_token_ids, read_rollout_rows, read_rollouts, write_rollouts
+from minpro_cli.sampling import Plugins, load_split, sample_rows, sampling_job
 from minpro_cli.tasks import Problem
 
 
@@ -60,13 +60,13 @@ class OnlineRounds:
     r − staleness (the paper's off-policy knob) and stores them as parquet in the run dir.
     Under torchrun each rank samples its share of the problems and rank 0 writes them all."""
 
-    def __init__(self, recipe: Recipe, policy: Policy, run_dir: Path, world: World = SINGLE) -> None:
+    def __init__(self, recipe: Recipe, policy: Policy, plugins: Plugins, run_dir: Path, world: World = SINGLE) -> None:
         self.recipe, self.run_dir, self.world = recipe, run_dir, world
         self.problems = load_split(recipe, "train")
         self.stale_policy = (
             policy.copy() if recipe.train.staleness else policy
         )
-        self.job = sampling_job(recipe, self.stale_policy)
+        self.job = sampling_job(recipe, self.stale_policy, plugins)
 
     def problems_for(self, round_: int) -> list[Problem]:
         """Deterministic passes over the training split, reshuffled each pass."""
@@ -80,12 +80,12 @@ class OnlineRounds:
             out.extend(self.problems[i] for i in take)
         return out
 
-    def rows(self, round_: int, weights: StateDict | None, version: int) -> list[dict[str, Any]]:
+    def rows(self, round_: int, weights: StateDict | None, version: int) -> list[RolloutRow]:
         path = self.run_dir / "rollouts" / f"round_{round_:05d}.parquet"
         if weights is not None:
             self.stale_policy.model.load_state_dict(weights)
         if path.exists():  # written before an interruption: same weights and seed, reuse it
-            rows = read_rollouts(path).to_pylist()
+            rows = read_rollout_rows(path)
             self.check_reused(path, rows, round_, version)
             return rows
         self.job.policy_version = version
@@ -97,12 +97,13 @@ class OnlineRounds:
             seed=(self.recipe.seed * 100_003 + round_) * world.size + world.rank,
             label=f"round {round_} sampling",
         )
-        rows = world.gather(mine)  # every rank has checked `path` before rank 0 writes it
+        # every rank has checked `path` before rank 0 writes it
+        rows = mine if world.size == 1 else [RolloutRow.from_record(r) for r in world.gather([r.as_record() for r in mine])]
         if world.is_main:
             write_rollouts(path, rows, dump_recipe(self.recipe))
         return rows
 
-    def check_reused(self, path: Path, rows: list[dict[str, Any]], round_: int, version: int) -> None:
+    def check_reused(self, path: Path, rows: list[RolloutRow], round_: int, version: int) -> None:
         """A round file is reused only if this run sampled it: the round's prompts, each
         `group_size` times, by the weights and tokenizer this round samples with."""
         policy = self.stale_policy
@@ -112,8 +113,8 @@ class OnlineRounds:
             "model_fingerprint": {model_fingerprint(policy.model)},
             "tokenizer_fingerprint": {tokenizer_fingerprint(policy.tokenizer)},
         }
-        found: dict[str, Any] = {"prompts": Counter(r["prompt_id"] for r in rows)}
-        found |= {key: {r[key] for r in rows} for key in expected if key != "prompts"}
+        found: dict[str, Any] = {"prompts": Counter(r.prompt_id for r in rows)}
+        found |= {key: {getattr(r, key) for r in rows} for key in expected if key != "prompts"}
         differ = [key for key in expected if found[key] != expected[key]]
         if differ:
             raise RolloutFileError(
@@ -135,12 +136,12 @@ class StoredRounds:
                 f"{spec}: rollouts were tokenized with tokenizer {sorted(found)}, the policy's is {expected}; "
                 "train with the model that sampled them (model.path)"
             )
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for row in table.to_pylist():
-            groups.setdefault(row["prompt_id"], []).append(row)
+        groups: dict[str, list[RolloutRow]] = {}
+        for row in RolloutRow.from_table(table):
+            groups.setdefault(row.prompt_id, []).append(row)
         per_round = recipe.train.prompts_per_iteration
         ordered = list(groups.values())
         self.chunks = [list(itertools.chain(*ordered[i : i + per_round])) for i in range(0, len(ordered), per_round)]
 
-    def rows(self, round_: int, weights: StateDict | None, version: int) -> list[dict[str, Any]]:
+    def rows(self, round_: int, weights: StateDict | None, version: int) -> list[RolloutRow]:
         return self.chunks[round_ % len(self.chunks)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -29,6 +28,7 @@ from minpro_cli.objectives import (
 from minpro_cli.objectives.logratios import log_token_ratio
 from minpro_cli.penalties import NO_PENALTIES, Penalties
 from minpro_cli.ratiostats import StepRatios
+from minpro_cli.rollouts import RolloutRow
 
 
 @dataclass
@@ -42,14 +42,14 @@ class RolloutBatch:
     temperature: float
 
     @classmethod
-    def from_rows(cls, rows: list[dict[str, Any]], advantages: torch.Tensor) -> RolloutBatch:
-        temperatures = {round(float(r["temperature"]), 6) for r in rows}
+    def from_rows(cls, rows: list[RolloutRow], advantages: torch.Tensor) -> RolloutBatch:
+        temperatures = {round(float(r.temperature), 6) for r in rows}
         if len(temperatures) != 1:
             raise RolloutFileError(f"a training batch mixes sampling temperatures {sorted(temperatures)}")
         return cls(
-            prompts=[list(r["prompt_token_ids"]) for r in rows],
-            responses=[list(r["response_token_ids"]) for r in rows],
-            old_logprobs=[list(r["behavior_logprobs"]) for r in rows],
+            prompts=[list(r.prompt_token_ids) for r in rows],
+            responses=[list(r.response_token_ids) for r in rows],
+            old_logprobs=[list(r.behavior_logprobs) for r in rows],
             advantages=advantages,
             temperature=temperatures.pop(),
         )
@@ -65,12 +65,12 @@ class RolloutBatch:
 
 
 def training_batch(
-    rows: list[dict[str, Any]], estimator: AdvantageEstimator, drop_zero_variance: bool
+    rows: list[RolloutRow], estimator: AdvantageEstimator, drop_zero_variance: bool
 ) -> RolloutBatch | None:
     """Advantages per response; with `drop_zero_variance`, groups whose rewards are all equal
     are left out (None when nothing is left)."""
-    rewards = torch.tensor([float(r["reward"]) for r in rows], dtype=torch.float64)
-    group = group_indices([r["prompt_id"] for r in rows])
+    rewards = torch.tensor([float(r.reward) for r in rows], dtype=torch.float64)
+    group = group_indices([r.prompt_id for r in rows])
     advantages = compute_advantages(estimator, rewards, group).float()
     if drop_zero_variance:
         keep = ~zero_variance_groups(rewards, group)[group]

@@ -52,10 +52,11 @@ from minpro_cli.objectives import (
 )
 from minpro_cli.penalties import penalties_of
 from minpro_cli.resume import forget_after, is_own_checkpoint, starting_checkpoint
+from minpro_cli.rollouts import RolloutRow
 from minpro_cli.rounds import OnlineRounds, StaleWeights, StoredRounds
 from minpro_cli.rundir import DIVERGED_FILE, owned
 from minpro_cli.sampling import (
-    generation_budget,
+    Plugins,
     load_recipe_policy,
     summarize_rows,
 )
@@ -69,8 +70,9 @@ class HeldOutEvals:
     every `train.eval_every` rounds and after the last: one line per evaluation in evals.jsonl.
     Each evaluation samples with the same seed, so successive points differ by the policy only."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, completed_rounds: int, world: World = SINGLE) -> None:
-        self.recipe, self.path = recipe, run_dir / "evals.jsonl"
+    def __init__(self, recipe: Recipe, plugins: Plugins, run_dir: Path, completed_rounds: int,
+                 world: World = SINGLE) -> None:
+        self.recipe, self.plugins, self.path = recipe, plugins, run_dir / "evals.jsonl"
         if world.is_main:  # evaluations after the checkpoint are redone
             filter_jsonl_atomic(self.path, "round", lambda e: e["round"] <= completed_rounds)
         kept = read_jsonl(self.path, "round") if self.path.exists() else []  # other ranks may see it before the filter
@@ -83,7 +85,7 @@ class HeldOutEvals:
     def __call__(self, policy: Policy, state: LoopState) -> dict[str, Any]:
         record: dict[str, Any] = {"round": state.round, "step": state.step}
         for name, bench in benchmarks_of(self.recipe).items():
-            result, _ = evaluate_benchmark(self.recipe, policy, bench)
+            result, _ = evaluate_benchmark(self.recipe, policy, self.plugins, name, bench)
             prefix = f"eval/{name}/" if name else "eval/"
             record |= {prefix + key: value for key, value in result.items() if isinstance(value, float)}
         append_jsonl(self.path, record)
@@ -93,8 +95,8 @@ class HeldOutEvals:
         return record
 
 
-def warn_truncated_sampling(rows: list[dict[str, Any]], objective: Objective, name: str) -> None:
-    truncated = any(float(r["top_p"]) < 1.0 or int(r["top_k"]) > 0 for r in rows)
+def warn_truncated_sampling(rows: list[RolloutRow], objective: Objective, name: str) -> None:
+    truncated = any(r.top_p < 1.0 or r.top_k > 0 for r in rows)
     if truncated and objective.uses_prefix_weight:
         warn(
             f"rollouts were sampled with top-p < 1 or top-k > 0: μ is renormalised, so π_θ/μ < 1 on "
@@ -158,25 +160,26 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if world.is_main:  # the inputs are read and checked: from here on the run writes
             self.start_writing(resume_from, resume)
-        self.objective: Objective = recipe.plugin("objectives")
-        self.length_budget = generation_budget(recipe)
+        self.objective: Objective = self.plugins.objective
+        self.length_budget = self.plugins.generation_budget
         self.estimator = self.cfg.advantage or self.objective.default_advantage
         self.penalties = penalties_of(recipe, self.policy, self.trainee.module, world)
         self.trainee.module.eval()
-        self.held_out = HeldOutEvals(recipe, self.run_dir, self.state.round, world)
+        self.held_out = HeldOutEvals(recipe, self.plugins, self.run_dir, self.state.round, world)
         self.trackers = Trackers(recipe, self.run_dir, enabled=world.is_main)
 
     def set_up_models(self, resume_from: Path | None) -> None:
         """The policy, a plain copy that samples and evaluates when the trained module is not
         plain (FSDP2 shards it in place, LoRA adapts it), the round source and the trainee."""
         recipe, cfg = self.recipe, self.cfg
+        self.plugins = Plugins.of(recipe)  # one sampler for the rounds and the evaluations
         self.policy = load_recipe_policy(recipe, str(resume_from) if resume_from else None)
         sharded = self.world.size > 1 and recipe.distributed.strategy == "fsdp"
         self.plain = self.policy.copy() if sharded or recipe.model.lora else self.policy
         if recipe.model.lora:
             self.policy.adapters = LoraAdapters.attach(self.policy.model, recipe.model.lora, seed=recipe.seed)
         self.source = (StoredRounds(recipe, self.policy, cfg.rollouts) if cfg.rollouts
-                       else OnlineRounds(recipe, self.plain, self.run_dir, self.world))  # fmt: skip
+                       else OnlineRounds(recipe, self.plain, self.plugins, self.run_dir, self.world))  # fmt: skip
         if cfg.activation_checkpointing:  # per decoder layer (per sharded block under FSDP2)
             self.policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if cfg.compile:  # after the sampling copies above were taken: they stay plain modules
@@ -222,7 +225,7 @@ class Trainer:
     def run(self) -> Path:
         # train.pipeline: round r+1's rows are sampled in this thread while round r trains
         sampler_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minpro-sampler")
-        self.pending: dict[int, Future[list[dict[str, Any]]]] = {}
+        self.pending: dict[int, Future[list[RolloutRow]]] = {}
         with progress_bar("training", total=self.cfg.iterations) as bar, _shut_down_on_exit(sampler_thread), \
                 self.trackers:  # fmt: skip
             self.evaluate()  # before the first round, or the one an interruption skipped
@@ -236,7 +239,7 @@ class Trainer:
                 self.evaluate()
         return self.finish()
 
-    def round_rows(self, round_: int, sampler_thread: ThreadPoolExecutor) -> list[dict[str, Any]]:
+    def round_rows(self, round_: int, sampler_thread: ThreadPoolExecutor) -> list[RolloutRow]:
         """This round's rows (sampled ahead by the pipeline, or now), and round r+1's queued."""
         if self.stale.staleness:
             self.stale.take(round_, self.sampling_weights(), self.state.step)
@@ -265,7 +268,7 @@ class Trainer:
         step_metrics = [] if batch is None else self.update(round_, batch)
         self.stale.drop_before(round_ + 1)
         self.state.round = round_ + 1
-        sampled_version = min(int(r["policy_version"]) for r in rows)
+        sampled_version = min(r.policy_version for r in rows)
         record = {
             "round": round_,
             "step": self.state.step,

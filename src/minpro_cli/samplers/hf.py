@@ -70,18 +70,9 @@ class HFSampler(SamplingParams):
         cache = preallocated_cache(model, width)
         step_ids = input_ids
         for t in range(self.max_new_tokens):
-            output = model(
-                input_ids=step_ids,
-                attention_mask=attention[:, : prompt_len + t],
-                position_ids=step_pos,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            logits = output.logits[:, -1].float()
-            if self.temperature != 1.0:
-                logits = logits / self.temperature
-            logp = torch.log_softmax(truncate_logits(logits, self.top_k, self.top_p), dim=-1)
+            output = model(input_ids=step_ids, attention_mask=attention[:, : prompt_len + t], position_ids=step_pos,
+                           cache=cache, use_cache=True, logits_to_keep=1)
+            logp = self.sampling_logprobs(output.logits[:, -1])
             # one uniform per original row, drawn whether or not it is still in the batch:
             # a row's tokens do not depend on when the others end
             uniform = torch.rand(batch, generator=generator, device=device)[rows]
@@ -103,11 +94,23 @@ class HFSampler(SamplingParams):
                 rows, step_ids, step_pos, attention = rows[keep], step_ids[keep], step_pos[keep], attention[keep]
                 cache.batch_select_indices(keep)
 
-        tokens_host, logprobs_host = tokens.cpu(), logprobs.cpu()
-        return [
-            Generation(tokens_host[i, :n].tolist(), logprobs_host[i, :n].tolist(), "stop" if end else "length")
-            for i, (n, end) in enumerate(zip(lengths.tolist(), ended.tolist()))
-        ]
+        return generations(tokens, logprobs, lengths, ended)
+
+    def sampling_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """log μ over the vocabulary (B, V): the temperature, then top-k / top-p truncation."""
+        logits = logits.float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return torch.log_softmax(truncate_logits(logits, self.top_k, self.top_p), dim=-1)
+
+
+def generations(tokens: torch.Tensor, logprobs: torch.Tensor, lengths: torch.Tensor, ended: torch.Tensor) -> list[Generation]:
+    """Each row's first `length` tokens and log-probs; rows that never ended stopped at the length limit."""
+    tokens_host, logprobs_host = tokens.cpu(), logprobs.cpu()
+    return [
+        Generation(tokens_host[i, :n].tolist(), logprobs_host[i, :n].tolist(), "stop" if end else "length")
+        for i, (n, end) in enumerate(zip(lengths.tolist(), ended.tolist()))
+    ]
 
 
 def left_padded(
