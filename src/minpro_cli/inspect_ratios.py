@@ -144,7 +144,6 @@ def inspect_ratios(
     return report
 
 
-
 def score_rollouts(
     rollouts: RolloutSpec, policy: Policy | None, options: InspectOptions
 ) -> tuple[RatioStats, dict[str, RatioStats]]:

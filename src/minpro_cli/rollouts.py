@@ -1,7 +1,7 @@
 """Rollout files: the parquet format stages exchange (documented in docs/rollout-format.md).
 
-One row per sampled response, a `RolloutRow` in memory. The file metadata holds `minpro.schema_version` and the
-resolved config. Readers validate the version, the columns and the per-row contents, and
+One row per sampled response (a `RolloutRow` in memory). The file metadata holds
+`minpro.schema_version` and the resolved config. Readers validate the version, the columns and the per-row contents, and
 ignore columns they do not know. A file written back by a dataframe tool (pandas, polars,
 `datasets`) is read too: compatible column types (large strings and lists, other integer
 and float widths) are cast, and a file whose minpro metadata such a tool dropped is read as
@@ -303,4 +303,3 @@ def read_rollouts(spec: RolloutSpec) -> pa.Table:
 def read_rollout_rows(spec: RolloutSpec) -> list[RolloutRow]:
     """`read_rollouts`, as typed rows."""
     return RolloutRow.from_table(read_rollouts(spec))
-

@@ -97,8 +97,10 @@ class OnlineRounds:
             seed=(self.recipe.seed * 100_003 + round_) * world.size + world.rank,
             label=f"round {round_} sampling",
         )
-        # every rank has checked `path` before rank 0 writes it
-        rows = mine if world.size == 1 else [RolloutRow.from_record(r) for r in world.gather([r.as_record() for r in mine])]
+        # every rank has checked `path` before rank 0 writes it; rows cross ranks as JSON records
+        rows = mine if world.size == 1 else [
+            RolloutRow.from_record(r) for r in world.gather([r.as_record() for r in mine])
+        ]
         if world.is_main:
             write_rollouts(path, rows, dump_recipe(self.recipe))
         return rows

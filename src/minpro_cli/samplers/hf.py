@@ -104,8 +104,10 @@ class HFSampler(SamplingParams):
         return torch.log_softmax(truncate_logits(logits, self.top_k, self.top_p), dim=-1)
 
 
-def generations(tokens: torch.Tensor, logprobs: torch.Tensor, lengths: torch.Tensor, ended: torch.Tensor) -> list[Generation]:
-    """Each row's first `length` tokens and log-probs; rows that never ended stopped at the length limit."""
+def generations(
+    tokens: torch.Tensor, logprobs: torch.Tensor, lengths: torch.Tensor, ended: torch.Tensor
+) -> list[Generation]:
+    """Each row's first `length` tokens and log-probs; rows that never ended hit the length limit."""
     tokens_host, logprobs_host = tokens.cpu(), logprobs.cpu()
     return [
         Generation(tokens_host[i, :n].tolist(), logprobs_host[i, :n].tolist(), "stop" if end else "length")
