@@ -130,3 +130,125 @@ def test_chat_prompts_need_a_chat_template(tmp_path):
                                       "rollout.num_prompts=2", "rollout.group_size=1"])
     with pytest.raises(MinproError, match="problem 'trl-0' is a list of chat messages, but the tokenizer .* no chat template"):
         run_rollout(recipe)
+
+
+# ---- datasets as people keep them on disk (issue 27) -----------------------------------------------
+
+ROWS = [{"id": f"q{i}", "question": q, "answer": a} for i, (q, a) in enumerate(QUESTIONS)]
+
+
+def as_problems(spec: Path | str, split: str = "train") -> list[tuple[str, str, str]]:
+    return [(p.id, p.question, p.answer) for p in load_problems(str(spec), split=split)]
+
+
+EXPECTED = [(r["id"], r["question"], r["answer"]) for r in ROWS]
+
+
+def test_datasets_save_to_disk_folders_are_read_with_the_split_chosen(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "one"))
+    assert as_problems(tmp_path / "one") == EXPECTED
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:3]),
+                          "test": datasets.Dataset.from_list(ROWS[3:])}).save_to_disk(str(tmp_path / "dict"))
+    assert as_problems(tmp_path / "dict", "train") == EXPECTED[:3]
+    assert as_problems(tmp_path / "dict", "test") == EXPECTED[3:]
+    with pytest.raises(MinproError, match="splits train, test, none of them 'validation'; set data.train_split"):
+        as_problems(tmp_path / "dict", "validation")
+
+
+def test_json_lines_under_a_json_name_gzipped_lines_and_arrow_files_are_read(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    dataset = datasets.Dataset.from_list(ROWS)
+    dataset.to_json(str(tmp_path / "lines.json"))  # JSON Lines, as Dataset.to_json writes by default
+    assert as_problems(tmp_path / "lines.json") == EXPECTED
+    import gzip
+
+    with gzip.open(tmp_path / "rows.jsonl.gz", "wt", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in ROWS)
+    assert as_problems(tmp_path / "rows.jsonl.gz") == EXPECTED
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    (arrow,) = (tmp_path / "saved").glob("*.arrow")  # the IPC stream `datasets` writes
+    assert as_problems(arrow) == EXPECTED
+    import pyarrow.feather  # noqa: F401 — the IPC file format too
+
+    with pa.OSFile(str(tmp_path / "file.arrow"), "wb") as sink, pa.ipc.new_file(sink, pa.Table.from_pylist(ROWS).schema) as w:
+        w.write_table(pa.Table.from_pylist(ROWS))
+    assert as_problems(tmp_path / "file.arrow") == EXPECTED
+
+
+def test_a_verl_folder_of_train_and_test_parquet_gives_each_split(tmp_path):
+    pq.write_table(pa.Table.from_pylist(ROWS[:3]), tmp_path / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(ROWS[3:]), tmp_path / "test.parquet")
+    assert as_problems(tmp_path, "train") == EXPECTED[:3]  # not one task with duplicate ids
+    assert as_problems(tmp_path, "test") == EXPECTED[3:]
+    with pytest.raises(MinproError, match="named by split \\(test, train\\) and none is 'dev'"):
+        as_problems(tmp_path, "dev")
+
+
+def test_a_hub_model_id_resolves_from_the_local_cache_only(tmp_path, monkeypatch):
+    """A cache laid out as huggingface_hub lays it out, built here: nothing is downloaded."""
+    from minpro_cli.modeling import embedded_model_dir, resolve_model_path
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "hub" / "models--someorg--tiny-model"
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snapshot.mkdir(parents=True)
+    for file in embedded_model_dir().iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123456789abcdef0123456789abcdef01234567")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model_path("someorg/tiny-model") == snapshot
+    policy = load_policy("someorg/tiny-model")
+    assert policy.vocab_size == load_policy("embedded").vocab_size
+    with pytest.raises(MinproError, match="'someorg/absent' is not a local directory.*hf download someorg/absent"):
+        load_policy("someorg/absent")
+
+
+def test_chat_messages_stored_in_a_csv_are_chat_prompts_not_their_repr(tmp_path):
+    import csv
+
+    with open(tmp_path / "chat.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, ["prompt", "solution"])
+        writer.writeheader()
+        writer.writerow({"prompt": json.dumps([{"role": "user", "content": "Compute 2+3."}]), "solution": "5"})
+        writer.writerow({"prompt": repr([{"role": "user", "content": "Compute 7-4."}]), "solution": "3"})  # pandas
+    problems = load_problems(str(tmp_path / "chat.csv"), preset="trl")
+    assert [p.messages for p in problems] == [[{"role": "user", "content": "Compute 2+3."}],
+                                              [{"role": "user", "content": "Compute 7-4."}]]  # fmt: skip
+    assert [p.question for p in problems] == ["Compute 2+3.", "Compute 7-4."]
+
+
+def test_trl_preset_leaves_text_prompts_as_text_as_trl_does(tmp_path, chat_model):
+    from minpro_cli.sampling import Plugins, sampling_job
+
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"prompt": q, "solution": a}) + "\n" for q, a in QUESTIONS))
+    base = [f"run_dir={tmp_path / 'run'}", f"model.path={chat_model}", f"data.train={tmp_path / 'text.jsonl'}"]
+    policy = load_policy(chat_model)
+    problem = load_problems(str(tmp_path / "text.jsonl"), preset="trl")[0]
+    trl = load_recipe(QUICKSTART, [*base, "data.preset=trl", "data.prompt_template='{question}'"])
+    assert sampling_job(trl, policy, Plugins.of(trl)).prompt(problem) == "Compute 2+3."  # as given, no template
+    plain = load_recipe(QUICKSTART, base)
+    assert sampling_job(plain, policy, Plugins.of(plain)).prompt(problem).startswith("user: ")  # auto: the chat template
+    chat = load_problems(_trl_file(tmp_path), preset="trl")[0]
+    assert sampling_job(trl, policy, Plugins.of(trl)).prompt(chat).startswith("user: ")  # chat prompts keep the template
+
+
+def _trl_file(tmp_path: Path) -> str:
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trl_rows()))
+    return str(tmp_path / "chat.jsonl")
+
+
+def test_hive_partitioned_rollout_folders_read_as_rollouts(tmp_path):
+    rollouts = run_rollout(load_recipe(QUICKSTART, [f"run_dir={tmp_path / 'run'}", "rollout.num_prompts=3",
+                                                    "rollout.group_size=2", "sampler.options.max_new_tokens=8"]))
+    table = pq.read_table(rollouts)
+    pq.write_to_dataset(table, tmp_path / "hive", partition_cols=["prompt_id", "sample_index"])
+    assert not any("prompt_id" in pq.read_schema(f).names for f in (tmp_path / "hive").rglob("*.parquet"))
+    back = read_rollouts(tmp_path / "hive")
+    key = ["prompt_id", "sample_index"]
+    ordered = sorted(back.to_pylist(), key=lambda r: [r[k] for k in key])
+    assert ordered == sorted(read_rollouts(rollouts).to_pylist(), key=lambda r: [r[k] for k in key])

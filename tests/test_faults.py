@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from minpro_cli.config import load_recipe
 from minpro_cli.rollout import run_rollout
@@ -277,6 +277,157 @@ def rollouts_into_a_foreign_dir(tmp: Path, inputs: Inputs) -> list[str]:
     return ["rollout", str(QUICKSTART), f"run_dir={tmp / 'theirs'}", *TINY]
 
 
+# ---- the second hostile table (issue 26): subtly wrong models, files, values and plugins ---------
+
+
+def weights_changed(tmp: Path, inputs: Inputs, change: Callable[[dict], dict]) -> Path:
+    """A copy of the finished run's final/ with its tensors changed."""
+    ckpt = copy_run(inputs, tmp) / "final"
+    save_file(change(load_file(ckpt / "model.safetensors")), ckpt / "model.safetensors", metadata={"format": "pt"})
+    return ckpt
+
+
+def missing_tensor_eval(tmp: Path, inputs: Inputs) -> list[str]:
+    ckpt = weights_changed(tmp, inputs, lambda w: {k: v for k, v in w.items() if k != "model.norm.weight"})
+    return ["eval", str(QUICKSTART), f"run_dir={tmp / 'out'}", *TINY, "--policy", str(ckpt)]
+
+
+def peft_named_weights_train(tmp: Path, inputs: Inputs) -> list[str]:
+    ckpt = weights_changed(tmp, inputs, lambda w: {f"base_model.model.{k}": v for k, v in w.items()})
+    return train(QUICKSTART, tmp / "out", f"model.path={ckpt}")
+
+
+def misshaped_tensor_inspect(tmp: Path, inputs: Inputs) -> list[str]:
+    ckpt = weights_changed(tmp, inputs, lambda w: w | {"model.norm.weight": w["model.norm.weight"][:-1].clone()})
+    return ["inspect-ratios", str(inputs.rollouts), "--policy", str(ckpt)]
+
+
+def corrupt_tokenizer_eval(tmp: Path, inputs: Inputs) -> list[str]:
+    ckpt = copy_run(inputs, tmp) / "final"
+    (ckpt / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    return ["eval", str(QUICKSTART), f"run_dir={tmp / 'out'}", *TINY, "--policy", str(ckpt)]
+
+
+def tasks_file(tmp: Path, *questions: str, ids: tuple[str, ...] = ()) -> Path:
+    rows = [{"id": ids[i] if ids else f"p{i}", "question": q, "answer": "2"} for i, q in enumerate(questions)]
+    (tmp / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp / "tasks.jsonl"
+
+
+def rollout_output_is_the_task_file(tmp: Path, inputs: Inputs) -> list[str]:
+    tasks = tasks_file(tmp, "1+1", "2+0", "0+2", "3-1")
+    return ["rollout", str(QUICKSTART), f"run_dir={tmp / 'out'}", *TINY, f"data.train={tasks}",
+            f"rollout.output={tasks}"]  # fmt: skip
+
+
+def rollout_output_over_their_parquet(tmp: Path, inputs: Inputs) -> list[str]:
+    pq.write_table(pa.table({"their": [1, 2]}), tmp / "theirs.parquet")
+    return ["rollout", str(QUICKSTART), f"run_dir={tmp / 'out'}", *TINY, f"rollout.output={tmp / 'theirs.parquet'}"]
+
+
+def eval_json_over_their_file(tmp: Path, inputs: Inputs) -> list[str]:
+    (tmp / "their.json").write_text('{"notes": "mine"}\n')
+    return ["eval", str(QUICKSTART), f"run_dir={tmp / 'out'}", *TINY, "--json", str(tmp / "their.json")]
+
+
+def section_given_twice(tmp: Path, inputs: Inputs) -> list[str]:
+    (tmp / "r.yaml").write_text(f"run_dir: {tmp / 'out'}\noptim:\n  lr: 1.0e-4\ntrain:\n  iterations: 2\n"
+                                "optim:\n  betas: [0.9, 0.99]\n")  # fmt: skip
+    return ["train", str(tmp / "r.yaml")]
+
+
+def key_given_twice(tmp: Path, inputs: Inputs) -> list[str]:
+    (tmp / "r.yaml").write_text(f"run_dir: {tmp / 'out'}\noptim:\n  lr: 1.0e-4\n  lr: 3.0e-4\n")
+    return ["train", str(tmp / "r.yaml")]
+
+
+def infinite_lr(tmp: Path, inputs: Inputs) -> list[str]:
+    return train(QUICKSTART, tmp / "out", "optim.lr=.inf")
+
+
+def betas_at_one(tmp: Path, inputs: Inputs) -> list[str]:
+    return train(QUICKSTART, tmp / "out", "optim.betas=[0.9, 1.0]")
+
+
+def seed_beyond_64_bits(tmp: Path, inputs: Inputs) -> list[str]:
+    return train(QUICKSTART, tmp / "out", f"seed={2**70}")
+
+
+def underflowing_temperature(tmp: Path, inputs: Inputs) -> list[str]:
+    return ["rollout", str(QUICKSTART), f"run_dir={tmp / 'out'}", *TINY, "sampler.options.temperature=1e-300"]
+
+
+def duplicated_rollout_rows(tmp: Path, inputs: Inputs) -> list[str]:
+    doubled = with_rows(inputs, tmp / "doubled.parquet", lambda rows: [*rows, rows[1]])
+    return train(QUICKSTART, tmp / "out", f"train.rollouts={doubled}")
+
+
+def empty_prompt_ids_in_rollouts(tmp: Path, inputs: Inputs) -> list[str]:
+    bad = with_rows(inputs, tmp / "bad.parquet", lambda rows: [*rows[:2], {**rows[2], "prompt_token_ids": []}])
+    return train(QUICKSTART, tmp / "out", f"train.rollouts={bad}")
+
+
+def group_size_one(tmp: Path, inputs: Inputs) -> list[str]:
+    return train(QUICKSTART, tmp / "out", "train.group_size=1")
+
+
+def prompt_past_the_context_window(tmp: Path, inputs: Inputs) -> list[str]:
+    tasks = tasks_file(tmp, "1+1", "1+" * 400 + "1", ids=("short", "long"))
+    return ["rollout", str(QUICKSTART), f"run_dir={tmp / 'out'}", *TINY, f"data.train={tasks}"]
+
+
+def max_new_tokens_past_the_context_window(tmp: Path, inputs: Inputs) -> list[str]:
+    return ["eval", str(QUICKSTART), f"run_dir={tmp / 'out'}", *TINY, "sampler.options.max_new_tokens=600"]
+
+
+def empty_prompt(tmp: Path, inputs: Inputs) -> list[str]:
+    tasks = tasks_file(tmp, "1+1", "  ")
+    return ["rollout", str(QUICKSTART), f"run_dir={tmp / 'out'}", *TINY, f"data.train={tasks}"]
+
+
+def empty_prompt_id(tmp: Path, inputs: Inputs) -> list[str]:
+    tasks = tasks_file(tmp, "1+1", "2+2", ids=("a", ""))
+    return ["rollout", str(QUICKSTART), f"run_dir={tmp / 'out'}", *TINY, f"data.train={tasks}"]
+
+
+def named_pipe_task_file(tmp: Path, inputs: Inputs) -> list[str]:
+    os.mkfifo(tmp / "tasks.jsonl")
+    return ["rollout", str(QUICKSTART), f"run_dir={tmp / 'out'}", *TINY, f"data.train={tmp / 'tasks.jsonl'}"]
+
+
+REWARDS = """
+import math
+
+def raising(prompts, completions, **columns):
+    raise ZeroDivisionError("the user's bug")
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    return math.nan
+"""
+
+
+def python_reward(tmp: Path, function: str) -> list[str]:
+    (tmp / "rewards.py").write_text(REWARDS)
+    return ["verifier.name=python", f"verifier.options={{path: {tmp / 'rewards.py'}, function: {function}}}"]
+
+
+def reward_function_that_raises(tmp: Path, inputs: Inputs) -> list[str]:
+    return ["rollout", str(QUICKSTART), f"run_dir={tmp / 'out'}", *TINY, *python_reward(tmp, "raising")]
+
+
+def reward_function_returning_nan(tmp: Path, inputs: Inputs) -> list[str]:
+    return ["eval", str(QUICKSTART), f"run_dir={tmp / 'out'}", *TINY, *python_reward(tmp, "compute_score")]
+
+
+def run_dir_under_a_file(tmp: Path, inputs: Inputs) -> list[str]:
+    (tmp / "afile").write_text("not a directory\n")
+    return train(QUICKSTART, tmp / "afile" / "out")
+
+
+def run_dir_name_too_long(tmp: Path, inputs: Inputs) -> list[str]:
+    return ["rollout", str(QUICKSTART), f"run_dir={tmp / ('x' * 300)}", *TINY]
+
+
 @dataclass(frozen=True)
 class Case:
     build: Callable[[Path, Inputs], list[str]]
@@ -318,6 +469,33 @@ CASES = [
     Case(bad_metrics_line, ("metrics.jsonl", "line 2")),
     Case(busy_run_dir, ("in use by another minpro process", f"pid {os.getpid()}")),
     Case(rollouts_into_a_foreign_dir, ("theirs", "not a minpro run directory")),
+]
+CASES += [  # the second hostile table
+    Case(missing_tensor_eval, ("final", "model.norm.weight is missing")),
+    Case(peft_named_weights_train, ("final", "base_model.model.", "PEFT", "merge_and_unload")),
+    Case(misshaped_tensor_inspect, ("final", "model.norm.weight has shape [127] where the model needs [128]")),
+    Case(corrupt_tokenizer_eval, ("tokenizer", "final")),
+    Case(rollout_output_is_the_task_file, ("rollout.output", "tasks.jsonl", "minpro did not write it")),
+    Case(rollout_output_over_their_parquet, ("rollout.output", "theirs.parquet", "minpro did not write it")),
+    Case(eval_json_over_their_file, ("eval --output", "their.json", "minpro did not write it")),
+    Case(section_given_twice, ("r.yaml", "'optim' is given twice", "lines 2 and 6")),
+    Case(key_given_twice, ("r.yaml", "'lr' is given twice")),
+    Case(infinite_lr, ("optim.lr", "less than 1e+30")),
+    Case(betas_at_one, ("optim.betas.1", "less than 1")),
+    Case(seed_beyond_64_bits, ("'seed'", "less than")),
+    Case(underflowing_temperature, ("sampler.options", "temperature")),
+    Case(duplicated_rollout_rows, ("doubled.parquet", "rows 1 and", "double weight")),
+    Case(empty_prompt_ids_in_rollouts, ("bad.parquet", "row 2", "prompt_token_ids")),
+    Case(group_size_one, ("train.group_size", "greater than or equal to 2")),
+    Case(prompt_past_the_context_window, ("problem 'long'", "context window of 512")),
+    Case(max_new_tokens_past_the_context_window, ("max_new_tokens=600", "context window")),
+    Case(empty_prompt, ("tasks.jsonl:2", "prompt", "empty")),
+    Case(empty_prompt_id, ("tasks.jsonl:2", "id is empty")),
+    Case(named_pipe_task_file, ("tasks.jsonl", "not a regular file")),
+    Case(reward_function_that_raises, ("verifier 'python'", "problem '", "rewards.py:raising", "ZeroDivisionError")),
+    Case(reward_function_returning_nan, ("verifier 'python'", "problem '", "rewards.py:compute_score", "returned nan")),
+    Case(run_dir_under_a_file, ("cannot create run directory", "afile")),
+    Case(run_dir_name_too_long, ("cannot create run directory", "too long")),
 ]
 
 

@@ -224,7 +224,8 @@ def test_chat_template_wraps_prompts_when_the_tokenizer_has_one(tmp_path):
 
 
 def test_several_benchmarks_in_one_recipe(tmp_path):
-    gsm = tmp_path / "gsm.jsonl"
+    gsm = tmp_path / "data" / "gsm.jsonl"  # not in the run directory: a run directory holds minpro's files only
+    gsm.parent.mkdir()
     gsm.write_text("".join(json.dumps({"question": f"Compute {a}+{b}.", "answer": f"so\n#### {a + b}"}) + "\n"
                            for a, b in [(2, 3), (10, 4), (7, 7)]))
     benchmarks = (f'eval.benchmarks={{arith: {{data: "embedded:arith-test", max_problems: 4}}, '

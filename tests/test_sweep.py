@@ -275,3 +275,37 @@ def test_the_shipped_study_plans_84_runs_and_its_quick_version_4(tmp_path):
     recipe, data = sweep_plan(recipe_path, sgd, [], None, quick=False)
     sgd_runs = plan_runs(data, recipe, tmp_path / "sgd", str(recipe_path))
     assert len(sgd_runs) == 12 and load_recipe(sgd_runs[0].directory / "recipe.yaml").optim.name == "sgd"
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_sweep_stopped_by_sigterm_or_sigkill_leaves_no_run_training_and_resumes(tmp_path, sig):
+    path = sweep_recipe(tmp_path, {"objective.name": ["minpro"]}, train={**SMALL["train"], "iterations": 4})
+    run = tmp_path / "sweep" / "runs" / "objective.name-minpro__seed-0"
+    proc = cli("sweep", str(path), "--no-report")
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "round_00001" / ".complete").exists():  # an event, not a time
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+    child = int((run / ".minpro-lock").read_text().split()[0])  # the lock records its holder's pid
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == (143 if sig == signal.SIGTERM else -9), output
+    deadline = time.monotonic() + 60
+    while alive(child):  # SIGKILL: the kernel sends the run SIGTERM (PR_SET_PDEATHSIG); it stops within a write
+        assert time.monotonic() < deadline, f"run {child} still training after its sweep was stopped"
+        time.sleep(0.05)
+    if sig == signal.SIGTERM:
+        assert "Traceback" not in output and "interrupted by SIGTERM" in output, output
+    assert "interrupted by SIGTERM: the last complete checkpoint is" in (run / "train.log").read_text()
+    proc = cli("sweep", str(path), "--no-report")
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output  # the lock was released: the rerun is not refused
+    assert [m["round"] for m in read_jsonl(run / "metrics.jsonl")] == list(range(4))  # every round once

@@ -15,10 +15,16 @@ from minpro_cli.config import Recipe, load_recipe
 from minpro_cli.console import console
 from minpro_cli.errors import ConfigError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="RL post-training with the MinPRO objective.")
+app = typer.Typer(no_args_is_help=True, help="RL post-training with the MinPRO objective.")
 
 RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/quickstart.yaml")]
-OverridesArg = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. optim.lr=3e-5")]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="dotted overrides, e.g. optim.lr=3e-5; sections: run_dir, seed, model, data, sampler, verifier, "
+        "objective, rollout, train, optim, eval, logging, sweep. `minpro config RECIPE` prints every key with its value"
+    ),
+]
 
 
 def _recipe(path: Path, overrides: list[str] | None) -> Recipe:
@@ -98,7 +104,8 @@ def eval_(
     overrides: OverridesArg = None,
     policy: Annotated[str | None, typer.Option(help="checkpoint directory (default: eval.policy / model.path)")] = None,
     output: Annotated[
-        Path | None, typer.Option(help="JSON output path (- : also print the result to stdout)")
+        Path | None,
+        typer.Option("--json", "--output", help="JSON output path (- : also print the result to stdout)"),
     ] = None,
     compare: Annotated[
         tuple[Path, Path] | None, typer.Option(help="print two result files A.json B.json side by side instead")

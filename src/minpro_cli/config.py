@@ -33,7 +33,7 @@ from minpro_cli.sections import (
 
 class Recipe(Section):
     run_dir: str = "runs/default"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="the seed every stage derives its randomness from")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     sampler: PluginRef = Field(default_factory=lambda: PluginRef(name="hf"))

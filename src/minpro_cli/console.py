@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +20,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-console = Console(stderr=True)
+# in a log file rich would wrap tables at 80 columns; $COLUMNS still wins
+console = Console(stderr=True, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 160)
 _active: list[Progress] = []  # rich allows one live display: nested bars join the outer one
 
 

@@ -3,6 +3,7 @@ JSON with the scored samples, and `--compare` of two such results."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from minpro_cli.heldout import (
 )
 from minpro_cli.modeling import EMBEDDED_MODELS
 from minpro_cli.rollouts import write_rollouts
+from minpro_cli.rundir import check_replaceable, claim, writes_into
 from minpro_cli.sampling import Plugins, load_recipe_policy
 
 
@@ -62,8 +64,43 @@ def compare_results(first: Path, second: Path) -> dict[str, tuple[float, float]]
     return shared
 
 
-def policy_label(path: str) -> str:
-    return path.replace(":", "-") if path in EMBEDDED_MODELS else Path(path).resolve().name
+def policy_label(path: str, eval_dir: Path) -> str:
+    """`final`, `round_00002`, `embedded`: the policy's name, unless `eval_dir` already holds a
+    result of another policy of that name (runs/a/final vs runs/b/final): then the name plus a
+    hash of the path, so neither overwrites the other."""
+    if path in EMBEDDED_MODELS:
+        return path.replace(":", "-")
+    name = Path(path).resolve().name
+    earlier = eval_dir / f"{name}.json"
+    try:
+        recorded = json.loads(earlier.read_text(encoding="utf-8")).get("policy") if earlier.is_file() else None
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        recorded = None
+    if recorded is None or same_policy(recorded, path):
+        return name
+    return f"{name}-{hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:8]}"
+
+
+def same_policy(recorded: str, path: str) -> bool:
+    return recorded == path or (recorded not in EMBEDDED_MODELS and Path(recorded).resolve() == Path(path).resolve())
+
+
+def eval_output(recipe: Recipe, policy_path: str, output: Path | None) -> Path:
+    """Where the result goes; an --output outside the run directory must not replace a file
+    minpro did not write (checked before any sampling)."""
+    run_dir = Path(recipe.run_dir)
+    out = output or run_dir / "eval" / f"{policy_label(policy_path, run_dir / 'eval')}.json"
+    if not writes_into(run_dir, out):
+        for path in (out, out.with_suffix(".samples.parquet")):
+            check_replaceable(path, "eval --output")
+    return out
+
+
+def claim_for(recipe: Recipe, out: Path) -> None:
+    """Before the first write into the run directory: claim it as every stage claims it (no
+    lock: an evaluation may run beside training in the same directory)."""
+    if writes_into(Path(recipe.run_dir), out):
+        claim(Path(recipe.run_dir))
 
 
 def run_eval(recipe: Recipe, output: Path | None = None) -> dict[str, Any]:
@@ -72,8 +109,8 @@ def run_eval(recipe: Recipe, output: Path | None = None) -> dict[str, Any]:
     unweighted average."""
     cfg = recipe.eval
     policy_path = cfg.policy or recipe.model.path
-    policy = load_recipe_policy(recipe, policy_path)
-    out = output or Path(recipe.run_dir) / "eval" / f"{policy_label(policy_path)}.json"
+    policy = load_recipe_policy(recipe, policy_path)  # a bad checkpoint is refused before anything is written
+    out = eval_output(recipe, policy_path, output)
     config = dump_recipe(recipe)
     shown = ["n_problems", "n_samples", "avg@n", "pass@1_stderr", *[f"pass@{k}" for k in cfg.k],
              *[f"maj@{k}" for k in cfg.k]]
@@ -83,6 +120,7 @@ def run_eval(recipe: Recipe, output: Path | None = None) -> dict[str, Any]:
         result, rows = evaluate_benchmark(recipe, policy, plugins, name, bench)
         results[name] = result
         target = out if not name else out.with_suffix("") / f"{name}.json"
+        claim_for(recipe, out)
         write_rollouts(target.with_suffix(".samples.parquet"), rows, config)  # the result JSON last:
         write_json_atomic(target, {"policy": policy_path, **result, "config": config})  # it exists only with them
     if "" in results:

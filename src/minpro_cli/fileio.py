@@ -164,6 +164,7 @@ def write_directory_atomic(final: Path, fill: Callable[[Path], None]) -> None:
 def publish_directory(tmp: Path, final: Path) -> None:
     """Mark a filled directory complete and rename it to `final`, replacing any earlier one."""
     directory_done_marker(tmp).write_text("ok\n")
+    usual_permissions(tmp)
     if final.exists() or final.is_symlink():  # move the old one aside first: a crash here still leaves one
         retired = final.with_name(f".{final.name}.old")
         if retired.exists() or retired.is_symlink():
@@ -173,6 +174,17 @@ def publish_directory(tmp: Path, final: Path) -> None:
         remove(retired)  # a symlinked final/ is replaced; its target is left alone
     else:
         os.replace(tmp, final)
+
+
+def usual_permissions(directory: Path) -> None:
+    """Files 0666 and directories 0777 less the umask, as other tools write them: some writers
+    (save_pretrained's temp files) make 0600, which other users of a shared disk cannot read."""
+    mask = _umask()
+    for root, dirs, files in os.walk(directory):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def remove(path: Path) -> None:
@@ -205,12 +217,28 @@ def expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> in
         children = node.value
     elif isinstance(node, yaml.MappingNode):
         children = [n for pair in node.value for n in pair]
+        check_unique_keys(node)
     size = 1 + sum(expanded_size(child, sizes, open_) for child in children)
     open_.discard(id(node))
     if size > MAX_YAML_NODES:
         raise yaml.YAMLError(f"aliases expand it to more than {MAX_YAML_NODES} nodes")
     sizes[id(node)] = size
     return size
+
+
+def check_unique_keys(node: yaml.MappingNode) -> None:
+    """A key given twice in one mapping is an error: YAML loaders keep the last one silently,
+    so a second `optim:` section would replace the first whole."""
+    lines: dict[str, int] = {}
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.value == "<<":
+            continue
+        if key.value in lines:
+            raise yaml.YAMLError(
+                f"key '{key.value}' is given twice (lines {lines[key.value]} and {key.start_mark.line + 1}); "
+                "keep one (merge the two sections)"
+            )
+        lines[key.value] = key.start_mark.line + 1
 
 
 def parse_yaml(text: str, where: str) -> Any:

@@ -10,6 +10,7 @@ checkpoint. The adapter is exported beside them in peft's own layout.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,7 +96,12 @@ class LoraAdapters:
     def save_adapter(self, directory: Path, state: StateDict) -> None:
         """adapter_config.json + adapter_model.safetensors: `PeftModel.from_pretrained(base, directory)`."""
         directory.mkdir(parents=True, exist_ok=True)
-        self.peft_model.peft_config[ADAPTER].save_pretrained(str(directory))
+        config = copy.deepcopy(self.peft_model.peft_config[ADAPTER])
+        config.task_type = "CAUSAL_LM"  # AutoPeftModelForCausalLM needs it to pick the model class
+        base = config.base_model_name_or_path
+        if base and Path(base).exists():  # absolute: the adapter loads from any working directory
+            config.base_model_name_or_path = str(Path(base).resolve())
+        config.save_pretrained(str(directory))
         save_file(self.adapter_state(state), str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
 
     @contextlib.contextmanager

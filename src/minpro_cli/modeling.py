@@ -8,6 +8,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import re
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,8 +71,26 @@ def embedded_model_dir(name: str = EMBEDDED_MODEL) -> Path:
     return Path(str(resources.files("minpro_cli") / "assets" / EMBEDDED_MODELS[name]))
 
 
+HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
+
+
 def resolve_model_path(path: str | Path) -> Path:
-    return embedded_model_dir(str(path)) if str(path) in EMBEDDED_MODELS else Path(path)
+    """An embedded model's directory, a local directory, or a hub model id (`org/name`) found in
+    the local Hugging Face cache: minpro never downloads."""
+    if str(path) in EMBEDDED_MODELS:
+        return embedded_model_dir(str(path))
+    if Path(path).exists() or not HUB_MODEL_ID.match(str(path)):
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path), local_files_only=True))
+    except Exception:  # noqa: BLE001 — huggingface_hub raises several kinds when offline and not cached
+        raise CheckpointError(
+            f"model '{path}' is not a local directory, and that hub model id is not in the local Hugging Face "
+            f"cache; minpro never downloads at run time: fetch it once with `hf download {path}` (or "
+            "`huggingface-cli download`) on a machine with network, or point model.path at a local directory"
+        ) from None
 
 
 def load_policy(
@@ -94,24 +113,71 @@ def load_policy(
             "(convert pickle checkpoints with transformers' save_pretrained(safe_serialization=True))"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir,
-            dtype=torch.float32,
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-            local_files_only=True,
-        )
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_dir, trust_remote_code=trust_remote_code, local_files_only=True
-        )
+        model = load_weights(model_dir, trust_remote_code)
     except (OSError, ValueError, SafetensorError) as exc:
         raise CheckpointError(
             f"cannot load checkpoint {model_dir}: {exc}".splitlines()[0][:300]
             + " (truncated or corrupt weights? restore the directory, or resume from an earlier checkpoint)"
         ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 — tokenizers' own errors are not OSError/ValueError
+        raise CheckpointError(
+            f"cannot load the tokenizer of {model_dir}: {exc}".splitlines()[0][:300]
+            + " (is tokenizer.json or tokenizer_config.json damaged? copy them from the base model)"
+        ) from None
     if tokenizer.eos_token_id is None:
         raise CheckpointError(f"tokenizer in {model_dir} has no eos_token; set one in tokenizer_config.json")
     return Policy(model=model.to(device), tokenizer=tokenizer, path=model_dir, compute_dtype=DTYPES[dtype])
+
+
+def load_weights(model_dir: Path, trust_remote_code: bool) -> PreTrainedModel:
+    """The model with every weight from the checkpoint: a tensor missing, unexpected (a PEFT
+    state dict's `base_model.model.*` names) or of the wrong shape is an error naming it and the
+    directory; transformers would initialise it at random and go on."""
+    kwargs: dict[str, Any] = {
+        "dtype": torch.float32, "use_safetensors": True, "trust_remote_code": trust_remote_code,
+        "local_files_only": True, "output_loading_info": True,
+    }  # fmt: skip
+    with quiet_transformers():
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        except RuntimeError as exc:
+            if "ignore_mismatched_sizes" not in str(exc):
+                raise
+            model, info = AutoModelForCausalLM.from_pretrained(model_dir, ignore_mismatched_sizes=True, **kwargs)
+    problems = [
+        *(f"{key} has shape {list(got)} where the model needs {list(want)}" for key, got, want in
+          sorted(info.get("mismatched_keys") or [])),
+        *(f"{key} is not a weight of this model" for key in sorted(info.get("unexpected_keys") or [])),
+        *(f"{key} is missing" for key in sorted(info.get("missing_keys") or [])),
+    ]  # fmt: skip
+    if problems:
+        peft = any(str(k).startswith("base_model.model.") for k in info.get("unexpected_keys") or [])
+        hint = (
+            "the names are a PEFT model's: save the merged model (merge_and_unload().save_pretrained)"
+            if peft else "the weights do not belong to this config.json: restore the directory or point at another"
+        )
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"checkpoint {model_dir}: tensor {problems[0]}{more}; {hint}")
+    return model
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' load report and progress bar off: minpro says what is wrong in one line."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

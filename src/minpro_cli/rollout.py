@@ -9,13 +9,16 @@ from minpro_cli.config import Recipe, dump_recipe
 from minpro_cli.console import print_metrics
 from minpro_cli.fileio import write_yaml_atomic
 from minpro_cli.rollouts import write_rollouts
-from minpro_cli.rundir import owned
+from minpro_cli.rundir import check_replaceable, owned, writes_into
 from minpro_cli.sampling import Plugins, load_recipe_policy, load_split, sample_rows, sampling_job, summarize_rows
 
 
 def run_rollout(recipe: Recipe) -> Path:
     out = recipe.run_path(recipe.rollout.output)
-    inside = out.parent.resolve().is_relative_to(Path(recipe.run_dir).resolve())
+    inside = writes_into(Path(recipe.run_dir), out)
+    if not inside:
+        for path in (out, out.with_suffix(".config.yaml")):
+            check_replaceable(path, "rollout.output")
     with owned(Path(recipe.run_dir)) if inside else contextlib.nullcontext():  # never someone else's directory
         policy = load_recipe_policy(recipe)
         problems = load_split(recipe, "train")[: recipe.rollout.num_prompts]

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, get_type_hints
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -107,7 +109,9 @@ def rollout_files(spec: RolloutSpec) -> list[Path]:
         return list(dict.fromkeys(f for item in spec for f in rollout_files(item)))
     path = Path(spec)
     if path.is_dir():
-        files = sorted(path.glob("*.parquet"))
+        files = sorted(path.glob("*.parquet")) or sorted(
+            p for p in path.rglob("*.parquet") if all(HIVE_PART.match(d) for d in p.relative_to(path).parent.parts)
+        )  # a hive-partitioned folder: key=value/…/part-0.parquet
         if not files:
             raise RolloutFileError(f"no .parquet files in directory {path}")
         return files
@@ -127,7 +131,8 @@ def open_rollout_file(path: Path) -> pq.ParquetFile:
         raise RolloutFileError(f"{path}: not a readable parquet file ({exc}); it may be truncated or corrupt") from None
     schema = parquet.schema_arrow
     version = (schema.metadata or {}).get(VERSION_KEY)
-    missing = [f.name for f in SCHEMA if f.name not in schema.names]
+    partitions = partition_values(path)
+    missing = [f.name for f in SCHEMA if f.name not in schema.names and f.name not in partitions]
     if version is None and missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise RolloutFileError(
@@ -193,10 +198,35 @@ def conform(path: Path, table: pa.Table) -> pa.Table:
     return table
 
 
+HIVE_PART = re.compile(r"^([A-Za-z_][\w.]*)=(.*)$")
+
+
+def partition_values(path: Path) -> dict[str, str]:
+    """The key=value directories above a file of a hive-partitioned folder (pyarrow's
+    `partitioning="hive"`): the columns the writer moved out of the file into its path."""
+    found = (HIVE_PART.match(part) for part in Path(path).parent.parts)
+    return {m.group(1): unquote(m.group(2)) for m in found if m}
+
+
+def with_partition_columns(path: Path, table: pa.Table) -> pa.Table:
+    """The schema's columns that live in the file's path (hive partitions) put back as columns."""
+    for name, text in partition_values(path).items():
+        if name in table.column_names or name not in SCHEMA.names:
+            continue
+        field = SCHEMA.field(name)
+        value = None if text == "__HIVE_DEFAULT_PARTITION__" else text
+        try:
+            column = pa.array([value] * table.num_rows, pa.string()).cast(field.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise RolloutFileError(f"{path}: partition {name}={text} does not fit column type {field.type}") from None
+        table = table.append_column(field, column)
+    return table
+
+
 def read_rollout_file(path: Path) -> pa.Table:
     parquet = open_rollout_file(path)
     try:
-        table = conform(path, parquet.read())
+        table = conform(path, with_partition_columns(path, parquet.read()))
     except (pa.ArrowException, OSError) as exc:
         raise RolloutFileError(f"{path}: cannot read ({exc}); it may be truncated or corrupt") from None
     check_rows(path, table)
@@ -215,7 +245,7 @@ def iter_rollout_batches(
         offset = 0
         try:
             for batch in parquet.iter_batches(batch_size=batch_size, columns=present):
-                table = conform(path, pa.Table.from_batches([batch]))
+                table = conform(path, with_partition_columns(path, pa.Table.from_batches([batch])))
                 check_rows(path, table, offset)
                 if vocab_size is not None:
                     check_token_ids(str(path), table, vocab_size, offset)
@@ -252,6 +282,11 @@ def check_rows(path: Path, table: pa.Table, offset: int = 0) -> None:
         raise RolloutFileError(
             f"{path}: row {offset + row} has an empty response (at least one token, the EOS, is expected)"
         )
+    no_prompt = pc.equal(pc.list_value_length(table["prompt_token_ids"]), 0) if "prompt_token_ids" in table.column_names \
+        else pa.array([False])
+    if pc.any(no_prompt).as_py():
+        row = pc.index(no_prompt, True).as_py()
+        raise RolloutFileError(f"{path}: row {offset + row} has no prompt_token_ids (an empty prompt); drop the row")
     for column in ("behavior_logprobs", TARGET_LOGPROBS_FIELD.name):
         if column in table.column_names:
             check_logprobs(path, table, column, offset)

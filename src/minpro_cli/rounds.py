@@ -17,6 +17,7 @@ from typing import Any
 
 from minpro_cli.checkpoints import StateDict
 from minpro_cli.config import Recipe, dump_recipe
+from minpro_cli.console import warn
 from minpro_cli.distributed import SINGLE, World
 from minpro_cli.errors import RolloutFileError
 from minpro_cli.modeling import Policy, model_fingerprint, tokenizer_fingerprint
@@ -63,14 +64,19 @@ class OnlineRounds:
     def __init__(self, recipe: Recipe, policy: Policy, plugins: Plugins, run_dir: Path, world: World = SINGLE) -> None:
         self.recipe, self.run_dir, self.world = recipe, run_dir, world
         self.problems = load_split(recipe, "train")
+        self.per_round = min(recipe.train.prompts_per_iteration, len(self.problems))
+        if self.per_round < recipe.train.prompts_per_iteration:
+            warn(f"train.prompts_per_iteration={recipe.train.prompts_per_iteration} exceeds the {len(self.problems)} "
+                 f"training problems: each round takes every problem once")  # fmt: skip
         self.stale_policy = (
             policy.copy() if recipe.train.staleness else policy
         )
         self.job = sampling_job(recipe, self.stale_policy, plugins)
 
     def problems_for(self, round_: int) -> list[Problem]:
-        """Deterministic passes over the training split, reshuffled each pass."""
-        per_round = self.recipe.train.prompts_per_iteration
+        """Deterministic passes over the training split, reshuffled each pass; no problem twice
+        in a round (its two groups would be one, with repeated sample indices)."""
+        per_round = self.per_round
         start, out = round_ * per_round, []
         while len(out) < per_round:
             pass_index, offset = divmod(start + len(out), len(self.problems))
@@ -139,7 +145,15 @@ class StoredRounds:
                 "train with the model that sampled them (model.path)"
             )
         groups: dict[str, list[RolloutRow]] = {}
-        for row in RolloutRow.from_table(table):
+        seen: dict[tuple[str, int], int] = {}
+        for index, row in enumerate(RolloutRow.from_table(table)):
+            first = seen.setdefault((row.prompt_id, row.sample_index), index)
+            if first != index:
+                raise RolloutFileError(
+                    f"{spec}: rows {first} and {index} are both prompt_id={row.prompt_id!r}, sample_index="
+                    f"{row.sample_index}: a response given twice would train with double weight; drop the duplicate "
+                    "(several rounds of one run: train on one round's file at a time)"
+                )
             groups.setdefault(row.prompt_id, []).append(row)
         per_round = recipe.train.prompts_per_iteration
         ordered = list(groups.values())

@@ -37,19 +37,25 @@ def claim(directory: Path, what: str = "run") -> bool:
     """Create `directory` as a minpro directory, or accept it when it already is one; refuse a
     non-empty directory without the marker (someone else's files). True if it was new or empty."""
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise RunDirError(f"{directory} is a file, not a directory: choose another run_dir")
-    marker = directory / MARKER
-    fresh = not directory.is_dir() or not any(directory.iterdir())
+    try:
+        if directory.exists() and not directory.is_dir():
+            raise RunDirError(f"{directory} is a file, not a directory: choose another run_dir")
+        marker = directory / MARKER
+        fresh = not directory.is_dir() or not any(directory.iterdir())
+    except OSError as exc:  # a name too long, a parent that is a file, no permission
+        raise RunDirError(f"cannot create {what} directory {directory}: {exc.strerror}; choose another run_dir") from None
     if not fresh and not marker.exists():
         raise RunDirError(
             f"{directory} is not empty and is not a minpro {what} directory (no {MARKER}): minpro would overwrite "
             f"and delete files in it; choose a new or empty run_dir, or, if an earlier minpro wrote it, "
             f"create {marker} to adopt it"
         )
-    directory.mkdir(parents=True, exist_ok=True)
-    if not marker.exists():
-        marker.write_text(json.dumps({"minpro": what}) + "\n")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not marker.exists():
+            marker.write_text(json.dumps({"minpro": what}) + "\n")
+    except OSError as exc:  # read-only, under a file, a name too long, …
+        raise RunDirError(f"cannot create {what} directory {directory}: {exc.strerror}; choose another run_dir") from None
     return fresh
 
 
@@ -101,6 +107,43 @@ def owned(directory: Path, what: str = "run") -> Iterator[None]:
                 (Path(directory) / name).unlink(missing_ok=True)
             Path(directory).rmdir()
         raise
+
+
+def writes_into(run_dir: Path, path: Path) -> bool:
+    return Path(path).resolve().is_relative_to(Path(run_dir).resolve())
+
+
+def check_replaceable(path: Path, what: str = "output") -> None:
+    """An output path outside a run directory may replace only a file minpro wrote (a rollout
+    file, or JSON/YAML that records a minpro recipe): never a task file or anyone else's data."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir():
+        raise RunDirError(f"{what} {path} is a directory: give a file path")
+    if not written_by_minpro(path):
+        raise RunDirError(
+            f"{what} {path} exists and minpro did not write it: minpro will not replace it; "
+            "move it away or choose another path"
+        )
+
+
+def written_by_minpro(path: Path) -> bool:
+    """A parquet file with minpro's metadata, or a JSON/YAML mapping that records a recipe
+    (`config`, or a recipe's own keys)."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return any(key.startswith(b"minpro.") for key in (pq.read_schema(path).metadata or {}))
+        if path.suffix in (".json", ".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
+            return isinstance(data, dict) and ("config" in data or {"run_dir", "model", "objective"} <= data.keys())
+    except Exception:  # noqa: BLE001 — unreadable or not what it claims: not ours
+        return False
+    return False
 
 
 RunStatus = Literal["done", "diverged", "pending"]

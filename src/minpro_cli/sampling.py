@@ -4,24 +4,29 @@ template. `Plugins` resolves a recipe's plugins once; a stage passes it down."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import threading
 import time
+from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from minpro_cli.advantages import group_indices, zero_variance_groups
 from minpro_cli.config import Recipe
-from minpro_cli.console import progress_bar
-from minpro_cli.errors import ConfigError
+from minpro_cli.console import progress_bar, warn
+from minpro_cli.errors import ConfigError, PluginError
 from minpro_cli.modeling import Policy, load_policy, model_fingerprint, tokenizer_fingerprint
 from minpro_cli.objectives import Objective
 from minpro_cli.registry import load_plugin
 from minpro_cli.rollouts import RolloutRow
-from minpro_cli.samplers import Sampler
+from minpro_cli.samplers import Generation, Sampler
 from minpro_cli.tasks import Problem, load_problems, render_prompt
-from minpro_cli.verifiers import Verifier, verify_batch
+from minpro_cli.verifiers import Verifier, VerifierCallError, VerifyResult, timed_out, verify_batch
 
 PROMPTS_PER_CHUNK = 64  # progress granularity; each chunk gets its own derived seed
 
@@ -97,25 +102,33 @@ def sample_rows(
     fingerprints = (model_fingerprint(job.policy.model), tokenizer_fingerprint(tok))
     prompts = [job.prompt(p) for p in problems]
     prompt_ids = [tok.encode(text, add_special_tokens=False) for text in prompts]
+    check_context_window(job, problems, prompt_ids)
     rows: list[RolloutRow] = []
+    sample_indices: defaultdict[str, Iterator[int]] = defaultdict(itertools.count)
     n_tokens, started = 0, time.perf_counter()
     with progress_bar(label, total=len(problems) * group_size) as bar:
         for chunk_index, start in enumerate(range(0, len(problems), PROMPTS_PER_CHUNK)):
             chunk = list(range(start, min(start + PROMPTS_PER_CHUNK, len(problems))))
-            chunk_seed = seed * 1_000_003 + chunk_index
+            chunk_seed = (seed * 1_000_003 + chunk_index) % 2**63  # any recipe seed: within torch's range
             expanded = [prompt_ids[i] for i in chunk for _ in range(group_size)]
             with job.sampler_lock, job.policy.autocast():  # μ is computed at the precision π_θ trains at
                 generations = job.sampler.generate(job.policy, expanded, seed=chunk_seed)
+            check_generations(job, expanded, generations)
             responses = [tok.decode(gen.token_ids, skip_special_tokens=True) for gen in generations]
-            answers = [problems[chunk[offset // group_size]].answer for offset in range(len(generations))]
-            results = verify_batch(job.verifier, responses, answers)
+            owners = [problems[chunk[offset // group_size]] for offset in range(len(generations))]
+            contexts = [
+                {"prompt": prompts[chunk[offset // group_size]], "messages": problem.messages, "prompt_id": problem.id,
+                 "completion_ids": gen.token_ids, "columns": problem.columns}
+                for offset, (problem, gen) in enumerate(zip(owners, generations))
+            ]  # fmt: skip
+            results = scored(job, responses, [p.answer for p in owners], contexts, group_size)
             for offset, (gen, response, result) in enumerate(zip(generations, responses, results)):
-                problem = problems[chunk[offset // group_size]]
+                problem = owners[offset]
                 n_tokens += len(gen.token_ids)
                 rows.append(
                     RolloutRow(
                         prompt_id=problem.id,
-                        sample_index=offset % group_size,
+                        sample_index=next(sample_indices[problem.id]),  # a problem twice in a call: 0..2g−1
                         prompt=prompts[chunk[offset // group_size]],
                         response=response,
                         prompt_token_ids=expanded[offset],
@@ -140,8 +153,76 @@ def sample_rows(
     return rows, n_tokens / max(time.perf_counter() - started, 1e-9)
 
 
+def check_context_window(job: SamplingJob, problems: list[Problem], prompt_ids: list[list[int]]) -> None:
+    """Every prompt plus the sampler's max_new_tokens fits the model's context window: past it
+    one model samples garbage silently and another crashes."""
+    window = getattr(job.policy.model.config, "max_position_embeddings", None)
+    budget = getattr(job.sampler, "max_new_tokens", None)
+    if not isinstance(window, int):
+        return
+    budget = budget if isinstance(budget, int) else 0
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]), default=None)
+    if longest is not None and len(prompt_ids[longest]) + budget > window:
+        raise ConfigError(
+            f"problem '{problems[longest].id}': its prompt is {len(prompt_ids[longest])} tokens, which with "
+            f"sampler.options.max_new_tokens={budget} exceeds the model's context window of {window} tokens "
+            f"({job.policy.path}); drop or shorten long prompts, or lower max_new_tokens"
+        )
+
+
+def check_generations(job: SamplingJob, prompts: list[list[int]], generations: list[Generation]) -> None:
+    """A sampler plugin's output, checked before anything is scored or written: one generation
+    per prompt, one finite log-prob ≤ 0 per token, token ids in the vocabulary."""
+    name, vocab = job.sampler_name, job.policy.vocab_size
+    fix = f"the sampler plugin '{name}' is at fault: fix it, or use sampler.name=hf"
+    if len(generations) != len(prompts):
+        raise PluginError(f"sampler '{name}' returned {len(generations)} generations for {len(prompts)} prompts; {fix}")
+    for i, gen in enumerate(generations):
+        where = f"sampler '{name}', generation {i}"
+        if len(gen.logprobs) != len(gen.token_ids):
+            raise PluginError(f"{where}: {len(gen.token_ids)} tokens but {len(gen.logprobs)} log-probs; {fix}")
+        if not gen.token_ids:
+            raise PluginError(f"{where}: no tokens (a response has at least its EOS); {fix}")
+        bad = next((x for x in gen.logprobs if not (isinstance(x, int | float) and -math.inf < x <= 0.0)), None)
+        if bad is not None:  # NaN fails the comparison too
+            raise PluginError(f"{where}: log-prob {bad!r} is not a finite log-probability ≤ 0; {fix}")
+        outside = next((t for t in gen.token_ids if not 0 <= t < vocab), None)
+        if outside is not None:
+            raise PluginError(f"{where}: token id {outside} is outside the vocabulary (0..{vocab - 1}); {fix}")
+
+
+def scored(
+    job: SamplingJob, responses: list[str], answers: list[str], contexts: list[dict[str, Any]], group_size: int
+) -> list[VerifyResult]:
+    """The verifier's results, checked: a call that raises, or a reward that is not a finite
+    number, is an error naming the verifier and the row; timeouts score 0 with a warning."""
+    name = job.verifier_name
+
+    def row(index: int) -> str:
+        return f"problem '{contexts[index]['prompt_id']}', sample {index % group_size}"
+
+    try:
+        results = verify_batch(job.verifier, responses, answers, contexts=contexts)
+    except VerifierCallError as exc:
+        raise PluginError(f"verifier '{name}' on {row(exc.index)}: {exc}; fix the verifier, then rerun") from None
+    if len(results) != len(responses):
+        raise PluginError(f"verifier '{name}' returned {len(results)} results for {len(responses)} responses")
+    for index, result in enumerate(results):
+        reward = getattr(result, "reward", None)
+        if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward):
+            raise PluginError(
+                f"verifier '{name}' on {row(index)}: reward {reward!r} is not a finite number; fix the verifier, then "
+                "rerun (nothing was trained on it)"
+            )
+    stalled = [i for i, result in enumerate(results) if timed_out(result)]
+    if stalled:
+        warn(f"verifier '{name}' timed out on {len(stalled)} response(s), first {row(stalled[0])}: scored 0")
+    return results
+
+
 def summarize_rows(rows: list[RolloutRow]) -> dict[str, float]:
-    """Mean reward, response length, truncation and the share of groups with no signal."""
+    """Mean reward, response length, truncation and the share of groups with no signal; with
+    several weighted reward functions (`python` verifier), each one's mean as `reward/<name>`."""
     n = max(len(rows), 1)
     rewards = torch.tensor([float(r.reward) for r in rows])
     flat = zero_variance_groups(rewards, group_indices([r.prompt_id for r in rows]))
@@ -150,14 +231,29 @@ def summarize_rows(rows: list[RolloutRow]) -> dict[str, float]:
         "response_length_mean": sum(len(r.response_token_ids) for r in rows) / n,
         "truncated_frac": sum(r.finish_reason == "length" for r in rows) / n,
         "zero_variance_group_frac": float(flat.float().mean()) if flat.numel() else 0.0,
+        **reward_parts(rows),
     }
 
 
-def use_chat_template(mode: str, policy: Policy) -> bool:
+def reward_parts(rows: list[RolloutRow]) -> dict[str, float]:
+    """`reward/<name>`: the mean of each reward function over the rows where it applied."""
+    if not rows or '"rewards"' not in rows[0].verifier_details:
+        return {}
+    parts: defaultdict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        for name, value in (json.loads(row.verifier_details).get("rewards") or {}).items():
+            if value is not None:
+                parts[name].append(float(value))
+    return {f"reward/{name}": sum(values) / len(values) for name, values in parts.items()}
+
+
+def use_chat_template(mode: str, policy: Policy, preset: str | None = None) -> bool:
+    """Whether text prompts are wrapped in the chat template; `auto` under `data.preset=trl`
+    leaves them as text, as TRL does (its conversational prompts still use the template)."""
     has_template = bool(getattr(policy.tokenizer, "chat_template", None))
     if mode == "always" and not has_template:
         raise ConfigError(f"data.chat_template is 'always' but the tokenizer of {policy.path} has no chat template")
-    return mode == "always" or (mode == "auto" and has_template)
+    return mode == "always" or (mode == "auto" and has_template and preset != "trl")
 
 
 def sampling_job(recipe: Recipe, policy: Policy, plugins: Plugins) -> SamplingJob:
@@ -170,7 +266,7 @@ def sampling_job(recipe: Recipe, policy: Policy, plugins: Plugins) -> SamplingJo
         verifier_name=recipe.verifier.name,
         sampler_lock=plugins.sampler_lock,
         prompt_template=recipe.data.prompt_template,
-        chat=use_chat_template(recipe.data.chat_template, policy),
+        chat=use_chat_template(recipe.data.chat_template, policy, recipe.data.preset),
         system_prompt=recipe.data.system_prompt,
     )
 

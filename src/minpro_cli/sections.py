@@ -6,7 +6,7 @@ and wrong types are errors; `config.Recipe` puts them together.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -121,12 +121,16 @@ class OptimConfig(Section):
     name: Literal["adamw", "sgd"] = Field(
         "adamw", description="adamw, or sgd: plain gradient steps, no per-coordinate normalisation"
     )
-    lr: float = Field(1e-4, gt=0.0)
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's moment decays")
-    eps: float = Field(1e-8, gt=0.0, description="AdamW's ε; raised, it damps the per-coordinate normalisation")
+    lr: float = Field(1e-4, gt=0.0, lt=1e30, description="peak learning rate (below 1e30: torch keeps it in float32)")
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        (0.9, 0.999), description="AdamW's moment decays, each in [0, 1)"
+    )
+    eps: float = Field(
+        1e-8, gt=0.0, allow_inf_nan=False, description="AdamW's ε; raised, it damps the per-coordinate normalisation"
+    )
     momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD's momentum (sgd only)")
-    weight_decay: float = Field(0.0, ge=0.0)
-    grad_clip: float = Field(1.0, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    grad_clip: float = Field(1.0, gt=0.0, allow_inf_nan=False)
     schedule: Schedule = Field("constant", description="lr after warm-up: constant, linear or cosine decay")
     warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up from lr/warmup_steps to lr")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="linear/cosine decay ends at lr × min_lr_ratio")
@@ -148,7 +152,10 @@ class TrainConfig(Section):
     iterations: int = Field(20, ge=1, description="rounds of rollout → update")
     staleness: int = Field(0, ge=0, description="round r samples with the weights of round r − staleness")
     prompts_per_iteration: int = Field(32, ge=1)
-    group_size: int = Field(8, ge=1)
+    group_size: int = Field(
+        8, ge=2, description="responses per problem; at least 2: every advantage estimator compares a response "
+        "with the others of its group, so one alone has advantage 0 and trains nothing",
+    )
     epochs: int = Field(1, ge=1, description="passes over each round's rollouts")
     minibatches: int = Field(1, ge=1, description="optimizer steps per pass")
     rollouts: str | None = Field(None, description="train on stored rollouts instead of sampling")
@@ -195,7 +202,6 @@ class TrainConfig(Section):
         "and less activation memory after a one-off compile of ~20-60 s at the first step; sampling stays eager. "
         "Needs a C++ compiler on CPU",
     )
-
 
     @model_validator(mode="after")
     def _pipeline_needs_staleness(self) -> TrainConfig:

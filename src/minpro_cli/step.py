@@ -7,6 +7,7 @@ world of 1 or N ranks), an optimizer, an objective and a batch: no global state 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,8 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from minpro_cli.advantages import compute_advantages, group_indices, zero_variance_groups
+from minpro_cli.console import progress_bar
 from minpro_cli.distributed import SINGLE, World, combine_metrics, gradient_sync, reduce_step_metrics
-from minpro_cli.errors import RolloutFileError, TrainingDivergedError
+from minpro_cli.errors import PluginError, RolloutFileError, TrainingDivergedError
 from minpro_cli.logprobs import autocast, pack, pad_rows, response_logprobs
 from minpro_cli.modeling import Policy
 from minpro_cli.objectives import (
@@ -210,8 +212,26 @@ def update_step(
         optimizer.zero_grad(set_to_none=True)
         raise TrainingDivergedError(f"gradient norm is {grad_norm.item()}")
     optimizer.step()
+    if not all_finite(module):  # a finite gradient can still make infinite weights (lr = 1e30)
+        raise TrainingDivergedError("the optimizer step made non-finite weights")
     metrics, tokens = tally.metrics()
     return {"loss": global_loss, "grad_norm": grad_norm.item(), **reduce_step_metrics(metrics, tokens, world)}
+
+
+def all_finite(module: torch.nn.Module) -> bool:
+    flags = [torch.isfinite(p).all() for p in module.parameters() if p.requires_grad]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def check_loss(objective: Objective, loss: object) -> None:
+    """An objective plugin returns one scalar loss tensor that carries a gradient."""
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
+        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        grad = "" if not isinstance(loss, torch.Tensor) or loss.requires_grad else " without a gradient"
+        raise PluginError(
+            f"objective '{getattr(objective, 'name', type(objective).__name__)}' returned a loss of shape {shape}{grad}; "
+            "an objective returns one scalar tensor with a gradient (aggregate with its loss_agg): fix the plugin"
+        )
 
 
 def micro_batch_backward(
@@ -229,6 +249,7 @@ def micro_batch_backward(
     old = pad_rows(part.old_logprobs, logprobs)
     mask = packed.response_mask.to(device)
     out = objective(ObjectiveInputs(logprobs, old, part.advantages.to(device), mask))
+    check_loss(objective, out.loss)
     with autocast(device, trainee.compute_dtype):  # the reference computes as the policy does
         penalty, penalty_metrics = penalties(objective, logprobs, entropy, packed, part.temperature, mask)
     loss = out.loss + penalty if tally is not None else (out.loss + penalty) * 0.0
@@ -253,19 +274,23 @@ def update_policy(
 ) -> list[dict[str, float]]:
     """`epochs` shuffled passes over the batch, `minibatches` optimizer steps per pass; each
     rank trains on its share of every minibatch (the same split whatever the world size)."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed % 2**63)  # any recipe seed: within torch's range
     n = len(batch.prompts)
     step_metrics = []
     trainee.module.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).tolist()
-        for k in range(minibatches):
-            index = order[k * n // minibatches : (k + 1) * n // minibatches]
-            if index:
-                before_step()
-                step_metrics.append(
-                    update_step(trainee, optimizer, objective, batch.select(index), grad_clip, length_budget, penalties)
-                )
+    steps = epochs * minibatches  # a bar only when a round takes several steps (one would add a line per round)
+    with progress_bar("optimizer steps", total=steps) if steps > 1 else contextlib.nullcontext() as bar:
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator).tolist()
+            for k in range(minibatches):
+                index = order[k * n // minibatches : (k + 1) * n // minibatches]
+                if index:
+                    before_step()
+                    step_metrics.append(update_step(
+                        trainee, optimizer, objective, batch.select(index), grad_clip, length_budget, penalties
+                    ))  # fmt: skip
+                if bar is not None:
+                    bar.advance(1)
     trainee.module.eval()
     return step_metrics
 

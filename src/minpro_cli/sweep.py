@@ -24,7 +24,7 @@ from typing import Any
 
 from minpro_cli.config import Recipe, dump_recipe, load_recipe, parse_override, recipe_from_data, set_dotted
 from minpro_cli.console import console, progress_bar
-from minpro_cli.errors import ConfigError, MinproError
+from minpro_cli.errors import DIE_WITH_PARENT, ConfigError, MinproError
 from minpro_cli.fileio import read_jsonl, read_yaml, write_json_atomic, write_yaml_atomic
 from minpro_cli.rundir import SWEEP_MANIFEST, RunStatus, claim, owned, run_name, run_status
 
@@ -125,8 +125,9 @@ def start_run(run: SweepRun, threads: int | None) -> subprocess.Popen[bytes]:
     with open(run.directory / "train.log", "ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "minpro_cli", "train", str(run.directory / "recipe.yaml")],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            stdout=log, stderr=subprocess.STDOUT, env=env | {DIE_WITH_PARENT: str(os.getpid())},
         )
+
 
 
 def stop(active: dict[subprocess.Popen[bytes], SweepRun]) -> None:

@@ -1,5 +1,5 @@
-"""Problem sets: the embedded arithmetic task, a local file (jsonl, json, parquet, csv), a
-directory of such files, or a Hugging Face dataset already in the local `datasets` cache.
+"""Problem sets, from the records `taskfiles` reads (the embedded tasks, local files and
+folders, a hub dataset already in the local `datasets` cache).
 
 Field names are configurable and may be dotted paths into nested fields
 (`reward_model.ground_truth`); presets know the common public exports of the math benchmarks
@@ -10,26 +10,18 @@ sampler renders with the tokenizer's chat template. Nothing is downloaded.
 
 from __future__ import annotations
 
-import csv
+import ast
 import json
-import os
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from minpro_cli.errors import MinproError
+from minpro_cli.taskfiles import EMBEDDED_PREFIX, task_records
 
-EMBEDDED_PREFIX = "embedded:"
-FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 PresetName = Literal["math500", "gsm8k", "aime", "amc", "minerva", "olympiadbench", "trl", "verl"]
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
 
 
 class Problem(BaseModel):
@@ -37,6 +29,7 @@ class Problem(BaseModel):
     question: str  # the text, or the last user message of a chat prompt
     answer: str
     messages: list[dict[str, str]] | None = None  # a chat prompt, rendered with the chat template
+    columns: dict[str, Any] = Field(default_factory=dict)  # the whole record: reward functions see every column
 
 
 @dataclass(frozen=True)
@@ -60,104 +53,6 @@ PRESETS: dict[str, Preset] = {
     "trl": Preset(("prompt",), ("solution", "answer", "ground_truth"), ("id",)),
     "verl": Preset(("prompt",), ("reward_model.ground_truth",), ("extra_info.index", "index", "id")),
 }
-
-
-def embedded_tasks_dir() -> Path:
-    return Path(str(resources.files("minpro_cli") / "assets" / "tasks"))
-
-
-def resolve_task_path(spec: str) -> Path:
-    """`embedded:arith-train` names a file shipped in the package; anything else is a path."""
-    if spec.startswith(EMBEDDED_PREFIX):
-        name = spec[len(EMBEDDED_PREFIX) :]
-        path = embedded_tasks_dir() / f"{name}.jsonl"
-        if not path.is_file():
-            known = sorted(p.stem for p in embedded_tasks_dir().glob("*.jsonl"))
-            raise MinproError(f"unknown embedded task '{name}'; known: {', '.join(known)}")
-        return path
-    path = Path(spec)
-    if not path.exists():
-        raise MinproError(
-            f"task file not found: {path} (give a {'/'.join(FORMATS)} file, a directory of them, embedded:<name>, "
-            "or a Hugging Face dataset id org/name in the local datasets cache)"
-        )
-    if path.is_file() and path.suffix not in FORMATS:
-        raise MinproError(f"{path}: unknown task format '{path.suffix}'; use one of {', '.join(FORMATS)}")
-    return path
-
-
-def task_records(spec: str, split: str, subset: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, record) pairs of a task spec: a file, a directory of files (in name order), or a
-    hub dataset id read from the local cache."""
-    if HUB_ID.match(spec) and Path(spec).suffix not in FORMATS and not Path(spec).exists():
-        yield from hub_records(spec, split, subset)
-        return
-    path = resolve_task_path(spec)
-    files = sorted(p for p in path.iterdir() if p.suffix in FORMATS) if path.is_dir() else [path]
-    if not files:
-        raise MinproError(f"{path}: no {'/'.join(FORMATS)} files in this directory")
-    for file in files:
-        yield from read_records(file)
-
-
-def hub_records(spec: str, split: str, subset: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
-    """A hub dataset's split from the local `datasets` cache only: minpro never downloads."""
-    export = (
-        f"python -c \"import datasets; datasets.load_dataset('{spec}'{f', {subset!r}' if subset else ''}, "
-        f"split='{split}').to_parquet('{spec.split('/')[-1]}-{split}.parquet')\""
-    )
-    remedy = f"where there is network, run {export} and point the data key at that file"
-    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-        dataset = datasets.load_dataset(spec, subset, split=split)
-    except ImportError:
-        raise MinproError(f"'{spec}' is not a local path; reading a hub dataset id needs `datasets`; {remedy}") from None
-    except Exception as exc:  # noqa: BLE001 — datasets raises many kinds when offline and not cached
-        raise MinproError(
-            f"'{spec}' is not a local path, and the hub dataset of that id (split '{split}') is not in the local "
-            f"cache ({type(exc).__name__}); minpro never downloads at run time: {remedy}"
-        ) from None
-    for i, record in enumerate(dataset):
-        yield f"{spec}[{split}] row {i}", record
-
-
-def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, record) pairs; `where` is 'file:line' or 'file row N' for error messages."""
-    try:
-        if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as fh:
-                for line_no, line in enumerate(fh, start=1):
-                    if line.strip():
-                        yield f"{path}:{line_no}", _object(json.loads(line), f"{path}:{line_no}")
-        elif path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            records = data.get("data", data.get("rows")) if isinstance(data, dict) else data
-            if not isinstance(records, list):
-                raise MinproError(f"{path}: expected a list of problems (or {{'data': [...]}})")
-            for i, record in enumerate(records):
-                yield f"{path} item {i}", _object(record, f"{path} item {i}")
-        elif path.suffix == ".parquet":
-            for i, record in enumerate(pq.read_table(path).to_pylist()):
-                yield f"{path} row {i}", record
-        else:
-            with open(path, encoding="utf-8", newline="") as fh:
-                for i, record in enumerate(csv.DictReader(fh), start=2):
-                    yield f"{path}:{i}", record
-    except json.JSONDecodeError as exc:
-        raise MinproError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except UnicodeDecodeError as exc:
-        raise MinproError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start}); re-save it as UTF-8") from None
-    except (pa.ArrowException, OSError) as exc:
-        raise MinproError(f"{path}: cannot read ({exc})") from None
-
-
-def _object(record: Any, where: str) -> dict[str, Any]:
-    if not isinstance(record, dict):
-        raise MinproError(f"{where}: expected an object with the problem's fields, got {type(record).__name__}")
-    return record
 
 
 def _encodable(text: str, where: str, field: str) -> None:
@@ -206,13 +101,25 @@ def _text(value: Any, where: str, field: str) -> str:
 
 
 def _chat(value: Any) -> list[dict[str, str]] | None:
-    """A chat prompt: a non-empty list of {role, content} messages with text content."""
+    """A chat prompt: a non-empty list of {role, content} messages with text content, or such a
+    list written as text (a CSV cell: JSON, or the Python repr pandas writes)."""
+    if isinstance(value, str) and value.lstrip().startswith("[{") and value.rstrip().endswith("}]"):
+        value = _parsed_list(value)
     if not isinstance(value, list) or not value:
         return None
     if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                for m in value):
         return None
     return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _parsed_list(text: str) -> Any:
+    for parse in (json.loads, ast.literal_eval):  # literal_eval: Python literals only, never code
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            continue
+    return None
 
 
 def _answer(value: Any, form: str, where: str) -> str:
@@ -259,7 +166,11 @@ def load_problems(
             question=(user[-1] if user else messages[-1]["content"]) if messages else _text(prompt, where, field),
             answer=_answer(_pick(record, answers, where, "answer")[1], chosen.answer_form, where),
             messages=messages,
+            columns=record,
         )
+        for what, text in (("id", problem.id), (f"prompt ('{field}')", problem.question)):
+            if not text.strip():
+                raise MinproError(f"{where}: the {what} is empty; fill it in or drop the row")
         texts = [problem.id, problem.question, problem.answer, *(m["content"] for m in messages or [])]
         for field_name, text in zip(["id", "question", "answer", *["messages"] * len(texts)], texts):
             _encodable(text, where, field_name)

@@ -133,9 +133,10 @@ def run_train(recipe: Recipe, resume: str = "auto") -> Path:
         # rank 0 owns the directory: refuses someone else's, locks out a second run, clears leftovers
         with owned(Path(recipe.run_dir)) if world.is_main else contextlib.nullcontext():
             return Trainer(recipe, world, resume).run()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         last = latest_checkpoint(Path(recipe.run_dir))
-        raise Interrupted(f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet") from None
+        saved = f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise Interrupted(saved, getattr(exc, "signum", None)) from None
     finally:
         console.quiet = quiet
         close_world(world)
@@ -155,6 +156,7 @@ class Trainer:
         if resume_from is not None:
             self.state, snapshots = load_checkpoint_state(resume_from, self.trainee.module, self.optimizer)
             console.print(f"resuming from {resume_from} (round {self.state.round}, step {self.state.step})")
+        self.resumed_at = self.state.round
         # stored rollouts carry their own staleness
         self.stale = StaleWeights(0 if self.cfg.rollouts else self.cfg.staleness, snapshots, self.state.snapshot_steps)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -167,6 +169,7 @@ class Trainer:
         self.trainee.module.eval()
         self.held_out = HeldOutEvals(recipe, self.plugins, self.run_dir, self.state.round, world)
         self.trackers = Trackers(recipe, self.run_dir, enabled=world.is_main)
+        self.rounds_with_signal = 0  # of the rounds this process trains: none means nothing was learned
 
     def set_up_models(self, resume_from: Path | None) -> None:
         """The policy, a plain copy that samples and evaluates when the trained module is not
@@ -263,8 +266,11 @@ class Trainer:
         started = time.perf_counter()
         rows = self.round_rows(round_, sampler_thread)
         batch = training_batch(rows, self.estimator, self.cfg.drop_zero_variance_groups)
-        if batch is None:
-            warn(f"round {round_}: every group's responses got the same reward; no update this round")
+        if batch is None or not bool(batch.advantages.ne(0).any()):
+            warn(f"round {round_}: every group's responses got the same reward (every advantage is 0): "
+                 f"{'no update' if batch is None else 'the policy-gradient term is 0'} this round")  # fmt: skip
+        else:
+            self.rounds_with_signal += 1
         step_metrics = [] if batch is None else self.update(round_, batch)
         self.stale.drop_before(round_ + 1)
         self.state.round = round_ + 1
@@ -308,6 +314,9 @@ class Trainer:
     def finish(self) -> Path:
         """Publish `final/`: the HF weights (and adapter) with the loop state."""
         final = self.run_dir / "final"
+        if not self.rounds_with_signal and self.cfg.iterations > self.resumed_at:
+            warn("no round of this run had a reward signal (in every group all responses scored alike): the "
+                 "policy-gradient term was 0 throughout; check the verifier and the data, or raise group_size")  # fmt: skip
         whole = whole_weights(self.trainee.module)
         if self.world.is_main:
 

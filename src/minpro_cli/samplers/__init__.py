@@ -34,7 +34,8 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    temperature: float = Field(1.0, gt=0.0)
+    # below 1e-3, logits / temperature overflows float32 (and bf16) for ordinary logits
+    temperature: float = Field(1.0, ge=1e-3, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     max_new_tokens: int = Field(64, ge=1)

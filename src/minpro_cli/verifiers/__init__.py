@@ -6,7 +6,13 @@ A verifier plugin is a Pydantic model (its options) that is callable:
 
 It never raises on bad model output: a garbage answer scores 0 with the reason in
 `details["failure"]`. Subclass `VerifierOptions` to get `verifier.batch(responses,
-references)`, which scores many responses in parallel worker processes.
+references)`, which scores many responses in parallel worker processes. A verifier that
+wants the prompt and the row's other columns (`python`'s reward functions) overrides
+`score(response, reference, context)`.
+
+Every call is bounded: a verifier that declares `bounded_in_process` (the built-ins, which
+bound their own work) may run here; any other runs in worker processes, each call with a
+deadline, so a plugin that hangs costs a timeout, not the run.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ import atexit
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing.pool import Pool
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,9 +51,14 @@ class VerifierOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     timeout_s: float = Field(5.0, gt=0.0, description="bound on one call")
+    bounded_in_process: ClassVar[bool] = False  # True: its own checks bound every call (the built-ins)
 
     def __call__(self, response: str, reference: str) -> VerifyResult:
         raise NotImplementedError
+
+    def score(self, response: str, reference: str, context: Mapping[str, Any]) -> VerifyResult:
+        """A call with the row's context (`prompt`, `prompt_id`, `completion_ids`, `columns`)."""
+        return self(response, reference)
 
     def batch(self, responses: list[str], references: list[str], workers: int | None = None) -> list[VerifyResult]:
         """Score `responses[i]` against `references[i]`; in parallel processes for large batches."""
@@ -78,40 +90,83 @@ def _discard_pool() -> None:
 atexit.register(_discard_pool)
 
 
-def _call(verifier: Verifier, response: str, reference: str) -> VerifyResult:
-    return verifier(response, reference)
+def _call(verifier: Verifier, response: str, reference: str, context: Mapping[str, Any]) -> VerifyResult:
+    score = getattr(verifier, "score", None)
+    return score(response, reference, context) if score is not None else verifier(response, reference)
+
+
+class VerifierCallError(Exception):
+    """The verifier raised on item `index` of a batch (the caller names the row)."""
+
+    def __init__(self, index: int, cause: BaseException) -> None:
+        text = str(cause) if type(cause).__name__ == "RewardFunctionError" else f"raised {type(cause).__name__}: {cause}"
+        super().__init__(text.splitlines()[0][:300] if text else type(cause).__name__)
+        self.index = index
+
+
+def timed_out(result: VerifyResult) -> bool:
+    return str(result.details.get("failure", "")).startswith("verifier timed out")
 
 
 def verify_batch(
-    verifier: Verifier, responses: list[str], references: list[str], workers: int | None = None, probe: int = 16
+    verifier: Verifier,
+    responses: list[str],
+    references: list[str],
+    workers: int | None = None,
+    probe: int = 16,
+    contexts: list[Mapping[str, Any]] | None = None,
 ) -> list[VerifyResult]:
-    """Results in input order.
+    """Results in input order; a call that raises is a `VerifierCallError` naming its index.
 
-    The first `probe` calls run here, timed. If the rest would take under a second at that
-    pace (a plain-number check takes microseconds), they run here too; otherwise they go to
-    `workers` processes, where each call gets 2·timeout_s + 5 s before it is abandoned with
-    reward 0 and the pool is replaced.
+    A verifier that is `bounded_in_process` runs its first `probe` calls here, timed; if the
+    rest would take under a second at that pace (a plain-number check takes microseconds), they
+    run here too. Otherwise, and always for any other verifier, calls go to `workers`
+    processes, where each gets 2·timeout_s + 5 s before it is abandoned with reward 0 and the
+    pool is replaced.
     """
     if len(responses) != len(references):
         raise ValueError(f"{len(responses)} responses for {len(references)} references")
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
-    pairs = list(zip(responses, references))
-    started = time.perf_counter()
-    results = [verifier(r, a) for r, a in pairs[:probe]]
-    rest = pairs[len(results) :]
-    per_call = (time.perf_counter() - started) / max(len(results), 1)
-    if workers <= 1 or len(rest) < PARALLEL_MIN_BATCH or (results and per_call * len(rest) < 1.0):
-        return results + [verifier(r, a) for r, a in rest]
+    items = list(zip(responses, references, contexts or [{}] * len(responses)))
+    results: list[VerifyResult] = []
+    if getattr(verifier, "bounded_in_process", False):
+        started = time.perf_counter()
+        results = _in_process(verifier, items[:probe], 0)
+        per_call = (time.perf_counter() - started) / max(len(results), 1)
+        rest = items[len(results) :]
+        if workers <= 1 or len(rest) < PARALLEL_MIN_BATCH or (results and per_call * len(rest) < 1.0):
+            return results + _in_process(verifier, rest, len(results))
+    return results + _in_workers(verifier, items[len(results) :], len(results), max(workers, 1))
+
+
+def _in_process(verifier: Verifier, items: list[tuple[str, str, Mapping[str, Any]]], offset: int) -> list[VerifyResult]:
+    results = []
+    for index, item in enumerate(items, start=offset):
+        try:
+            results.append(_call(verifier, *item))
+        except Exception as exc:  # noqa: BLE001 — any error of a plugin is reported with its row
+            raise VerifierCallError(index, exc) from None
+    return results
+
+
+def _in_workers(
+    verifier: Verifier, items: list[tuple[str, str, Mapping[str, Any]]], offset: int, workers: int
+) -> list[VerifyResult]:
+    if not items:
+        return []
     pool = _worker_pool(workers)
-    pending = [pool.apply_async(_call, (verifier, r, a)) for r, a in rest]
+    pending = [pool.apply_async(_call, (verifier, *item)) for item in items]
     bound = 2 * float(getattr(verifier, "timeout_s", 5.0)) + 5.0
-    stalled = False
-    for handle in pending:  # a hung worker holds one call; the others keep taking the rest
+    results, stalled = [], False
+    for index, handle in enumerate(pending, start=offset):  # a hung worker holds one call; the others go on
         try:
             results.append(handle.get(timeout=bound))
         except mp.TimeoutError:
             stalled = True
             results.append(VerifyResult(0.0, {"extracted": None, "failure": f"verifier timed out after {bound:.0f} s"}))
+        except Exception as exc:  # noqa: BLE001 — raised in the worker, re-raised here
+            _discard_pool()
+            raise VerifierCallError(index, exc) from None
     if stalled:
         _discard_pool()  # its hung worker must not serve the next batch
     return results

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import string
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -26,6 +26,8 @@ class ExactVerifier(VerifierOptions):
     (`extract`). Both sides have whitespace collapsed and surrounding punctuation and quotes
     stripped, and are lower-cased unless `case_sensitive`.
     """
+
+    bounded_in_process: ClassVar[bool] = True  # its own checks bound every call
 
     extract: Literal["full", "last_line", "boxed"] = Field("full", description="which part of the response is the answer")
     case_sensitive: bool = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
+from typing import ClassVar
 
 from minpro_cli.verifiers import VerifierOptions, VerifyResult
 
@@ -31,6 +32,8 @@ class GSM8KVerifier(VerifierOptions):
     field. Response: the number after its last '####', else its last number. Both are
     compared as exact decimals: "1,234", "$1234.00" and "1234 apples" are all 1234.
     """
+
+    bounded_in_process: ClassVar[bool] = True  # its own checks bound every call
 
     def __call__(self, response: str, reference: str) -> VerifyResult:
         gold = final_number(reference)

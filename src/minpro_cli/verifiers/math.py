@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from fractions import Fraction
-from typing import Literal
+from typing import ClassVar, Literal
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from pydantic import Field
@@ -62,6 +62,8 @@ class MathVerifier(VerifierOptions):
     answer is read for "the answer is X" (`answer_is`) and then for its last number
     (`last_number`); the default scores only boxed answers, which is what RL rewards want.
     """
+
+    bounded_in_process: ClassVar[bool] = True  # its own checks bound every call
 
     timeout_s: int = Field(5, ge=1, description="bound on parsing and on comparing, each")
     max_answer_chars: int = Field(512, ge=1, description="longer boxed answers score 0")

@@ -1,0 +1,77 @@
+"""Stages claim a run directory the same way, so they run into one directory in every order a
+user would (`scripts/smollm2_rl.sh` evaluates first); outputs have the usual permissions; two
+policies of one name keep their own evaluation; a LoRA adapter loads with peft's Auto class."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from minpro_cli.config import load_recipe
+from minpro_cli.eval import run_eval
+from minpro_cli.rollout import run_rollout
+from minpro_cli.rundir import MARKER
+from minpro_cli.train import run_train
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+TINY = ["rollout.num_prompts=4", "rollout.group_size=2", "sampler.options.max_new_tokens=8", "train.iterations=1",
+        "train.prompts_per_iteration=2", "train.group_size=2", "optim.warmup_steps=0", "eval.max_problems=2",
+        "eval.n_samples=1", "eval.k=[1]"]  # fmt: skip
+
+
+def recipe(run_dir: Path, *extra: str):
+    return load_recipe(QUICKSTART, [f"run_dir={run_dir}", *TINY, *extra])
+
+
+@pytest.mark.parametrize("order", [("eval", "train", "eval"), ("rollout", "train"), ("train", "eval")])
+def test_stages_run_into_one_directory_in_every_order(tmp_path, order):
+    run_dir = tmp_path / "run"
+    stages = {"rollout": run_rollout, "train": run_train, "eval": run_eval}
+    for index, stage in enumerate(order):
+        extra = ["eval.policy=" + str(run_dir / "final")] if stage == "eval" and "train" in order[:index] else []
+        stages[stage](recipe(run_dir, *extra))
+    assert (run_dir / MARKER).exists()
+    if "train" in order:
+        assert (run_dir / "final" / ".complete").exists()
+    if order[-1] == "eval":
+        assert (run_dir / "eval" / ("final.json" if "train" in order else "embedded.json")).exists()
+
+
+def test_trained_weights_are_readable_by_other_users_as_the_umask_allows(tmp_path):
+    old = os.umask(0o022)
+    try:
+        run_train(recipe(tmp_path / "run", "train.checkpoint_every=1"))
+    finally:
+        os.umask(old)
+    for path in [*(tmp_path / "run" / "final").iterdir(), *(tmp_path / "run" / "checkpoints").rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
+
+
+def test_two_policies_named_final_keep_their_own_evaluation(tmp_path):
+    for name in ("a", "b"):
+        run_train(recipe(tmp_path / name))
+    eval_dir = tmp_path / "evals"
+    for name in ("a", "b"):
+        run_eval(recipe(eval_dir, f"eval.policy={tmp_path / name / 'final'}"))
+    results = sorted((eval_dir / "eval").glob("final*.json"))
+    assert len(results) == 2, results
+    recorded = {json.loads(p.read_text())["policy"] for p in results}
+    assert recorded == {str(tmp_path / "a" / "final"), str(tmp_path / "b" / "final")}
+    run_eval(recipe(eval_dir, f"eval.policy={tmp_path / 'a' / 'final'}"))  # again: replaces its own result
+    assert len(sorted((eval_dir / "eval").glob("final*.json"))) == 2
+
+
+def test_a_lora_adapter_loads_with_autopeft_from_another_directory(tmp_path, monkeypatch):
+    peft = pytest.importorskip("peft")
+    run_train(recipe(tmp_path / "run", "model.lora={r: 4, alpha: 8}"))
+    adapter = tmp_path / "run" / "final" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and Path(config["base_model_name_or_path"]).is_absolute()
+    monkeypatch.chdir(tmp_path)  # the base path must not depend on where minpro ran
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(str(adapter))
+    assert type(model).__name__ == "PeftModelForCausalLM"
