@@ -75,3 +75,36 @@ def test_a_lora_adapter_loads_with_autopeft_from_another_directory(tmp_path, mon
     monkeypatch.chdir(tmp_path)  # the base path must not depend on where minpro ran
     model = peft.AutoPeftModelForCausalLM.from_pretrained(str(adapter))
     assert type(model).__name__ == "PeftModelForCausalLM"
+
+
+def test_a_stored_round_with_no_signal_warns_and_a_run_with_none_says_so(tmp_path, capsys):
+    """Every group scored alike (the docs' old `reward > 0` filter did that): advantage 0."""
+    import pyarrow.parquet as pq
+
+    from minpro_cli.rollouts import read_rollouts, write_rollouts
+
+    rollouts = run_rollout(recipe(tmp_path / "sampled"))
+    rows = [row | {"reward": 1.0} for row in read_rollouts(rollouts).to_pylist()]
+    write_rollouts(tmp_path / "good.parquet", rows, {})
+    assert pq.read_table(tmp_path / "good.parquet").num_rows == 8
+    run_train(recipe(tmp_path / "run", f"train.rollouts={tmp_path / 'good.parquet'}", "train.iterations=2"))
+    err = capsys.readouterr().err
+    assert err.count("every group's responses got the same reward (every advantage is 0)") == 2, err
+    assert "no round of this run had a reward signal" in err
+
+
+def test_more_prompts_per_round_than_problems_take_each_once_and_the_round_file_is_reused(tmp_path, capsys):
+    from minpro_cli.modeling import load_policy
+    from minpro_cli.rounds import OnlineRounds
+    from minpro_cli.sampling import Plugins
+
+    (tmp_path / "three.jsonl").write_text("".join(
+        json.dumps({"id": f"p{i}", "question": f"Compute {i}+1.", "answer": str(i + 1)}) + "\n" for i in range(3)))
+    loaded = recipe(tmp_path / "run", f"data.train={tmp_path / 'three.jsonl'}", "train.prompts_per_iteration=5")
+    (tmp_path / "run").mkdir()
+    policy = load_policy("embedded")
+    first = OnlineRounds(loaded, policy, Plugins.of(loaded), tmp_path / "run").rows(0, None, 0)
+    assert "exceeds the 3 training problems" in capsys.readouterr().err
+    assert sorted((r.prompt_id, r.sample_index) for r in first) == [(f"p{i}", k) for i in range(3) for k in range(2)]
+    again = OnlineRounds(loaded, policy, Plugins.of(loaded), tmp_path / "run").rows(0, None, 0)  # as after a kill
+    assert [r.response for r in again] == [r.response for r in first]

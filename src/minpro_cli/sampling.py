@@ -12,7 +12,6 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -104,8 +103,7 @@ def sample_rows(
     prompt_ids = [tok.encode(text, add_special_tokens=False) for text in prompts]
     check_context_window(job, problems, prompt_ids)
     rows: list[RolloutRow] = []
-    sample_indices: defaultdict[str, Iterator[int]] = defaultdict(itertools.count)
-    n_tokens, started = 0, time.perf_counter()
+    n_tokens, started, sample_indices = 0, time.perf_counter(), defaultdict[str, Iterator[int]](itertools.count)
     with progress_bar(label, total=len(problems) * group_size) as bar:
         for chunk_index, start in enumerate(range(0, len(problems), PROMPTS_PER_CHUNK)):
             chunk = list(range(start, min(start + PROMPTS_PER_CHUNK, len(problems))))
@@ -116,39 +114,32 @@ def sample_rows(
             check_generations(job, expanded, generations)
             responses = [tok.decode(gen.token_ids, skip_special_tokens=True) for gen in generations]
             owners = [problems[chunk[offset // group_size]] for offset in range(len(generations))]
-            contexts = [
-                {"prompt": prompts[chunk[offset // group_size]], "messages": problem.messages, "prompt_id": problem.id,
-                 "completion_ids": gen.token_ids, "columns": problem.columns}
-                for offset, (problem, gen) in enumerate(zip(owners, generations))
-            ]  # fmt: skip
-            results = scored(job, responses, [p.answer for p in owners], contexts, group_size)
-            for offset, (gen, response, result) in enumerate(zip(generations, responses, results)):
-                problem = owners[offset]
+            row_prompts = [prompts[chunk[offset // group_size]] for offset in range(len(generations))]
+            results = scored(job, responses, owners, row_prompts, generations, group_size)
+            for offset, (problem, gen, response, result) in enumerate(zip(owners, generations, responses, results)):
                 n_tokens += len(gen.token_ids)
-                rows.append(
-                    RolloutRow(
-                        prompt_id=problem.id,
-                        sample_index=next(sample_indices[problem.id]),  # a problem twice in a call: 0..2g−1
-                        prompt=prompts[chunk[offset // group_size]],
-                        response=response,
-                        prompt_token_ids=expanded[offset],
-                        response_token_ids=gen.token_ids,
-                        behavior_logprobs=gen.logprobs,
-                        reference_answer=problem.answer,
-                        reward=result.reward,
-                        verifier=job.verifier_name,
-                        verifier_details=json.dumps(result.details),
-                        finish_reason=gen.finish_reason,
-                        policy_version=job.policy_version,
-                        model_fingerprint=fingerprints[0],
-                        tokenizer_fingerprint=fingerprints[1],
-                        sampler=job.sampler_name,
-                        temperature=job.sampler.temperature,
-                        top_p=job.sampler.top_p,
-                        top_k=job.sampler.top_k,
-                        seed=chunk_seed,
-                    )
-                )
+                rows.append(RolloutRow(
+                    prompt_id=problem.id,
+                    sample_index=next(sample_indices[problem.id]),  # a problem twice in a call: 0..2g−1
+                    prompt=row_prompts[offset],
+                    response=response,
+                    prompt_token_ids=expanded[offset],
+                    response_token_ids=gen.token_ids,
+                    behavior_logprobs=gen.logprobs,
+                    reference_answer=problem.answer,
+                    reward=result.reward,
+                    verifier=job.verifier_name,
+                    verifier_details=json.dumps(result.details),
+                    finish_reason=gen.finish_reason,
+                    policy_version=job.policy_version,
+                    model_fingerprint=fingerprints[0],
+                    tokenizer_fingerprint=fingerprints[1],
+                    sampler=job.sampler_name,
+                    temperature=job.sampler.temperature,
+                    top_p=job.sampler.top_p,
+                    top_k=job.sampler.top_k,
+                    seed=chunk_seed,
+                ))  # fmt: skip
             bar.advance(len(generations))
     return rows, n_tokens / max(time.perf_counter() - started, 1e-9)
 
@@ -192,17 +183,28 @@ def check_generations(job: SamplingJob, prompts: list[list[int]], generations: l
 
 
 def scored(
-    job: SamplingJob, responses: list[str], answers: list[str], contexts: list[dict[str, Any]], group_size: int
+    job: SamplingJob,
+    responses: list[str],
+    problems: list[Problem],
+    prompts: list[str],
+    generations: list[Generation],
+    group_size: int,
 ) -> list[VerifyResult]:
     """The verifier's results, checked: a call that raises, or a reward that is not a finite
-    number, is an error naming the verifier and the row; timeouts score 0 with a warning."""
+    number, is an error naming the verifier and the row; timeouts score 0 with a warning. A
+    verifier that takes the row's context (`python`) gets its prompt, tokens and columns."""
     name = job.verifier_name
+    contexts = [
+        {"prompt": prompt, "messages": problem.messages, "prompt_id": problem.id, "completion_ids": gen.token_ids,
+         "columns": problem.columns}
+        for problem, prompt, gen in zip(problems, prompts, generations)
+    ]  # fmt: skip
 
     def row(index: int) -> str:
-        return f"problem '{contexts[index]['prompt_id']}', sample {index % group_size}"
+        return f"problem '{problems[index].id}', sample {index % group_size}"
 
     try:
-        results = verify_batch(job.verifier, responses, answers, contexts=contexts)
+        results = verify_batch(job.verifier, responses, [p.answer for p in problems], contexts=contexts)
     except VerifierCallError as exc:
         raise PluginError(f"verifier '{name}' on {row(exc.index)}: {exc}; fix the verifier, then rerun") from None
     if len(results) != len(responses):
