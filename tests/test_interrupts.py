@@ -112,24 +112,25 @@ def assert_same_run(straight: Straight, run_dir: Path) -> None:
     assert not [p for p in run_dir.rglob(".*") if p.name.endswith((".tmp", ".partial", ".old"))]
 
 
-def interrupted_until_done(run_dir: Path, sig: int, times: int, seed: int) -> list[str]:
-    """Rerun `minpro train` until it finishes, sending `sig` at a random event of each of the
-    first `times` attempts; return the output of every interrupted attempt."""
+def interrupted_until_done(run_dir: Path, signals: list[int], seed: int) -> list[tuple[int, str]]:
+    """Rerun `minpro train` until it finishes, sending the next of `signals` at a random event of
+    each of the first attempts; return the signal and output of every interrupted attempt."""
     rng = random.Random(seed)
-    outputs: list[str] = []
-    for _ in range(times + 30):
+    outputs: list[tuple[int, str]] = []
+    for _ in range(len(signals) + 30):
         began = time.time_ns()
         happened = next_event(run_dir, rng)
         job = start(*train_args(run_dir))
-        if len(outputs) < times and wait_for_training(job, run_dir, began):
+        if len(outputs) < len(signals) and wait_for_training(job, run_dir, began):
             while job.poll() is None and not happened():
                 time.sleep(0.002)
             if job.poll() is None:
+                sig = signals[len(outputs)]
                 job.send_signal(sig)
                 output, _ = job.communicate(timeout=120)
                 if job.returncode != 0:  # 0: it finished before the signal was handled
                     assert job.returncode == (128 + sig if sig != signal.SIGKILL else -sig), output
-                    outputs.append(output)
+                    outputs.append((sig, output))
                     continue
         output, _ = job.communicate(timeout=600)
         assert job.returncode == 0, output
@@ -140,21 +141,24 @@ def interrupted_until_done(run_dir: Path, sig: int, times: int, seed: int) -> li
 
 def test_sigkill_at_random_moments_then_rerun_gives_the_uninterrupted_run(tmp_path, straight):
     run_dir = tmp_path / "run"
-    killed = interrupted_until_done(run_dir, signal.SIGKILL, KILLS, seed=0)
+    killed = interrupted_until_done(run_dir, [signal.SIGKILL] * KILLS, seed=0)
     assert len(killed) == KILLS
     assert_same_run(straight, run_dir)
 
 
-@pytest.mark.parametrize(("sig", "said"), [(signal.SIGINT, "interrupted:"), (signal.SIGTERM, "interrupted by SIGTERM:"),
-                                           (signal.SIGHUP, "interrupted by SIGHUP:")])  # fmt: skip
-def test_ctrl_c_sigterm_and_sighup_at_random_moments_exit_with_one_line_and_resume(tmp_path, straight, sig, said):
+SAID = {signal.SIGINT: "interrupted:", signal.SIGTERM: "interrupted by SIGTERM:", signal.SIGHUP: "interrupted by SIGHUP:"}
+
+
+def test_ctrl_c_sigterm_and_sighup_at_random_moments_exit_with_one_line_and_resume(tmp_path, straight):
+    """Ctrl-C, a scheduler's SIGTERM and a closed terminal's SIGHUP: exit 130 / 143 / 129."""
     run_dir = tmp_path / "run"
-    outputs = interrupted_until_done(run_dir, sig, 3, seed=sig)
-    assert len(outputs) == 3
-    for output in outputs:
+    signals = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTERM]
+    outputs = interrupted_until_done(run_dir, signals, seed=2)
+    assert [sig for sig, _ in outputs] == signals
+    for sig, output in outputs:
         assert "Traceback" not in output, output
         lines = [line for line in output.splitlines() if line.startswith("interrupted")]
-        assert len(lines) == 1 and lines[0].startswith(said), output
+        assert len(lines) == 1 and lines[0].startswith(SAID[sig]), output
         assert "rerun the same command to resume" in lines[0] and "checkpoint" in lines[0], output
     assert_same_run(straight, run_dir)
 
