@@ -224,22 +224,22 @@ def test_chat_template_wraps_prompts_when_the_tokenizer_has_one(tmp_path):
 
 
 def test_several_benchmarks_in_one_recipe(tmp_path):
-    gsm = tmp_path / "data" / "gsm.jsonl"  # not in the run directory: a run directory holds minpro's files only
-    gsm.parent.mkdir()
+    gsm = tmp_path / "gsm.jsonl"
+    run_dir = tmp_path / "run"  # a run directory holds minpro's files only
     gsm.write_text("".join(json.dumps({"question": f"Compute {a}+{b}.", "answer": f"so\n#### {a + b}"}) + "\n"
                            for a, b in [(2, 3), (10, 4), (7, 7)]))
     benchmarks = (f'eval.benchmarks={{arith: {{data: "embedded:arith-test", max_problems: 4}}, '
                   f'gsm: {{data: "{gsm}", preset: gsm8k, verifier: {{name: gsm8k}}, n_samples: 2}}}}')
-    summary = run_eval(recipe(tmp_path, benchmarks, "eval.k=[1,2]"))
+    summary = run_eval(recipe(run_dir, benchmarks, "eval.k=[1,2]"))
     arith, gsm_result = summary["benchmarks"]["arith"], summary["benchmarks"]["gsm"]
     assert (arith["n_problems"], arith["n_samples"], arith["verifier"]) == (4, 3, "math")
     assert (gsm_result["n_problems"], gsm_result["n_samples"], gsm_result["verifier"]) == (3, 2, "gsm8k")
     for metric in ("pass@1", "pass@2", "maj@2", "pass@1_stderr"):
         assert summary["avg"][metric] == pytest.approx((arith[metric] + gsm_result[metric]) / 2)
-    samples = read_rollouts(tmp_path / "eval" / "embedded" / "gsm.samples.parquet").to_pylist()
+    samples = read_rollouts(run_dir / "eval" / "embedded" / "gsm.samples.parquet").to_pylist()
     assert len(samples) == 6 and {s["verifier"] for s in samples} == {"gsm8k"}
     assert {s["reference_answer"] for s in samples} == {"5", "14"}  # 7+7: the gsm8k preset reads '#### 14'
-    saved = json.loads((tmp_path / "eval" / "embedded.json").read_text())
+    saved = json.loads((run_dir / "eval" / "embedded.json").read_text())
     assert saved["avg"] == summary["avg"] and set(saved["benchmarks"]) == {"arith", "gsm"}
     with pytest.raises(ConfigError, match="benchmark gsm: every k"):
         recipe(tmp_path, benchmarks, "eval.k=[1,3]")

@@ -20,8 +20,8 @@ from minpro_cli.verifiers import verify_batch
 from minpro_cli.verifiers.python import PythonRewards
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
-TINY = ["train.iterations=2", "train.prompts_per_iteration=4", "train.group_size=2", "sampler.options.max_new_tokens=8",
-        "optim.warmup_steps=0", "train.checkpoint_every=2"]  # fmt: skip
+TINY = ["train.iterations=1", "train.prompts_per_iteration=4", "train.group_size=2", "sampler.options.max_new_tokens=8",
+        "optim.warmup_steps=0"]  # fmt: skip
 
 TRL_REWARDS = '''
 def accuracy(prompts, completions, solution, **kwargs):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -41,28 +42,34 @@ def test_stages_run_into_one_directory_in_every_order(tmp_path, order):
         assert (run_dir / "eval" / ("final.json" if "train" in order else "embedded.json")).exists()
 
 
-def test_trained_weights_are_readable_by_other_users_as_the_umask_allows(tmp_path):
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished run, trained under umask 022 with a checkpoint every round."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
     old = os.umask(0o022)
     try:
-        run_train(recipe(tmp_path / "run", "train.checkpoint_every=1"))
+        run_train(recipe(run_dir, "train.checkpoint_every=1"))
     finally:
         os.umask(old)
-    for path in [*(tmp_path / "run" / "final").iterdir(), *(tmp_path / "run" / "checkpoints").rglob("*")]:
+    return run_dir
+
+
+def test_trained_weights_are_readable_by_other_users_as_the_umask_allows(finished):
+    for path in [*(finished / "final").iterdir(), *(finished / "checkpoints").rglob("*")]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
 
 
-def test_two_policies_named_final_keep_their_own_evaluation(tmp_path):
-    for name in ("a", "b"):
-        run_train(recipe(tmp_path / name))
+def test_two_policies_named_final_keep_their_own_evaluation(tmp_path, finished):
+    other = tmp_path / "b" / "final"
+    shutil.copytree(finished / "final", other)
     eval_dir = tmp_path / "evals"
-    for name in ("a", "b"):
-        run_eval(recipe(eval_dir, f"eval.policy={tmp_path / name / 'final'}"))
+    for policy in (finished / "final", other):
+        run_eval(recipe(eval_dir, f"eval.policy={policy}"))
     results = sorted((eval_dir / "eval").glob("final*.json"))
     assert len(results) == 2, results
-    recorded = {json.loads(p.read_text())["policy"] for p in results}
-    assert recorded == {str(tmp_path / "a" / "final"), str(tmp_path / "b" / "final")}
-    run_eval(recipe(eval_dir, f"eval.policy={tmp_path / 'a' / 'final'}"))  # again: replaces its own result
+    assert {json.loads(p.read_text())["policy"] for p in results} == {str(finished / "final"), str(other)}
+    run_eval(recipe(eval_dir, f"eval.policy={finished / 'final'}"))  # again: replaces its own result
     assert len(sorted((eval_dir / "eval").glob("final*.json"))) == 2
 
 

@@ -152,10 +152,10 @@ def test_interrupted_sweep_finishes_only_the_missing_runs(tmp_path):
     while not (second / "checkpoints" / "round_00001" / ".complete").exists():  # interrupt after its first checkpoint
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)  # a scheduler's stop: handled as Ctrl-C is (same path), exit 143
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in output, output
-    assert len([line for line in output.splitlines() if line.startswith("interrupted:")]) == 1, output
+    assert proc.returncode == 143 and "Traceback" not in output, output
+    assert len([line for line in output.splitlines() if line.startswith("interrupted by SIGTERM:")]) == 1, output
     assert "rerun the same command" in output
     assert (first / "final").is_dir() and not (second / "final").exists()
     assert "interrupted: the last complete checkpoint is" in (second / "train.log").read_text()
@@ -174,18 +174,18 @@ def test_interrupted_sweep_finishes_only_the_missing_runs(tmp_path):
 
 
 def test_a_diverged_run_is_recorded_reported_and_not_rerun(tmp_path):
-    """lr 1e30 blows the weights up in the first step: the second minibatch's loss is not finite."""
-    path = sweep_recipe(tmp_path, {"optim.lr": [1e-4, 1e30]}, train={"iterations": 3, "minibatches": 2})
+    """lr 1e25 blows the weights up in the first step: the second minibatch's loss is not finite."""
+    path = sweep_recipe(tmp_path, {"optim.lr": [1e-4, 1e25]}, train={"iterations": 3, "minibatches": 2})
     proc = cli("sweep", str(path))
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output
     sweep_dir = tmp_path / "sweep"
-    bad = sweep_dir / "runs" / "optim.lr-1e_30__seed-0"
+    bad = sweep_dir / "runs" / "optim.lr-1e_25__seed-0"
     diverged = json.loads((bad / "diverged.json").read_text())
     assert diverged["round"] == 0 and diverged["step"] == 2 and ("nan" in diverged["reason"] or "inf" in diverged["reason"])
-    assert "diverged (recorded, not rerun): optim.lr-1e_30__seed-0" in output
+    assert "diverged (recorded, not rerun): optim.lr-1e_25__seed-0" in output
     report = (sweep_dir / "report.md").read_text()
-    row = next(line for line in report.splitlines() if line.startswith("| all runs | 1e+30 | 0 |"))
+    row = next(line for line in report.splitlines() if line.startswith("| all runs | 1e+25 | 0 |"))
     assert "| diverged |" in row and f"| {diverged['step']} |" in row
     log = (bad / "train.log").read_text()
     proc = cli("sweep", str(path), "--no-report")
@@ -285,9 +285,10 @@ def alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; only its parent's wait is missing
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_a_sweep_stopped_by_sigterm_or_sigkill_leaves_no_run_training_and_resumes(tmp_path, sig):
-    path = sweep_recipe(tmp_path, {"objective.name": ["minpro"]}, train={**SMALL["train"], "iterations": 4})
+def test_a_sweep_killed_by_sigkill_leaves_no_run_training_and_resumes(tmp_path):
+    """No clean-up code of the sweep runs; the kernel stops its run (PR_SET_PDEATHSIG), which
+    releases the run's lock, so the rerun is not refused. (SIGTERM: the test above.)"""
+    path = sweep_recipe(tmp_path, {"objective.name": ["minpro"]}, train={**SMALL["train"], "iterations": 3})
     run = tmp_path / "sweep" / "runs" / "objective.name-minpro__seed-0"
     proc = cli("sweep", str(path), "--no-report")
     deadline = time.monotonic() + 300
@@ -295,18 +296,14 @@ def test_a_sweep_stopped_by_sigterm_or_sigkill_leaves_no_run_training_and_resume
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.05)
     child = int((run / ".minpro-lock").read_text().split()[0])  # the lock records its holder's pid
-    proc.send_signal(sig)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == (143 if sig == signal.SIGTERM else -9), output
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
     deadline = time.monotonic() + 60
-    while alive(child):  # SIGKILL: the kernel sends the run SIGTERM (PR_SET_PDEATHSIG); it stops within a write
-        assert time.monotonic() < deadline, f"run {child} still training after its sweep was stopped"
+    while alive(child):  # the run stops within a write
+        assert time.monotonic() < deadline, f"run {child} still training after its sweep was killed"
         time.sleep(0.05)
-    if sig == signal.SIGTERM:
-        assert "Traceback" not in output and "interrupted by SIGTERM" in output, output
-    said = "interrupted: " if sig == signal.SIGTERM else "interrupted by SIGTERM: "  # the sweep's Ctrl-C, or the kernel's
-    assert said + "the last complete checkpoint is" in (run / "train.log").read_text()
+    assert "interrupted by SIGTERM: the last complete checkpoint is" in (run / "train.log").read_text()
     proc = cli("sweep", str(path), "--no-report")
     output, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, output  # the lock was released: the rerun is not refused
-    assert [m["round"] for m in read_jsonl(run / "metrics.jsonl")] == list(range(4))  # every round once
+    assert proc.returncode == 0, output
+    assert [m["round"] for m in read_jsonl(run / "metrics.jsonl")] == list(range(3))  # every round once
