@@ -171,7 +171,7 @@ def test_ctrl_c_during_rollout_or_eval_leaves_no_output(tmp_path, stage):
     job = start(stage, str(QUICKSTART), f"run_dir={run_dir}", *many)
     while job.poll() is None and not (run_dir / ".minpro-run").exists():  # the stage has claimed the directory
         time.sleep(0.01)
-    time.sleep(0.5)  # on into loading or sampling: either way nothing may be left
+    time.sleep(0.5)  # on into loading or sampling: wherever it lands, nothing may be left
     assert job.poll() is None, job.communicate()[0]
     job.send_signal(signal.SIGINT)
     output, _ = job.communicate(timeout=120)

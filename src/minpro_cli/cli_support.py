@@ -21,12 +21,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _quiet_libraries() -> None:
+    """Through the environment, read when transformers is first imported: a command that never
+    loads a model (a refused recipe, `minpro config`) does not pay for importing it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from minpro_cli.cli_support import user_errors
-from minpro_cli.console import console
+from minpro_cli.console import console, titled_table
 from minpro_cli.errors import ConfigError, MinproError
 from minpro_cli.registry import Kind
 
@@ -46,7 +45,7 @@ def plugins(ctx: typer.Context) -> None:
         found = {kind: discover(kind) for kind in KINDS}
     problems: list[str] = []
     for kind in KINDS:
-        table = Table(title=f"minpro.{kind}")
+        table = titled_table(f"minpro.{kind}")
         for column in ("name", "package", "status", "summary"):
             table.add_column(column)
         for name, entry in sorted(found[kind].items()):
@@ -78,7 +77,7 @@ def plugins_check(
     found = plugin_kind(name, kind)
     options = dict(parse_override(text) for text in option or [])
     results = check_plugin(found, name, options, lambda: load_policy(policy))
-    table = Table(title=f"conformance of {found[:-1]} '{name}'")
+    table = titled_table(f"conformance of {found[:-1]} '{name}'")
     for column in ("check", "result", "detail"):
         table.add_column(column)
     for r in results:
@@ -102,7 +101,7 @@ def plugins_show(
     cls = entry.load()
     console.print(f"{found[:-1]} '{name}' from {entry.package} ({entry.value})\n", markup=False)
     console.print(inspect.cleandoc(cls.__doc__ or "(no description)") + "\n", markup=False, highlight=False)
-    table = Table(title="options (recipe: " + f"{found[:-1]}.options.KEY)")
+    table = titled_table("options (recipe: " + f"{found[:-1]}.options.KEY)")
     for column in ("option", "type", "default", "description"):
         table.add_column(column)
     for option, field in cls.model_fields.items():

@@ -90,9 +90,15 @@ def progress_bar(description: str, total: int) -> Iterator[Bar | LineBar]:
             _active.pop()
 
 
+def titled_table(title: str) -> Table:
+    """A table whose title stays on one line: rich wraps a title to the table's own width, which
+    for a two-column table of numbers breaks a path in a log into pieces."""
+    return Table(title=title, min_width=min(len(title) + 4, console.width))
+
+
 def print_metrics(title: str, metrics: dict[str, str]) -> None:
     """A two-column metric / value table, values already formatted."""
-    table = Table(title=title)
+    table = titled_table(title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():

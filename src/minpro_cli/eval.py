@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
 from minpro_cli.config import Recipe, dump_recipe
-from minpro_cli.console import console, print_metrics
+from minpro_cli.console import console, print_metrics, titled_table
 from minpro_cli.errors import MinproError
 from minpro_cli.fileio import write_json_atomic
 from minpro_cli.heldout import (
@@ -21,7 +20,7 @@ from minpro_cli.heldout import (
 )
 from minpro_cli.modeling import EMBEDDED_MODELS
 from minpro_cli.rollouts import write_rollouts
-from minpro_cli.rundir import check_replaceable, claim, writes_into
+from minpro_cli.rundir import check_replaceable, owned, writes_into
 from minpro_cli.sampling import Plugins, load_recipe_policy
 
 
@@ -55,7 +54,7 @@ def compare_results(first: Path, second: Path) -> dict[str, tuple[float, float]]
     shared = {k: (a[k], b[k]) for k in a if k in b}
     if not shared:
         raise MinproError(f"{first} and {second} share no numeric metrics: are both `minpro eval` results?")
-    table = Table(title=f"{first.name} vs {second.name}")
+    table = titled_table(f"{first.name} vs {second.name}")
     for column in ("metric", str(first), str(second), "difference"):
         table.add_column(column, justify="right")
     for key, (x, y) in shared.items():
@@ -96,13 +95,6 @@ def eval_output(recipe: Recipe, policy_path: str, output: Path | None) -> Path:
     return out
 
 
-def claim_for(recipe: Recipe, out: Path) -> None:
-    """Before the first write into the run directory: claim it as every stage claims it (no
-    lock: an evaluation may run beside training in the same directory)."""
-    if writes_into(Path(recipe.run_dir), out):
-        claim(Path(recipe.run_dir))
-
-
 def run_eval(recipe: Recipe, output: Path | None = None) -> dict[str, Any]:
     """One benchmark: `eval/<policy>.json` + `.samples.parquet`. Several: one such pair per
     benchmark under `eval/<policy>/`, and `eval/<policy>.json` with all of them and their
@@ -115,14 +107,15 @@ def run_eval(recipe: Recipe, output: Path | None = None) -> dict[str, Any]:
     shown = ["n_problems", "n_samples", "avg@n", "pass@1_stderr", *[f"pass@{k}" for k in cfg.k],
              *[f"maj@{k}" for k in cfg.k]]
     results: dict[str, dict[str, Any]] = {}
-    plugins = Plugins.of(recipe)
-    for name, bench in benchmarks_of(recipe).items():
-        result, rows = evaluate_benchmark(recipe, policy, plugins, name, bench)
-        results[name] = result
-        target = out if not name else out.with_suffix("") / f"{name}.json"
-        claim_for(recipe, out)
-        write_rollouts(target.with_suffix(".samples.parquet"), rows, config)  # the result JSON last:
-        write_json_atomic(target, {"policy": policy_path, **result, "config": config})  # it exists only with them
+    plugins, run_dir = Plugins.of(recipe), Path(recipe.run_dir)
+    # claimed as every stage claims it, but not locked: an evaluation may run beside training
+    with owned(run_dir, lock=False) if writes_into(run_dir, out) else nullcontext():
+        for name, bench in benchmarks_of(recipe).items():
+            result, rows = evaluate_benchmark(recipe, policy, plugins, name, bench)
+            results[name] = result
+            target = out if not name else out.with_suffix("") / f"{name}.json"
+            write_rollouts(target.with_suffix(".samples.parquet"), rows, config)  # the result JSON last:
+            write_json_atomic(target, {"policy": policy_path, **result, "config": config})  # it exists only with them
     if "" in results:
         result = {"policy": policy_path, **results[""]}
         print_metrics(f"eval of {policy_path} on {result['data']} → {out}",
@@ -146,7 +139,7 @@ def print_failures(failures: dict[str, int], label: str = "") -> None:
 
 
 def print_summary(summary: dict[str, Any], metrics: list[str], out: Path) -> None:
-    table = Table(title=f"eval of {summary['policy']} → {out}")
+    table = titled_table(f"eval of {summary['policy']} → {out}")
     for column in ("benchmark", "problems", "n", *metrics):
         table.add_column(column, justify="right")
     for name, r in summary["benchmarks"].items():

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from rich.table import Table
 
-from minpro_cli.console import console, progress_bar
+from minpro_cli.console import console, progress_bar, titled_table
 from minpro_cli.errors import ConfigError, MinproError, RolloutFileError
 from minpro_cli.fileio import write_json_output
 from minpro_cli.logprobs import pack, pad_rows, response_logprobs
@@ -200,7 +199,7 @@ def decode_worst(item: dict[str, Any], policy: Policy | None) -> dict[str, Any]:
 
 def print_report(report: dict[str, Any], source: str, options: InspectOptions) -> None:
     stats = ["mean", "std", "min", "p1", "p5", "p50", "p95", "p99", "max"]
-    table = Table(title=f"ratios of {source}: {report['n_sequences']} sequences, {report['n_tokens']} tokens")
+    table = titled_table(f"ratios of {source}: {report['n_sequences']} sequences, {report['n_tokens']} tokens")
     table.add_column("quantity")
     for s in stats:
         table.add_column(s, justify="right", overflow="fold")
@@ -228,7 +227,7 @@ def print_report(report: dict[str, Any], source: str, options: InspectOptions) -
 
 
 def print_by_position(bins: list[dict[str, Any]], title: str) -> None:
-    table = Table(title=title)
+    table = titled_table(title)
     for column in ("position", "tokens", "mean log ρ_t", "mean log ρ_1:t", "std log ρ_1:t", "mean ρ̲_t", "min ρ̲_t"):
         table.add_column(column, justify="right", overflow="fold")
     for b in bins:
@@ -239,7 +238,7 @@ def print_by_position(bins: list[dict[str, Any]], title: str) -> None:
 
 
 def print_first_breaks(breaks: dict[str, dict[str, Any]]) -> None:
-    table = Table(title="where prefixes break: first position with ρ̲_t < τ")
+    table = titled_table("where prefixes break: first position with ρ̲_t < τ")
     for column in ("τ", "sequences broken", "mean position", "by relative position (tenths of the response)"):
         table.add_column(column, justify="right", overflow="fold")
     for tau, b in breaks.items():
@@ -252,7 +251,7 @@ def print_first_breaks(breaks: dict[str, dict[str, Any]]) -> None:
 def print_worst(worst: list[dict[str, Any]]) -> None:
     if not worst:
         return
-    table = Table(title="sequences with the smallest ρ̲ at their end")
+    table = titled_table("sequences with the smallest ρ̲ at their end")
     for column in ("prompt_id", "sample", "reward", "min ρ", "at / length", "token", "text before it"):
         table.add_column(column)
     for w in worst:
@@ -264,7 +263,7 @@ def print_worst(worst: list[dict[str, Any]]) -> None:
 
 
 def print_groups(by: str, groups: dict[str, Any]) -> None:
-    table = Table(title=f"by {by}")
+    table = titled_table(f"by {by}")
     columns = ("group", "sequences", "tokens", "mean ρ_t", "p5 ρ̲_t", "mean ρ̲_t·ρ_t", "p50 ρ_1:t", "k3 KL",
                "(log ρ)²", "clip ρ_t")
     for column in columns:

@@ -92,12 +92,16 @@ def remove_leftovers(directory: Path) -> list[Path]:
 
 
 @contextmanager
-def owned(directory: Path, what: str = "run") -> Iterator[None]:
+def owned(directory: Path, what: str = "run", lock: bool = True) -> Iterator[None]:
     """Claim the directory, hold its lock for the block, and first clear what killed writes
-    left. A directory this call created is removed again if the block fails before writing
-    anything into it (a refused input leaves nothing behind)."""
+    left (without `lock`, as `minpro eval` beside a training run: claim only). A directory this
+    call created is removed again if the block fails before writing anything into it (a
+    refused input leaves nothing behind)."""
     fresh = claim(directory, what)
     try:
+        if not lock:
+            yield
+            return
         with locked(directory):
             remove_leftovers(directory)
             yield
