@@ -44,6 +44,9 @@ def start(*args: str) -> subprocess.Popen[str]:
         # a handler here becomes the default disposition in the child, which Python turns into
         # KeyboardInterrupt
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # ignored when the suite runs under nohup: children would inherit it
+        if signal.getsignal(sig) is signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
     env = os.environ | {"HF_HUB_OFFLINE": "1", "COLUMNS": "300"}
     return subprocess.Popen(
         [sys.executable, "-m", "minpro_cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -38,7 +38,8 @@ def _stop_like_ctrl_c() -> None:
     is released, and the rerun resumes (only the main thread can take a signal handler)."""
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, _terminate)
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup minpro …` keeps ignoring SIGHUP
+                signal.signal(signum, _terminate)
         _die_with_parent()
 
 
