@@ -81,16 +81,16 @@ def resolve_model_path(path: str | Path) -> Path:
         return embedded_model_dir(str(path))
     if Path(path).exists() or not HUB_MODEL_ID.match(str(path)):
         return Path(path)
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import try_to_load_from_cache  # a cache look-up: no network call at all
 
-    try:
-        return Path(snapshot_download(str(path), local_files_only=True))
-    except Exception:  # noqa: BLE001 — huggingface_hub raises several kinds when offline and not cached
-        raise CheckpointError(
-            f"model '{path}' is not a local directory, and that hub model id is not in the local Hugging Face "
-            f"cache; minpro never downloads at run time: fetch it once with `hf download {path}` (or "
-            "`huggingface-cli download`) on a machine with network, or point model.path at a local directory"
-        ) from None
+    found = try_to_load_from_cache(str(path), "config.json")
+    if isinstance(found, str):
+        return Path(found).parent
+    raise CheckpointError(
+        f"model '{path}' is not a local directory, and that hub model id is not in the local Hugging Face "
+        f"cache; minpro never downloads at run time: fetch it once with `hf download {path}` (or "
+        "`huggingface-cli download`) on a machine with network, or point model.path at a local directory"
+    )
 
 
 def load_policy(
