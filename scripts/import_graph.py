@@ -20,10 +20,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "minpro_cli"
 LAYERS: dict[str, list[str]] = {
     "basics": ["errors", "console", "fileio", "schedule"],
     "formats": ["rollouts", "rundir", "taskfiles", "tasks", "probe_results"],
-    "plugins": ["objectives", "verifiers", "registry", "advantages", "ratiostats"],
+    "plugins": ["objectives", "verifiers", "registry", "advantages", "ratiostats", "correction"],
     "recipe": ["sections", "config"],
     "models": ["lora", "logprobs", "modeling", "samplers", "distributed", "checkpoints", "trackers", "plots"],
-    "work": ["sampling", "heldout", "penalties", "step", "rounds", "resume"],
+    "work": ["sampling", "heldout", "penalties", "anchors", "step", "rounds", "resume"],
     "stages": ["rollout", "train", "eval", "inspect_ratios", "probe", "sweep", "report", "convert", "scaffold",
                "conformance", "launcher"],
     "cli": ["cli_support", "cli_tools", "cli", "__main__"],

@@ -109,7 +109,7 @@ def test_every_rank_makes_as_many_passes_as_the_busiest():
     """Rank 0 gets the two long rows (one micro-batch each), rank 1 two short ones (one
     micro-batch): both make 2 passes, so DDP/FSDP2 collectives line up."""
     batch = RolloutBatch(prompts=[[1] * 10, [1] * 10, [1], [1]], responses=[[2] * 10, [2] * 10, [2], [2]],
-                         old_logprobs=[[0.0] * 10, [0.0] * 10, [0.0], [0.0]], advantages=torch.zeros(4), temperature=1.0)
+                         behavior_logprobs=[[0.0] * 10, [0.0] * 10, [0.0], [0.0]], advantages=torch.zeros(4), temperature=1.0)
     first, passes0 = micro_batch_plan(batch, World(rank=0, size=2), budget=30)
     second, passes1 = micro_batch_plan(batch, World(rank=1, size=2), budget=30)
     assert first == [[0], [1]] and second == [[2, 3]]

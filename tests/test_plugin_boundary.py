@@ -134,7 +134,7 @@ class NonScalar:
 
 
 def test_an_objective_returning_a_non_scalar_loss_is_an_error_naming_it(policy):
-    batch = RolloutBatch(prompts=[[5, 6]], responses=[[7, 2]], old_logprobs=[[-1.0, -1.0]],
+    batch = RolloutBatch(prompts=[[5, 6]], responses=[[7, 2]], behavior_logprobs=[[-1.0, -1.0]],
                          advantages=torch.tensor([1.0]), temperature=1.0)  # fmt: skip
     optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.0)
     with pytest.raises(PluginError, match="objective 'NonScalar' returned a loss of shape \\[1\\]"):

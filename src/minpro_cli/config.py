@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from minpro_cli.correction import CorrectionConfig
 from minpro_cli.errors import ConfigError, PluginError
 from minpro_cli.fileio import read_yaml
 from minpro_cli.registry import Kind, format_validation_error, load_plugin
@@ -41,11 +42,21 @@ class Recipe(Section):
     objective: PluginRef = Field(default_factory=lambda: PluginRef(name="minpro"))
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    correction: CorrectionConfig = Field(default_factory=CorrectionConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _correction_needs_an_anchor(self) -> Recipe:
+        if self.correction.enabled and self.train.anchor == "behavior":
+            raise ValueError(
+                "correction: with train.anchor=behavior the behaviour factor π_old/μ is 1 and there is nothing to "
+                "correct; set train.anchor=sampling_weights (the sampler's mismatch alone) or round_start / loglinear"
+            )
+        return self
 
     def plugin(self, kind: Kind) -> Any:
         ref: PluginRef = getattr(self, kind[:-1])

@@ -53,6 +53,28 @@ def pad_rows(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(padded, dtype=like.dtype).reshape(like.shape).to(like.device, non_blocking=True)
 
 
+def micro_batches(prompt_lengths: list[int], response_lengths: list[int], budget: int | None) -> list[list[int]]:
+    """Row indices of each micro-batch. A packed micro-batch holds rows × (longest prompt +
+    longest response) tokens; rows go longest first into the current micro-batch while that
+    stays within `budget` (a row over the budget alone gets one). None: one micro-batch, in order."""
+    n = len(prompt_lengths)
+    if budget is None or n == 0:
+        return [list(range(n))] if n else []
+    responses = [max(n, 1) for n in response_lengths]  # `pack` pads responses to at least 1 column
+    order = sorted(range(n), key=lambda i: prompt_lengths[i] + responses[i], reverse=True)
+    out: list[list[int]] = []
+    current: list[int] = []
+    widest_prompt = widest_response = 0
+    for i in order:
+        prompt, response = max(widest_prompt, prompt_lengths[i]), max(widest_response, responses[i])
+        if current and (len(current) + 1) * (prompt + response) > budget:
+            out.append(current)
+            current, prompt, response = [], prompt_lengths[i], responses[i]
+        current.append(i)
+        widest_prompt, widest_response = prompt, response
+    return [*out, current]
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Left padding must not shift positions: the first real token is position 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

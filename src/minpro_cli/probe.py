@@ -55,7 +55,7 @@ class PolicyGradient(Objective):
 
     def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
         per_token = -inputs.token_advantages() * inputs.logprobs
-        return ObjectiveOutput(loss=self.aggregate(per_token, inputs.response_mask.bool()))
+        return ObjectiveOutput(loss=self.aggregate(per_token, inputs.response_mask.bool(), inputs.counts))
 
 
 @dataclass(frozen=True)

@@ -73,9 +73,10 @@ class $cls(Objective):
     scale: float = Field(1.0, gt=0.0, description="an example option: replace it with yours")
 
     def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
-        # inputs.logprobs (B, T) with grad, inputs.old_logprobs (B, T), inputs.token_advantages() (B, T),
-        # inputs.response_mask (B, T) bool. Build a (B, T) per-token loss, then:
-        #     return ObjectiveOutput(self.aggregate(per_token, inputs.response_mask), {"my_metric": 0.0})
+        # inputs.logprobs (B, T) with grad, inputs.anchor_logprobs (B, T) (the ratio's π_old),
+        # inputs.token_advantages() (B, T), inputs.response_mask (B, T) bool. Build a (B, T)
+        # per-token loss, then normalise it by the minibatch's counts (never by your own mean):
+        #     return ObjectiveOutput(self.aggregate(per_token, inputs.response_mask, inputs.counts), {"my_metric": 0.0})
         raise NotImplementedError("$name: write the objective (see docs/plugins.md in minpro)")
 '''),
     "verifier": Template('''\

@@ -148,9 +148,23 @@ class OptimConfig(Section):
         return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
 
 
+Anchor = Literal["behavior", "sampling_weights", "round_start", "loglinear"]
+
+
 class TrainConfig(Section):
     iterations: int = Field(20, ge=1, description="rounds of rollout → update")
     staleness: int = Field(0, ge=0, description="round r samples with the weights of round r − staleness")
+    anchor: Anchor = Field(
+        "behavior",
+        description="π_old, the objective's ratio's denominator: behavior (μ as sampled), sampling_weights (the "
+        "trainer under the weights that sampled the row), round_start (the trainer under the round's starting "
+        "weights) or loglinear (A-3PO's interpolation, no forward); see docs/correction.md",
+    )
+    factor_metrics: bool = Field(
+        False,
+        description="log the mismatch, staleness and drift factors each on its own whatever the anchor (one or two "
+        "extra no-grad forwards per round)",
+    )
     prompts_per_iteration: int = Field(32, ge=1)
     group_size: int = Field(
         8, ge=2, description="responses per problem; at least 2: every advantage estimator compares a response "

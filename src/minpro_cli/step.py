@@ -15,10 +15,18 @@ from dataclasses import dataclass, field
 import torch
 
 from minpro_cli.advantages import compute_advantages, group_indices, zero_variance_groups
+from minpro_cli.anchors import BEHAVIOR, OffPolicy, loglinear_anchor
 from minpro_cli.console import progress_bar
+from minpro_cli.correction import (
+    CorrectionTally,
+    FactorTally,
+    correct,
+    log_behavior_factor,
+    scale_gradient,
+)
 from minpro_cli.distributed import SINGLE, World, combine_metrics, gradient_sync, reduce_step_metrics
 from minpro_cli.errors import PluginError, RolloutFileError, TrainingDivergedError
-from minpro_cli.logprobs import autocast, pack, pad_rows, response_logprobs
+from minpro_cli.logprobs import autocast, micro_batches, pack, pad_rows, response_logprobs
 from minpro_cli.modeling import Policy
 from minpro_cli.objectives import (
     AdvantageEstimator,
@@ -35,13 +43,19 @@ from minpro_cli.rollouts import RolloutRow
 
 @dataclass
 class RolloutBatch:
-    """One round's training data: token ids, behaviour log-probs and advantages."""
+    """One round's training data: token ids, behaviour log-probs μ, advantages, the version that
+    sampled each row, and the trainer's own recomputed log-probs (`scores`, keyed by the weights
+    they were computed under: `sampling_weights`, `round_start`) where `train.anchor` or the
+    factor metrics need them. `trained_from` is the version the round's first update starts from."""
 
     prompts: list[list[int]]
     responses: list[list[int]]
-    old_logprobs: list[list[float]]
+    behavior_logprobs: list[list[float]]
     advantages: torch.Tensor  # (B,)
     temperature: float
+    versions: list[int] = field(default_factory=list)  # per row; empty: all 0
+    scores: dict[str, list[list[float]]] = field(default_factory=dict)
+    trained_from: int = 0
 
     @classmethod
     def from_rows(cls, rows: list[RolloutRow], advantages: torch.Tensor) -> RolloutBatch:
@@ -51,18 +65,22 @@ class RolloutBatch:
         return cls(
             prompts=[list(r.prompt_token_ids) for r in rows],
             responses=[list(r.response_token_ids) for r in rows],
-            old_logprobs=[list(r.behavior_logprobs) for r in rows],
+            behavior_logprobs=[list(r.behavior_logprobs) for r in rows],
             advantages=advantages,
             temperature=temperatures.pop(),
+            versions=[int(r.policy_version) for r in rows],
         )
 
     def select(self, index: list[int]) -> RolloutBatch:
         return RolloutBatch(
             prompts=[self.prompts[i] for i in index],
             responses=[self.responses[i] for i in index],
-            old_logprobs=[self.old_logprobs[i] for i in index],
+            behavior_logprobs=[self.behavior_logprobs[i] for i in index],
             advantages=self.advantages[index],
             temperature=self.temperature,
+            versions=[self.versions[i] for i in index] if self.versions else [],
+            scores={key: [rows[i] for i in index] for key, rows in self.scores.items()},
+            trained_from=self.trained_from,
         )
 
 
@@ -98,28 +116,6 @@ class Trainee:
         return cls(policy.model, policy.pad_token_id, SINGLE, policy.compute_dtype, micro_batch_tokens)
 
 
-def micro_batches(prompt_lengths: list[int], response_lengths: list[int], budget: int | None) -> list[list[int]]:
-    """Row indices of each micro-batch. A packed micro-batch holds rows × (longest prompt +
-    longest response) tokens; rows go longest first into the current micro-batch while that
-    stays within `budget` (a row over the budget alone gets one). None: one micro-batch, in order."""
-    n = len(prompt_lengths)
-    if budget is None or n == 0:
-        return [list(range(n))] if n else []
-    responses = [max(n, 1) for n in response_lengths]  # `pack` pads responses to at least 1 column
-    order = sorted(range(n), key=lambda i: prompt_lengths[i] + responses[i], reverse=True)
-    out: list[list[int]] = []
-    current: list[int] = []
-    widest_prompt = widest_response = 0
-    for i in order:
-        prompt, response = max(widest_prompt, prompt_lengths[i]), max(widest_response, responses[i])
-        if current and (len(current) + 1) * (prompt + response) > budget:
-            out.append(current)
-            current, prompt, response = [], prompt_lengths[i], responses[i]
-        current.append(i)
-        widest_prompt, widest_response = prompt, response
-    return [*out, current]
-
-
 def micro_batch_plan(minibatch: RolloutBatch, world: World, budget: int | None) -> tuple[list[list[int]], int]:
     """This rank's micro-batches (row indices into the minibatch) and the number of forward /
     backward passes every rank makes: the most any rank needs (each can tell every share)."""
@@ -141,6 +137,8 @@ class StepTally:
     ratios: StepRatios = field(default_factory=StepRatios)
     objective: list[tuple[dict[str, float | torch.Tensor], torch.Tensor]] = field(default_factory=list)
     entropy_sum: list[torch.Tensor] = field(default_factory=list)
+    factors: dict[str, FactorTally] = field(default_factory=dict)  # mismatch, staleness, drift
+    correction: CorrectionTally = field(default_factory=CorrectionTally.empty)
 
     def add(
         self, metrics: dict[str, float | torch.Tensor], log_rho: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor
@@ -158,7 +156,10 @@ class StepTally:
             return len(scalars) - 1
 
         parts = [({key: slot(v) for key, v in m.items()}, slot(n)) for m, n in self.objective]
-        ratios = {key: slot(v) for key, v in self.ratios.tensors().items()}
+        tensors = self.ratios.tensors() | self.correction.tensors()
+        for name, factor in self.factors.items():
+            tensors |= factor.tensors(name)
+        ratios = {key: slot(v) for key, v in tensors.items()}
         entropy_sum = slot(torch.stack(self.entropy_sum).sum())
         device = self.entropy_sum[0].device
         host = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in scalars]).tolist()
@@ -178,6 +179,8 @@ def update_step(
     grad_clip: float,
     length_budget: int | None = None,
     penalties: Penalties = NO_PENALTIES,
+    off_policy: OffPolicy = BEHAVIOR,
+    version: int = 0,
 ) -> dict[str, float]:
     """One optimizer step on one minibatch: this rank's share of it, cut into micro-batches
     within `trainee.micro_batch_tokens`, gradients accumulated, then one step. The loss is the
@@ -185,7 +188,9 @@ def update_step(
 
     Every micro-batch's loss is normalised by the counts of the whole minibatch (all
     micro-batches, all ranks; `length_budget` is Dr.GRPO's L when the objective pins none),
-    so the step is the same however the minibatch is cut. Every rank runs the same number of
+    so the step is the same however the minibatch is cut. `off_policy` picks the objective's anchor
+    and corrects the behaviour factor; `version` is the one this step's weights will have (the
+    loglinear anchor's v_θ). Every rank runs the same number of
     forward/backward passes (a rank with fewer runs stand-ins that contribute 0), as DDP and
     FSDP2 need. Raises before stepping if the loss or the gradient is not finite.
     """
@@ -195,12 +200,13 @@ def update_step(
     optimizer.zero_grad(set_to_none=True)
     tally = StepTally()
     loss_sum = torch.zeros((), dtype=torch.float64, device=next(module.parameters()).device)
-    with minibatch_counts(counts):
+    with minibatch_counts(counts):  # deprecated hidden counts, for objectives that do not take inputs.counts
         for k in range(passes):
             real = k < len(mine)
+            part = minibatch.select(mine[k] if real else [0])
             with gradient_sync(module, k == passes - 1):  # forward and backward: DDP decides at forward
-                loss = micro_batch_backward(trainee, objective, minibatch.select(mine[k] if real else [0]),
-                                            penalties, tally if real else None)  # fmt: skip
+                loss = micro_batch_backward(trainee, objective, part, penalties, tally if real else None,
+                                            Scope(counts, off_policy, version))  # fmt: skip
             loss_sum += loss
     global_loss = world.sum([loss_sum.item()])[0]  # every rank sees the same, so all stop together
     if not math.isfinite(global_loss):
@@ -234,11 +240,48 @@ def check_loss(objective: Objective, loss: object) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Scope:
+    """What a micro-batch's loss needs from its optimizer step: the minibatch's counts, the
+    anchor and correction, and the version the step's weights will have."""
+
+    counts: MinibatchCounts
+    off_policy: OffPolicy = BEHAVIOR
+    version: int = 0
+
+
+def anchor_logprobs(scope: Scope, part: RolloutBatch, logprobs: torch.Tensor, behavior: torch.Tensor,
+                    versions: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """log π_old of every token under `train.anchor` (no grad)."""
+    anchor = scope.off_policy.anchor
+    if anchor == "behavior":
+        return behavior
+    if anchor == "loglinear":
+        return loglinear_anchor(logprobs, behavior, versions, part.trained_from, scope.version)
+    return pad_rows(part.scores[anchor], logprobs)
+
+
+def tally_factors(tally: StepTally, part: RolloutBatch, logprobs: torch.Tensor, behavior: torch.Tensor,
+                  mask: torch.Tensor) -> None:  # fmt: skip
+    """mismatch = sampling weights / μ, staleness = round start / sampling weights, drift = π_θ /
+    round start: each where the scores it needs were computed."""
+    sampling, start = (pad_rows(part.scores[k], logprobs) if k in part.scores else None
+                       for k in ("sampling_weights", "round_start"))  # fmt: skip
+    pairs = {"mismatch": (sampling, behavior), "staleness": (start, sampling), "drift": (logprobs, start)}
+    for name, (numerator, denominator) in pairs.items():
+        if numerator is not None and denominator is not None:
+            tally.factors.setdefault(name, FactorTally.empty()).add(
+                log_behavior_factor(numerator, denominator, mask), mask
+            )
+
+
 def micro_batch_backward(
-    trainee: Trainee, objective: Objective, part: RolloutBatch, penalties: Penalties, tally: StepTally | None
-) -> torch.Tensor:
+    trainee: Trainee, objective: Objective, part: RolloutBatch, penalties: Penalties, tally: StepTally | None,
+    scope: Scope,
+) -> torch.Tensor:  # fmt: skip
     """Forward and backward of one micro-batch; returns its detached loss (float64). A stand-in
-    (`tally` None: this rank has no rows left) contributes a loss and gradient of 0."""
+    (`tally` None: this rank has no rows left) contributes a loss and gradient of 0. The
+    correction weight W scales each token's gradient into the objective (not the penalties)."""
     module, device = trainee.module, next(trainee.module.parameters()).device
     packed = pack(part.prompts, part.responses, trainee.pad_token_id)
     with autocast(device, trainee.compute_dtype):
@@ -246,16 +289,29 @@ def micro_batch_backward(
             module, packed, part.temperature, with_entropy=True, entropy_grad=bool(penalties.entropy_coef)
         )
     assert entropy is not None
-    old = pad_rows(part.old_logprobs, logprobs)
+    behavior = pad_rows(part.behavior_logprobs, logprobs)
     mask = packed.response_mask.to(device)
-    out = objective(ObjectiveInputs(logprobs, old, part.advantages.to(device), mask))
+    advantages = part.advantages.to(device)
+    versions = torch.tensor(part.versions or [0] * len(part.prompts), device=device)[:, None].expand(mask.shape)
+    anchor = anchor_logprobs(scope, part, logprobs, behavior, versions)
+    trained = logprobs
+    corrected = None
+    if scope.off_policy.correction.enabled:
+        corrected = correct(scope.off_policy.correction, anchor, behavior, logprobs, advantages, mask)
+        trained = scale_gradient(logprobs, corrected.weights)
+    inputs = ObjectiveInputs(trained, anchor, advantages, mask, behavior_logprobs=behavior,
+                             behavior_versions=versions, counts=scope.counts)  # fmt: skip
+    out = objective(inputs)
     check_loss(objective, out.loss)
     with autocast(device, trainee.compute_dtype):  # the reference computes as the policy does
         penalty, penalty_metrics = penalties(objective, logprobs, entropy, packed, part.temperature, mask)
     loss = out.loss + penalty if tally is not None else (out.loss + penalty) * 0.0
     (loss * trainee.world.size).backward()  # DDP and FSDP2 average gradients over ranks
     if tally is not None:
-        tally.add(out.metrics | penalty_metrics, log_token_ratio(logprobs.detach(), old), entropy.detach(), mask)
+        tally.add(out.metrics | penalty_metrics, log_token_ratio(logprobs.detach(), anchor), entropy.detach(), mask)
+        tally_factors(tally, part, logprobs.detach(), behavior, mask)
+        if corrected is not None:
+            tally.correction.add(corrected, mask)
     return loss.detach().double()
 
 
@@ -271,9 +327,11 @@ def update_policy(
     before_step: Callable[[], None] = lambda: None,
     length_budget: int | None = None,
     penalties: Penalties = NO_PENALTIES,
+    off_policy: OffPolicy = BEHAVIOR,
 ) -> list[dict[str, float]]:
     """`epochs` shuffled passes over the batch, `minibatches` optimizer steps per pass; each
-    rank trains on its share of every minibatch (the same split whatever the world size)."""
+    rank trains on its share of every minibatch (the same split whatever the world size).
+    The k-th step of the round makes version `batch.trained_from` + k + 1."""
     generator = torch.Generator().manual_seed(seed % 2**63)  # any recipe seed: within torch's range
     n = len(batch.prompts)
     step_metrics = []
@@ -287,7 +345,8 @@ def update_policy(
                 if index:
                     before_step()
                     step_metrics.append(update_step(
-                        trainee, optimizer, objective, batch.select(index), grad_clip, length_budget, penalties
+                        trainee, optimizer, objective, batch.select(index), grad_clip, length_budget, penalties,
+                        off_policy, version=batch.trained_from + len(step_metrics) + 1,
                     ))  # fmt: skip
                 if bar is not None:
                     bar.advance(1)

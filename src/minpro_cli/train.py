@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from minpro_cli.anchors import OffPolicy, Rescorer
 from minpro_cli.checkpoints import (
     LoopState,
     StateDict,
@@ -179,10 +180,20 @@ class Trainer:
         self.policy = load_recipe_policy(recipe, str(resume_from) if resume_from else None)
         sharded = self.world.size > 1 and recipe.distributed.strategy == "fsdp"
         self.plain = self.policy.copy() if sharded or recipe.model.lora else self.policy
+        self.off_policy = OffPolicy(cfg.anchor, recipe.correction, cfg.factor_metrics)
+        self.needs = self.off_policy.needs() - ({"sampling_weights"} if cfg.rollouts else set())
+        self.rescorer = Rescorer(self.policy, cfg.micro_batch_tokens, self.world) if self.needs else None
         if recipe.model.lora:
             self.policy.adapters = LoraAdapters.attach(self.policy.model, recipe.model.lora, seed=recipe.seed)
         self.source = (StoredRounds(recipe, self.policy, cfg.rollouts) if cfg.rollouts
                        else OnlineRounds(recipe, self.plain, self.plugins, self.run_dir, self.world))  # fmt: skip
+        if isinstance(self.source, StoredRounds) and cfg.anchor == "sampling_weights":
+            versions = sorted({r.policy_version for chunk in self.source.chunks for r in chunk})
+            raise ConfigError(
+                f"train.anchor=sampling_weights needs the weights that sampled each row, and stored rollouts "
+                f"{cfg.rollouts} (policy_version {', '.join(map(str, versions[:5]))}) were sampled outside this run; "
+                "use train.anchor=round_start (or loglinear), or train online"
+            )
         if cfg.activation_checkpointing:  # per decoder layer (per sharded block under FSDP2)
             self.policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if cfg.compile:  # after the sampling copies above were taken: they stay plain modules
@@ -291,14 +302,51 @@ class Trainer:
             self.trackers.log(record)
         return record
 
+    def weights_of(self, version: int, current: StateDict) -> StateDict:
+        """The whole weights of policy version `version`: the current ones, or a staleness snapshot."""
+        if version == self.state.step:
+            return current
+        for round_, step in self.stale.steps.items():
+            if step == version and round_ in self.stale.snapshots:
+                return self.stale.snapshots[round_]
+        raise ConfigError(f"train.anchor=sampling_weights: the weights of policy_version {version} are no longer "
+                          "held (a row older than train.staleness); use train.anchor=round_start")  # fmt: skip
+
+    def rescore(self, batch: RolloutBatch) -> None:
+        """Before the round's first update: the trainer's own log-probs under the round's starting
+        weights and under the weights that sampled each row, where the anchor or metrics need them."""
+        batch.trained_from = self.state.step
+        if self.rescorer is None:
+            return
+        current = self.sampling_weights()  # collective under FSDP2
+
+        def score(weights: StateDict, rows: list[int]) -> list[list[float]]:
+            prompts, responses = [batch.prompts[i] for i in rows], [batch.responses[i] for i in rows]
+            return self.rescorer.score(weights, prompts, responses, batch.temperature)  # type: ignore[union-attr]
+
+        if "round_start" in self.needs:
+            batch.scores["round_start"] = score(current, list(range(len(batch.prompts))))
+        if "sampling_weights" in self.needs:
+            scores: list[list[float]] = [[] for _ in batch.prompts]
+            for version in sorted(set(batch.versions)):
+                rows = [i for i, v in enumerate(batch.versions) if v == version]
+                if version == self.state.step and "round_start" in batch.scores:  # the same weights: no second forward
+                    values = [batch.scores["round_start"][i] for i in rows]
+                else:
+                    values = score(self.weights_of(version, current), rows)
+                for i, row in zip(rows, values):
+                    scores[i] = row
+            batch.scores["sampling_weights"] = scores
+
     def update(self, round_: int, batch: RolloutBatch) -> list[dict[str, float]]:
         """The round's optimizer steps; a non-finite loss or gradient leaves `diverged.json`."""
         recipe, cfg = self.recipe, self.cfg
+        self.rescore(batch)
         try:
             return update_policy(
                 self.trainee, self.optimizer, self.objective, batch, cfg.epochs, cfg.minibatches,
                 recipe.optim.grad_clip, seed=recipe.seed * 100_003 + round_, before_step=self.count_step,
-                length_budget=self.length_budget, penalties=self.penalties,
+                length_budget=self.length_budget, penalties=self.penalties, off_policy=self.off_policy,
             )  # fmt: skip
         except TrainingDivergedError as exc:
             last = latest_checkpoint(self.run_dir)

@@ -7,15 +7,21 @@ Public API for plugin authors::
 An objective plugin is a subclass of `Objective` (a Pydantic model: its fields are
 the objective's options, validated on load) whose `__call__` maps `ObjectiveInputs` to
 `ObjectiveOutput`. No model and no optimizer inside: only tensors in, loss and metrics out.
-It reduces its per-token losses with `self.aggregate`, so `loss_agg` means the same thing
-for every objective, and so `minpro train` can normalise every micro-batch by the counts of
-its whole minibatch (`MinibatchCounts`) without the objective knowing it was cut. Register it
-under the `minpro.objectives` entry-point group.
+It reduces its per-token losses with `self.aggregate(per_token, mask, inputs.counts)`, so
+`loss_agg` means the same thing for every objective, and so `minpro train` can normalise every
+micro-batch by the counts of its whole minibatch (`inputs.counts`, an explicit input) without
+the objective knowing it was cut. Register it under the `minpro.objectives` entry-point group.
+
+The three policies (docs/correction.md): μ sampled the tokens (`behavior_logprobs`), π_old is
+the anchor the objective's ratio is taken against (`anchor_logprobs`; μ itself unless
+`train.anchor` recomputes it), π_θ is trained (`logprobs`). An objective's ratio is π_θ/π_old;
+the sampler's mismatch π_old/μ is the correction layer's, not the objective's.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -30,13 +36,62 @@ AdvantageEstimator = Literal["grpo", "dr_grpo", "rloo"]
 LOG_RATIO_CLAMP = 20.0  # exp(±20) stays finite in fp32; beyond it a ratio is meaningless anyway
 
 
-@dataclass
+@dataclass(init=False)
 class ObjectiveInputs:
-    logprobs: torch.Tensor  # (B, T) log π_θ of the response tokens, requires grad
-    old_logprobs: torch.Tensor  # (B, T) log μ of the behaviour policy, no grad
-    advantages: torch.Tensor  # (B,) per sequence or (B, T) per token
-    response_mask: torch.Tensor  # (B, T) bool, True on trained response tokens
-    proximal_logprobs: torch.Tensor | None = None  # (B, T) optional proximal policy
+    """What an objective is given, all of it explicit (no hidden state):
+
+    logprobs           (B, T) log π_θ of the response tokens, requires grad
+    anchor_logprobs    (B, T) log π_old, the anchor of the objective's ratio, no grad
+                       (`old_logprobs` is its alias: plugins written against it keep working)
+    advantages         (B,) per sequence or (B, T) per token
+    response_mask      (B, T) bool, True on trained response tokens
+    behavior_logprobs  (B, T) log μ the sampler recorded (the anchor itself when not given)
+    behavior_versions  (B, T) int64, the policy version (optimizer step) that drew each token,
+                       or None when unknown
+    counts             the whole minibatch's counts the loss is normalised by; None: this batch's
+    """
+
+    logprobs: torch.Tensor
+    anchor_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    response_mask: torch.Tensor
+    behavior_logprobs: torch.Tensor
+    behavior_versions: torch.Tensor | None
+    counts: MinibatchCounts | None
+    proximal_logprobs: torch.Tensor | None
+
+    def __init__(
+        self,
+        logprobs: torch.Tensor,
+        anchor_logprobs: torch.Tensor | None = None,
+        advantages: torch.Tensor | None = None,
+        response_mask: torch.Tensor | None = None,
+        proximal_logprobs: torch.Tensor | None = None,
+        *,
+        behavior_logprobs: torch.Tensor | None = None,
+        behavior_versions: torch.Tensor | None = None,
+        counts: MinibatchCounts | None = None,
+        old_logprobs: torch.Tensor | None = None,
+    ) -> None:
+        if old_logprobs is not None:
+            if anchor_logprobs is not None:
+                raise TypeError("give anchor_logprobs or its old name old_logprobs, not both")
+            anchor_logprobs = old_logprobs
+        if anchor_logprobs is None or advantages is None or response_mask is None:
+            raise TypeError("ObjectiveInputs needs logprobs, anchor_logprobs, advantages and response_mask")
+        self.logprobs, self.anchor_logprobs = logprobs, anchor_logprobs
+        self.advantages, self.response_mask = advantages, response_mask
+        self.behavior_logprobs = anchor_logprobs if behavior_logprobs is None else behavior_logprobs
+        self.behavior_versions, self.counts, self.proximal_logprobs = behavior_versions, counts, proximal_logprobs
+
+    @property
+    def old_logprobs(self) -> torch.Tensor:
+        """The anchor π_old under its first name (objectives written before the three policies)."""
+        return self.anchor_logprobs
+
+    @old_logprobs.setter
+    def old_logprobs(self, value: torch.Tensor) -> None:
+        self.anchor_logprobs = value
 
     def token_advantages(self) -> torch.Tensor:
         adv = self.advantages
@@ -82,8 +137,11 @@ class Objective(BaseModel):
     def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
         raise NotImplementedError
 
-    def aggregate(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return aggregate_loss(per_token, mask, self.loss_agg, self.max_response_length)
+    def aggregate(
+        self, per_token: torch.Tensor, mask: torch.Tensor, counts: MinibatchCounts | None = None
+    ) -> torch.Tensor:
+        """`loss_agg` of the per-token losses, normalised by `counts` (pass `inputs.counts`)."""
+        return aggregate_loss(per_token, mask, self.loss_agg, self.max_response_length, counts)
 
 
 ObjectiveOptions = Objective  # deprecated name: plugins written against it keep working
@@ -122,9 +180,9 @@ _MINIBATCH: ContextVar[MinibatchCounts | None] = ContextVar("minpro_minibatch_co
 
 @contextmanager
 def minibatch_counts(counts: MinibatchCounts) -> Iterator[None]:
-    """Inside this block `aggregate_loss` divides by `counts` instead of the batch's own counts:
-    the loss of a micro-batch becomes its exact share of the minibatch's loss, so summed
-    gradients over micro-batches (and ranks) equal the whole minibatch's gradient."""
+    """Deprecated (kept for one release): the counts as hidden state, for objectives that call
+    `aggregate(per_token, mask)` without `inputs.counts`. Inside this block such a call divides
+    by `counts` (with a DeprecationWarning) instead of the batch's own counts."""
     token = _MINIBATCH.set(counts)
     try:
         yield
@@ -133,7 +191,11 @@ def minibatch_counts(counts: MinibatchCounts) -> Iterator[None]:
 
 
 def aggregate_loss(
-    per_token: torch.Tensor, mask: torch.Tensor, mode: LossAgg, max_response_length: int | None = None
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: LossAgg,
+    max_response_length: int | None = None,
+    counts: MinibatchCounts | None = None,
 ) -> torch.Tensor:
     """Reduce (B, T) per-token losses ℓ_it over the trained tokens (mask_it = 1).
 
@@ -147,11 +209,12 @@ def aggregate_loss(
     constant normaliser B·L is TRL's `dr_grpo`; verl's `seq-mean-token-sum-norm` divides by
     L only, a constant factor B apart. An empty batch gives 0.
 
-    Σ_i |o_i|, B', B and the default L are the counts of the whole minibatch when
-    `minibatch_counts` is in force (`minpro train` with micro-batches or ranks), else of
-    this batch. Only the numerators are sums over the rows given here.
+    Σ_i |o_i|, B', B and the default L are `counts`: the whole minibatch's (`inputs.counts`, which
+    `minpro train` fills in for every micro-batch and rank), else this batch's own. Only the
+    numerators are sums over the rows given here.
     """
-    counts = _MINIBATCH.get() or MinibatchCounts.of_mask(mask)
+    if counts is None:
+        counts = _counts_from_context() or MinibatchCounts.of_mask(mask)
     maskf = mask.to(per_token.dtype)
     masked = per_token * maskf
     if mode == "token-mean":
@@ -166,6 +229,18 @@ def aggregate_loss(
     else:
         raise ValueError(f"unknown loss_agg {mode!r}")
     return seq_loss.sum() / max(counts.sequences, 1)
+
+
+def _counts_from_context() -> MinibatchCounts | None:
+    counts = _MINIBATCH.get()
+    if counts is not None:
+        warnings.warn(
+            "an objective aggregated without its minibatch counts; pass them explicitly: "
+            "self.aggregate(per_token, mask, inputs.counts) (the implicit counts go in the next release)",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+    return counts
 
 
 # Metric helpers return detached 0-d float64 tensors, not floats: `minpro train` reads every

@@ -24,9 +24,9 @@ class CISPO(ClippedObjective):
 
     def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
         mask = inputs.response_mask.bool()
-        log_rho = log_token_ratio(inputs.logprobs, inputs.old_logprobs)
+        log_rho = log_token_ratio(inputs.logprobs, inputs.anchor_logprobs)
         per_token, weight, clipping = detached_weight_surrogate(
             log_rho.exp(), inputs.token_advantages(), inputs.logprobs, self.clip_low, self.clip_high
         )
         metrics = {**ratio_metrics(log_rho, mask), "weight_mean": masked_mean(weight, mask), **clipping.metrics(mask)}
-        return ObjectiveOutput(loss=self.aggregate(per_token, mask), metrics=metrics)
+        return ObjectiveOutput(loss=self.aggregate(per_token, mask, inputs.counts), metrics=metrics)

@@ -27,7 +27,7 @@ class GSPO(ClippedObjective):
 
     def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
         mask = inputs.response_mask.bool()
-        log_rho = log_token_ratio(inputs.logprobs, inputs.old_logprobs)
+        log_rho = log_token_ratio(inputs.logprobs, inputs.anchor_logprobs)
         maskf = mask.to(log_rho.dtype)
         log_seq = (log_rho.detach() * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)  # (B,), |·| ≤ 20
         # value log s_i, gradient ∇log π_θ(o_t); sg[log π] added last so the value stays exact
@@ -41,4 +41,4 @@ class GSPO(ClippedObjective):
             **ratio_metrics(log_seq, rows, "seq_ratio"),
             **clipping.metrics(mask),
         }
-        return ObjectiveOutput(loss=self.aggregate(per_token, mask), metrics=metrics)
+        return ObjectiveOutput(loss=self.aggregate(per_token, mask, inputs.counts), metrics=metrics)

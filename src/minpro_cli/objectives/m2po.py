@@ -26,7 +26,7 @@ class M2PO(Objective):
 
     def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
         mask = inputs.response_mask.bool()
-        log_rho = log_token_ratio(inputs.logprobs, inputs.old_logprobs)
+        log_rho = log_token_ratio(inputs.logprobs, inputs.anchor_logprobs)
         keep = second_moment_mask(log_rho.detach(), mask, self.m2_threshold)
         per_token = -keep.to(log_rho.dtype) * log_rho.exp() * inputs.token_advantages()
         m2 = log_rho.detach() ** 2
@@ -36,7 +36,7 @@ class M2PO(Objective):
             "m2_kept": masked_mean(m2, keep),
             "m2_masked_frac": masked_fraction(~keep, mask),
         }
-        return ObjectiveOutput(loss=self.aggregate(per_token, mask), metrics=metrics)
+        return ObjectiveOutput(loss=self.aggregate(per_token, mask, inputs.counts), metrics=metrics)
 
 
 def second_moment_mask(log_ratio: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -45,7 +45,7 @@ class MinPRO(ClippedObjective):
 
     def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
         mask = inputs.response_mask.bool()
-        log_rho = log_token_ratio(inputs.logprobs, inputs.old_logprobs)
+        log_rho = log_token_ratio(inputs.logprobs, inputs.anchor_logprobs)
         log_min_prefix = log_min_prefix_ratio(log_rho, mask)
         if self.prefix_cap_at_one:
             log_min_prefix = log_min_prefix.clamp(max=0.0)
@@ -65,4 +65,4 @@ class MinPRO(ClippedObjective):
             "weight_below_half_frac": masked_fraction(log_weight.detach().exp() < 0.5, mask),
             **clipping.metrics(mask),
         }
-        return ObjectiveOutput(loss=self.aggregate(per_token, mask), metrics=metrics)
+        return ObjectiveOutput(loss=self.aggregate(per_token, mask, inputs.counts), metrics=metrics)

@@ -25,12 +25,12 @@ class GRPO(ClippedObjective):
 
     def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
         mask = inputs.response_mask.bool()
-        log_rho = log_token_ratio(inputs.logprobs, inputs.old_logprobs)
+        log_rho = log_token_ratio(inputs.logprobs, inputs.anchor_logprobs)
         per_token, clipping = ppo_clip_surrogate(
             log_rho.exp(), inputs.token_advantages(), self.clip_low, self.clip_high, self.dual_clip
         )
         metrics = {**ratio_metrics(log_rho, mask), **clipping.metrics(mask)}
-        return ObjectiveOutput(loss=self.aggregate(per_token, mask), metrics=metrics)
+        return ObjectiveOutput(loss=self.aggregate(per_token, mask, inputs.counts), metrics=metrics)
 
 
 class DAPO(GRPO):

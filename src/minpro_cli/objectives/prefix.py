@@ -26,7 +26,7 @@ class PrefixRatio(ClippedObjective):
 
     def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
         mask = inputs.response_mask.bool()
-        log_rho = log_token_ratio(inputs.logprobs, inputs.old_logprobs)
+        log_rho = log_token_ratio(inputs.logprobs, inputs.anchor_logprobs)
         log_prefix = log_prefix_ratio(log_rho, mask).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         per_token, weight, clipping = detached_weight_surrogate(
             log_prefix.exp(), inputs.token_advantages(), inputs.logprobs, self.clip_low, self.clip_high
@@ -38,4 +38,4 @@ class PrefixRatio(ClippedObjective):
             "weight_below_half_frac": masked_fraction(log_prefix.exp() < 0.5, mask),
             **clipping.metrics(mask),
         }
-        return ObjectiveOutput(loss=self.aggregate(per_token, mask), metrics=metrics)
+        return ObjectiveOutput(loss=self.aggregate(per_token, mask, inputs.counts), metrics=metrics)
