@@ -2,8 +2,10 @@
 
 Each case trains a copy of the embedded model for 3 optimizer steps on one synthetic
 minibatch (ragged prompts and responses, ratios off 1, mixed-sign advantages) and returns
-the final weights. Cases differ in objective, `loss_agg` and micro-batch budget; the claim
-under test is that the budget (and the world size) never changes the weights.
+the final weights. Cases differ in objective, `loss_agg` and micro-batch budget, and in the
+anchor and correction mode (`minpro+<mode>`: a recomputed anchor off μ, so c ≠ 1, with each
+correction mode set to bite); the claim under test is that the budget (and the world size)
+never changes the weights.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import copy
 
 import torch
 
+from minpro_cli.anchors import BEHAVIOR, OffPolicy
+from minpro_cli.correction import CorrectionConfig, Rejection
 from minpro_cli.distributed import SINGLE, World, parallelize
 from minpro_cli.logprobs import pack, response_logprobs
 from minpro_cli.modeling import Policy, load_policy
@@ -23,6 +27,17 @@ OBJECTIVES = ["minpro", "grpo", "gspo", "cispo"]
 LOSS_AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 BUDGETS = ["whole", "half", "one-row"]
 ROWS, STEPS, LR = 8, 3, 0.5
+CORRECTIONS = {
+    "token": OffPolicy("sampling_weights", CorrectionConfig(level="token", high=1.2)),
+    "sequence_mask": OffPolicy("sampling_weights", CorrectionConfig(level="sequence", action="mask", low=0.3, high=3)),
+    "geometric_mask": OffPolicy("sampling_weights", CorrectionConfig(level="geometric", action="mask", low=0.9, high=1.1)),
+    "prefix_min": OffPolicy("sampling_weights", CorrectionConfig(level="prefix_min", high=1.5)),
+    "prefix": OffPolicy("round_start", CorrectionConfig(level="prefix", low=0.2, high=3.0)),
+    "reject": OffPolicy("sampling_weights", CorrectionConfig(reject=[Rejection(kl="k3", agg="max", high=0.1),
+                                                                     Rejection(kl="k1", agg="token", low=-0.3, high=0.3)])),
+    "veto_opsm": OffPolicy("sampling_weights", CorrectionConfig(veto_low=0.6, opsm_delta=0.02)),
+    "loglinear": OffPolicy("loglinear", CorrectionConfig(level="token", high=1.3)),
+}
 
 
 def synthetic_minibatch(policy: Policy, dtype: torch.dtype) -> RolloutBatch:
@@ -37,7 +52,11 @@ def synthetic_minibatch(policy: Policy, dtype: torch.dtype) -> RolloutBatch:
     noise = 0.3 * torch.randn(current.shape, generator=gen, dtype=current.dtype)
     old = [(current[i, : len(r)] + noise[i, : len(r)]).tolist() for i, r in enumerate(responses)]
     advantages = torch.randn(ROWS, generator=gen, dtype=dtype)
-    return RolloutBatch(prompts, responses, old, advantages, temperature=1.0)
+    anchor = {key: [(current[i, : len(r)] + scale * torch.randn(len(r), generator=gen, dtype=current.dtype)).tolist()
+                    for i, r in enumerate(responses)] for key, scale in (("sampling_weights", 0.2), ("round_start", 0.25))}
+    versions = torch.randint(0, 3, (ROWS,), generator=gen).tolist()
+    return RolloutBatch(prompts, responses, old, advantages, temperature=1.0, versions=versions, scores=anchor,
+                        trained_from=2)
 
 
 def budget_tokens(batch: RolloutBatch, budget: str) -> int:
@@ -46,7 +65,8 @@ def budget_tokens(batch: RolloutBatch, budget: str) -> int:
 
 
 def train_case(
-    base: Policy, batch: RolloutBatch, objective: Objective, budget: int, world: World = SINGLE
+    base: Policy, batch: RolloutBatch, objective: Objective, budget: int, world: World = SINGLE,
+    off_policy: OffPolicy = BEHAVIOR,
 ) -> dict[str, torch.Tensor]:
     model = copy.deepcopy(base.model)
     module = parallelize(model, "ddp", world)
@@ -54,13 +74,14 @@ def train_case(
     # plain SGD without clipping: the step is linear in the gradient, so a wrong constant in
     # the normaliser shows (AdamW and clipping would divide it out)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    for _ in range(STEPS):
-        update_step(trainee, optimizer, objective, batch, grad_clip=1e9)
+    for step in range(STEPS):
+        update_step(trainee, optimizer, objective, batch, grad_clip=1e9, off_policy=off_policy, version=3 + step)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def cases() -> list[tuple[str, str, str]]:
-    return [(o, a, b) for o in OBJECTIVES for a in LOSS_AGGS for b in BUDGETS]
+    plain = [(o, a, b) for o in OBJECTIVES for a in LOSS_AGGS for b in BUDGETS]
+    return plain + [(f"minpro+{mode}", "token-mean", b) for mode in CORRECTIONS for b in BUDGETS]
 
 
 def run_grid(dtype: torch.dtype, world: World = SINGLE) -> dict[str, torch.Tensor]:
@@ -70,6 +91,8 @@ def run_grid(dtype: torch.dtype, world: World = SINGLE) -> dict[str, torch.Tenso
     batch = synthetic_minibatch(base, dtype)
     out = {}
     for name, loss_agg, budget in cases():
-        weights = train_case(base, batch, load_objective(name, loss_agg=loss_agg), budget_tokens(batch, budget), world)
+        objective, _, mode = name.partition("+")
+        weights = train_case(base, batch, load_objective(objective, loss_agg=loss_agg), budget_tokens(batch, budget),
+                             world, CORRECTIONS[mode] if mode else BEHAVIOR)  # fmt: skip
         out |= {f"{name}/{loss_agg}/{budget}/{k}": v for k, v in weights.items()}
     return out

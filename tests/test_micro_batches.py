@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from invariance_cases import BUDGETS, ROWS, budget_tokens, cases, run_grid, synthetic_minibatch, train_case
+from invariance_cases import BUDGETS, CORRECTIONS, ROWS, budget_tokens, cases, run_grid, synthetic_minibatch, train_case
 from safetensors.torch import load_file
 
 from minpro_cli.distributed import World
@@ -86,7 +86,8 @@ def test_objectives_and_modes_are_told_apart(one_process):
     dtype, grid = one_process
     start = start_weights(dtype)
     base = case_weights(grid, "minpro/token-mean/whole")
-    for other in ("grpo/token-mean/whole", "minpro/seq-mean-token-sum/whole", "minpro/seq-mean-token-sum-norm/whole"):
+    for other in ("grpo/token-mean/whole", "minpro/seq-mean-token-sum/whole", "minpro/seq-mean-token-sum-norm/whole",
+                  *(f"minpro+{mode}/token-mean/whole" for mode in CORRECTIONS)):
         assert relative_gap(case_weights(grid, other), base, start) > 100 * TOLERANCE[dtype], other
 
 

@@ -7,11 +7,12 @@ default, no processed-vs-raw score ambiguity).
 
 from __future__ import annotations
 
+import copy
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from minpro_cli.logprobs import positions_from_mask
@@ -41,22 +42,47 @@ class HFSampler(SamplingParams):
     """
 
     batch_size: int = Field(256, ge=1, description="prompts per generation batch")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="sample with the sampler's own copy of the weights in this dtype, refreshed when the policy's "
+        "weights change (not cast per token), while training keeps its precision: an inference engine's "
+        "sampler–trainer mismatch; null: the policy's own weights",
+    )
+    # id(policy model) → (that model, its copy in `dtype`, the weights' versions when copied)
+    _copies: dict[int, tuple[torch.nn.Module, torch.nn.Module, tuple[int, ...]]] = PrivateAttr(default_factory=dict)
+
+    def sampling_model(self, policy: Policy) -> torch.nn.Module:
+        """The module that samples: the policy's, or this sampler's `dtype` copy of it, reloaded
+        only when a weight was written since (every in-place write bumps a tensor's version)."""
+        dtype = getattr(torch, self.dtype) if self.dtype else None
+        if dtype is None or next(policy.model.parameters()).dtype == dtype:
+            return policy.model
+        written = tuple(p._version for p in policy.model.parameters())
+        held = self._copies.get(id(policy.model))
+        if held is None or held[0] is not policy.model:  # one copy per policy model (training, stale, eval)
+            held = (policy.model, copy.deepcopy(policy.model).to(dtype), written)
+        elif held[2] != written:
+            held[1].load_state_dict(policy.model.state_dict())  # cast into the copy's dtype
+            held = (policy.model, held[1], written)
+        self._copies[id(policy.model)] = held
+        return held[1]
 
     def generate(self, policy: Policy, prompts: list[list[int]], seed: int) -> list[Generation]:
         generator = torch.Generator(device=policy.model.device).manual_seed(seed)
+        model = self.sampling_model(policy)
         out: list[Generation] = []
-        with eager(policy.model):  # blocks compiled for training (train.compile) would recompile at every cache length
+        with eager(model):  # blocks compiled for training (train.compile) would recompile at every cache length
             for start in range(0, len(prompts), self.batch_size):
-                out.extend(self._generate_batch(policy, prompts[start : start + self.batch_size], generator))
+                out.extend(self._generate_batch(policy, model, prompts[start : start + self.batch_size], generator))
         return out
 
     @torch.no_grad()
     def _generate_batch(
-        self, policy: Policy, prompts: list[list[int]], generator: torch.Generator
+        self, policy: Policy, model: torch.nn.Module, prompts: list[list[int]], generator: torch.Generator
     ) -> list[Generation]:
         """Decode until every row has ended. Rows that ended leave the batch (and the KV cache)
         once they are 1/COMPACT_EVERY of it, so the cost follows the tokens actually sampled."""
-        model, device = policy.model, policy.model.device
+        device = model.device
         batch, prompt_len = len(prompts), max(len(p) for p in prompts)
         width = prompt_len + self.max_new_tokens
         input_ids, attention = left_padded(prompts, width, policy.pad_token_id, device)
