@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from minpro_cli.conformance import check_plugin, objective_checks
 from minpro_cli.errors import ConfigError
@@ -58,11 +59,22 @@ class WrongSign(Objective):
         return ObjectiveOutput(self.aggregate(per_token, inputs.response_mask), {"n": inputs.logprobs.sum()})
 
 
+class OwnMean(Objective):
+    """Padding-invariant, yet its mean is over whatever rows it is given, not the minibatch's."""
+
+    def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
+        mask = inputs.response_mask
+        per_token = -inputs.token_advantages() * inputs.logprobs
+        return ObjectiveOutput(torch.where(mask, per_token, 0.0).sum() / mask.sum(), {})
+
+
 @pytest.mark.parametrize(
     "objective,failing",
     [
-        (WidthNormalised(), {"invariant to padding length"}),
-        (LeaksIntoPadding(), {"gradient only on response tokens", "invariant to padding length"}),
+        (OwnMean(), {"invariant to splitting the minibatch"}),
+        (WidthNormalised(), {"invariant to padding length", "invariant to splitting the minibatch"}),
+        (LeaksIntoPadding(), {"gradient only on response tokens", "invariant to padding length",
+                              "invariant to splitting the minibatch"}),
         (WrongSign(), {"on-policy gradient follows −A", "metrics are scalars"}),
     ],
 )

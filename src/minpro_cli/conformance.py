@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -17,7 +18,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from minpro_cli.modeling import Policy
-from minpro_cli.objectives import Objective, ObjectiveInputs, is_scalar_metric
+from minpro_cli.objectives import MinibatchCounts, Objective, ObjectiveInputs, is_scalar_metric, minibatch_counts
 from minpro_cli.registry import REQUIRED_BASE, Kind, discover
 from minpro_cli.samplers import Generation
 from minpro_cli.verifiers import VerifyResult
@@ -139,6 +140,36 @@ def per_token_advantages(objective: Objective) -> None:
     assert torch.isfinite(loss), "non-finite loss with (B, T) advantages"
 
 
+def _rows(inputs: ObjectiveInputs, rows: slice, counts: MinibatchCounts) -> ObjectiveInputs:
+    return ObjectiveInputs(inputs.logprobs.detach()[rows].clone().requires_grad_(True), inputs.anchor_logprobs[rows],
+                           inputs.advantages[rows], inputs.response_mask[rows], counts=counts)  # fmt: skip
+
+
+def split_invariance(objective: Objective) -> str | None:
+    """Cut into two micro-batches, each normalised by the whole minibatch's `counts`, the losses
+    add up to the whole one and so do the gradients: what `minpro train` relies on to cut a
+    minibatch into micro-batches and ranks. An objective that divides by its own batch's count
+    (a mean of its own) fails."""
+    if objective.couples_rows:
+        return "waived: couples_rows (its loss depends on the rows it is given; train with micro_batch_tokens: null)"
+    whole = objective_batch(6)
+    counts = MinibatchCounts.of_mask(whole.response_mask)
+    with warnings.catch_warnings(record=True) as caught, minibatch_counts(counts):  # the deprecated implicit path too
+        warnings.simplefilter("always", DeprecationWarning)
+        loss, _, grad = _call(objective, _rows(whole, slice(None), counts))
+        parts = [_rows(whole, rows, counts) for rows in (slice(0, 2), slice(2, None))]
+        results = [_call(objective, part) for part in parts]
+    summed = sum(r[0].item() for r in results)
+    assert math.isclose(loss.item(), summed, rel_tol=1e-5, abs_tol=1e-7), (
+        f"the loss of the whole minibatch is {loss.item():.6g}, its two halves' add up to {summed:.6g}: normalise "
+        "with self.aggregate(per_token, mask, inputs.counts), not by the batch's own count"
+    )
+    assert torch.allclose(torch.cat([r[2] for r in results]), grad, rtol=1e-5, atol=1e-7), "gradients differ when split"
+    if any(issubclass(w.category, DeprecationWarning) for w in caught):
+        return "through the deprecated implicit counts: pass inputs.counts to aggregate"
+    return None
+
+
 OBJECTIVE_CHECKS: list[tuple[str, Callable[[Objective], str | None]]] = [
     ("loss is a finite scalar", scalar_finite),
     ("gradient only on response tokens", gradient_on_response_only),
@@ -146,6 +177,7 @@ OBJECTIVE_CHECKS: list[tuple[str, Callable[[Objective], str | None]]] = [
     ("invariant to padding length", padding_invariance),
     ("on-policy gradient follows −A", on_policy_direction),
     ("accepts per-token advantages", per_token_advantages),
+    ("invariant to splitting the minibatch", split_invariance),
 ]
 
 

@@ -270,6 +270,10 @@ class Trainer:
             )
         if round_ == self.state.round:
             warn_truncated_sampling(rows, self.objective, self.recipe.objective.name)
+            if self.objective.couples_rows and (self.cfg.micro_batch_tokens or self.world.size > 1):
+                warn(f"objective '{self.recipe.objective.name}' couples the rows of the batch it is given, so its "
+                     "update depends on how a minibatch is cut into micro-batches and ranks; set "
+                     "train.micro_batch_tokens=null and train in one process for its exact minibatch form")  # fmt: skip
         return rows
 
     def train_round(self, round_: int, sampler_thread: ThreadPoolExecutor) -> dict[str, Any]:

@@ -109,14 +109,17 @@ class Objective(BaseModel):
     the loss they configure.
 
     Class attributes a plugin may override: `uses_prefix_weight` (the objective weights a
-    token by its prefix, so `minpro train` warns about truncated sampling) and
-    `default_advantage` (the advantage estimator used when the recipe names none).
+    token by its prefix, so `minpro train` warns about truncated sampling),
+    `default_advantage` (the advantage estimator used when the recipe names none) and
+    `couples_rows` (a token's loss depends on the other rows it is given, so the update depends
+    on how a minibatch is cut: `minpro train` warns under micro-batches, the split check is waived).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     uses_prefix_weight: ClassVar[bool] = False
     default_advantage: ClassVar[AdvantageEstimator] = "grpo"
+    couples_rows: ClassVar[bool] = False  # a token's loss depends on other rows of the batch (M2PO's mask)
 
     loss_agg: LossAgg = Field("token-mean", description="how per-token losses become one scalar")
     max_response_length: int | None = Field(

@@ -22,6 +22,8 @@ class M2PO(Objective):
     detached ratios. If every token must go, every token goes and the loss is 0.
     """
 
+    couples_rows = True  # the mask is over the rows it is given
+
     m2_threshold: float = Field(0.04, gt=0.0, description="budget τ on the mean of (log ρ)² of kept tokens")
 
     def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
