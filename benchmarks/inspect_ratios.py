@@ -72,7 +72,7 @@ def in_memory(spec: str) -> tuple[float, int]:
     rows = read_rollout_rows(spec)
     values: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(rows), 64):
-        log_rho, mask = batch_log_ratios(rows[start : start + 64], policy)
+        log_rho, mask, _ = batch_log_ratios(rows[start : start + 64], policy)
         for key, logs in log_quantities(log_rho, mask).items():
             values.setdefault(key, []).append(logs[mask].exp())
     for parts in values.values():

@@ -307,3 +307,23 @@ def test_training_plot_reads_ratios_near_one_without_an_offset(trained):
 
     figure = training_figure(metrics, "t")
     assert all(ax.yaxis.get_major_formatter().get_useOffset() is False for ax in figure.axes)
+
+
+def test_an_anchor_splits_the_ratio_into_mismatch_and_drift(trained, policy):
+    """Anchor = the sampling weights: the mismatch is ≡ 1 (float32 sampler) and the drift is
+    the whole ratio; anchor = the trained policy: the other way round. The factors multiply
+    to the ratio, token by token, so their by-position sums add up."""
+    rollouts, checkpoint, _ = trained
+    trained_policy = load_policy(str(checkpoint))
+    at_sampling = inspect_ratios(str(rollouts), trained_policy, anchor=policy)
+    at_current = inspect_ratios(str(rollouts), trained_policy, anchor=trained_policy)
+    whole = at_sampling["token_ratio"]["mean"]
+    assert abs(whole - 1) > 1e-3, "the checkpoint did not move: the split tests nothing"
+    assert at_sampling["factors"]["mismatch"]["token_ratio"]["max"] == pytest.approx(1, abs=1e-4)
+    assert at_sampling["factors"]["drift"]["token_ratio"]["mean"] == pytest.approx(whole, rel=1e-4)
+    assert at_current["factors"]["drift"]["token_ratio"]["max"] == pytest.approx(1, abs=1e-9)
+    assert at_current["factors"]["mismatch"]["token_ratio"]["mean"] == pytest.approx(whole, rel=1e-9)
+    for b, m, d in zip(at_sampling["by_position"]["absolute"], *(at_sampling["factors"][f]["by_position"]["absolute"]
+                                                                 for f in ("mismatch", "drift"))):  # fmt: skip
+        assert b["log_token_ratio_mean"] == pytest.approx(m["log_token_ratio_mean"] + d["log_token_ratio_mean"],
+                                                          abs=1e-9)

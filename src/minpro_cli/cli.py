@@ -150,7 +150,15 @@ def inspect_ratios(
     threshold: Annotated[
         list[float] | None, typer.Option(help="report fractions below / above it (repeatable)")
     ] = None,
-    by: Annotated[str | None, typer.Option(help="split the statistics: policy_version or staleness")] = None,
+    by: Annotated[
+        str | None,
+        typer.Option(help="split the statistics: policy_version or staleness; position: the by-position tables only"),
+    ] = None,
+    anchor: Annotated[
+        str | None,
+        typer.Option(help="checkpoint that sampled the rows, scored by the trainer: split ρ into the mismatch "
+                     "π_anchor/μ and the drift π/π_anchor"),
+    ] = None,
     policy_step: Annotated[
         int | None, typer.Option(help="optimizer step of --policy (for --by staleness; read from the checkpoint)")
     ] = None,
@@ -166,8 +174,8 @@ def inspect_ratios(
     from minpro_cli.modeling import load_policy
     from minpro_cli.ratiostats import DEFAULT_THRESHOLDS
 
-    if by not in (None, "policy_version", "staleness"):
-        raise ConfigError(f"--by must be policy_version or staleness, got {by!r}")
+    if by not in (None, "policy_version", "staleness", "position"):
+        raise ConfigError(f"--by must be policy_version, staleness or position, got {by!r}")
     thresholds = tuple(threshold) if threshold else DEFAULT_THRESHOLDS
     if any(t <= 0 for t in thresholds):
         raise ConfigError(f"--threshold values must be positive ratios, got {list(thresholds)}")
@@ -176,7 +184,8 @@ def inspect_ratios(
         policy_step = saved_policy_step(Path(policy))
     low, high = clip_range(rollouts, eps_low, eps_high)
     options = InspectOptions(batch_size, low, high, thresholds, by, policy_step, worst)  # type: ignore[arg-type]
-    run(rollouts, scorer, options, json_path, plot)
+    anchor_policy = load_policy(anchor, trust_remote_code=trust_remote_code) if anchor else None
+    run(rollouts, scorer, options, json_path, plot, anchor_policy)
 
 
 @app.command()

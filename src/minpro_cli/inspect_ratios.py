@@ -2,6 +2,9 @@
 
 Behaviour log-probs come from the rollout files; target log-probs from a forward pass of the
 policy (batched, no grad) or, without a policy, from each file's `target_logprobs` column.
+With an anchor (`--anchor`: the weights that sampled the rows, scored by the trainer), the
+ratio splits into its two factors, each with its own statistics and ρ̲_t by position: the
+mismatch π_anchor/μ and the drift π/π_anchor (docs/correction.md).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from minpro_cli.rollouts import (
     rollout_files,
 )
 
-GroupBy = Literal["policy_version", "staleness"]
+GroupBy = Literal["policy_version", "staleness", "position"]
+FACTORS = {"mismatch": "mismatch π_anchor/μ", "drift": "drift π/π_anchor"}
 COLUMNS = [*SCHEMA.names, TARGET_LOGPROBS_FIELD.name]
 
 
@@ -67,8 +71,15 @@ def target_logprobs(policy: Policy, rows: list[RolloutRow]) -> torch.Tensor:
     return out
 
 
-def batch_log_ratios(rows: list[RolloutRow], policy: Policy | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clamped log ρ (B, T) and the response mask for one batch of rows."""
+def log_ratio(numerator: torch.Tensor, denominator: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    log_rho = (numerator.double() - denominator.double()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return log_rho.masked_fill(~mask, 0.0)
+
+
+def batch_log_ratios(
+    rows: list[RolloutRow], policy: Policy | None, anchor: Policy | None = None
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Clamped log ρ (B, T), the response mask, and with an anchor each factor's log ratio."""
     lengths = torch.tensor([len(r.response_token_ids) for r in rows])
     width = int(lengths.max())
     mask = torch.arange(width)[None, :] < lengths[:, None]
@@ -77,8 +88,11 @@ def batch_log_ratios(rows: list[RolloutRow], policy: Policy | None) -> tuple[tor
     else:
         target = pad_rows([r.target_logprobs or [] for r in rows], torch.zeros(len(rows), width))
     behaviour = pad_rows([r.behavior_logprobs for r in rows], target)
-    log_rho = (target.double() - behaviour.double()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    return log_rho.masked_fill(~mask, 0.0), mask
+    factors = {}
+    if anchor is not None:
+        scored = target_logprobs(anchor, rows)
+        factors = {"mismatch": log_ratio(scored, behaviour, mask), "drift": log_ratio(target, scored, mask)}
+    return log_ratio(target, behaviour, mask), mask, factors
 
 
 def check_source(
@@ -115,6 +129,7 @@ def inspect_ratios(
     options: InspectOptions | None = None,
     json_path: Path | None = None,
     plot_dir: Path | None = None,
+    anchor: Policy | None = None,
 ) -> dict[str, Any]:
     """Stream the rollout set, print the report, optionally write JSON and plots; return the report."""
     options = options or InspectOptions()
@@ -123,10 +138,12 @@ def inspect_ratios(
             "--by staleness needs the policy's optimizer step: the checkpoint has no trainer_state.json, "
             "so pass --policy-step N"
         )
-    overall, groups = score_rollouts(rollouts, policy, options)
+    overall, groups, factors = score_rollouts(rollouts, policy, options, anchor)
     report = overall.report()
+    if factors:
+        report["factors"] = {name: stats.report() for name, stats in factors.items()}
     report["worst"] = [decode_worst(item, policy) for item in report["worst"]]
-    if options.by is not None:
+    if options.by not in (None, "position"):
         report["by"] = options.by
         report["groups"] = {key: groups[key].report() for key in sorted(groups, key=int)}
         for group in report["groups"].values():
@@ -144,30 +161,38 @@ def inspect_ratios(
 
 
 def score_rollouts(
-    rollouts: RolloutSpec, policy: Policy | None, options: InspectOptions
-) -> tuple[RatioStats, dict[str, RatioStats]]:
-    """Stream the rollout set in batches: the statistics of every token, and of each `--by` group."""
+    rollouts: RolloutSpec, policy: Policy | None, options: InspectOptions, anchor: Policy | None = None
+) -> tuple[RatioStats, dict[str, RatioStats], dict[str, RatioStats]]:
+    """Stream the rollout set in batches: the statistics of every token, of each `--by` group,
+    and with an anchor of each factor."""
     total = sum(open_rollout_file(p).metadata.num_rows for p in rollout_files(rollouts))
     overall, groups = options.new_stats(), dict[str, RatioStats]()
+    factors = {name: options.new_stats() for name in FACTORS} if anchor is not None else {}
     expected = tokenizer_fingerprint(policy.tokenizer) if policy is not None else None
-    if policy is not None:
-        policy.model.eval()
+    for model in (policy, anchor):
+        if model is not None:
+            model.model.eval()
     with progress_bar("scoring rollouts", total=total) as bar:
         for path, table in iter_rollout_batches(
             rollouts, options.batch_size, COLUMNS, policy.vocab_size if policy is not None else None
         ):
-            check_source(path, table.column_names, set(table["tokenizer_fingerprint"].to_pylist()), policy, expected)
+            fingerprints = set(table["tokenizer_fingerprint"].to_pylist())
+            check_source(path, table.column_names, fingerprints, policy, expected)
+            if anchor is not None:
+                check_source(path, table.column_names, fingerprints, anchor, tokenizer_fingerprint(anchor.tokenizer))
             rows = RolloutRow.from_table(table)
-            log_rho, mask = batch_log_ratios(rows, policy)
+            log_rho, mask, log_factors = batch_log_ratios(rows, policy, anchor)
             overall.add(log_rho, mask, rows, path.name)
-            if options.by is not None:
+            for name, log_f in log_factors.items():
+                factors[name].add(log_f, mask, rows, path.name)
+            if options.by not in (None, "position"):
                 keys = [group_key(r, options) for r in rows]
                 for key in dict.fromkeys(keys):
                     index = [i for i, k in enumerate(keys) if k == key]
                     groups.setdefault(key, options.new_stats()).add(log_rho[index], mask[index],
                                                                     [rows[i] for i in index], path.name)
             bar.advance(len(rows))
-    return overall, groups
+    return overall, groups, factors
 
 
 def clip_range(rollouts: RolloutSpec, eps_low: float | None, eps_high: float | None) -> tuple[float, float]:
@@ -220,6 +245,10 @@ def print_report(report: dict[str, Any], source: str, options: InspectOptions) -
         f"ρ̲_t·ρ_t {ess['minpro_weight']:.3f}, ρ_1:t {ess['prefix_ratio']:.3f}; sequences ρ_1:|o| {ess['sequence']:.3f}"
     )
     print_by_position(report["by_position"]["absolute"], "by position in the response (tokens)")
+    for name, factor in report.get("factors", {}).items():
+        console.print(f"{FACTORS[name]}: KL k1 {factor['kl_k1']:.3g}, k3 {factor['kl_k3']:.3g}, "
+                      f"ESS tokens {factor['ess']['token_ratio']:.3f}, sequences {factor['ess']['sequence']:.3f}")
+        print_by_position(factor["by_position"]["absolute"], f"{FACTORS[name]} by position (ρ̲_t of this factor)")
     print_first_breaks(report["first_break"])
     print_worst(report["worst"])
     if "groups" in report:
