@@ -71,7 +71,7 @@ def test_weights_do_not_depend_on_the_micro_batch_budget(one_process):
     dtype, grid = one_process
     start = start_weights(dtype)
     worst = 0.0
-    for name, loss_agg, budget in cases():
+    for name, loss_agg, budget in cases(dtype):
         if budget == "whole":
             continue
         whole = case_weights(grid, f"{name}/{loss_agg}/whole")
@@ -86,8 +86,9 @@ def test_objectives_and_modes_are_told_apart(one_process):
     dtype, grid = one_process
     start = start_weights(dtype)
     base = case_weights(grid, "minpro/token-mean/whole")
+    corrected = [f"minpro+{mode}/token-mean/whole" for mode in CORRECTIONS] if dtype == torch.float64 else []
     for other in ("grpo/token-mean/whole", "minpro/seq-mean-token-sum/whole", "minpro/seq-mean-token-sum-norm/whole",
-                  *(f"minpro+{mode}/token-mean/whole" for mode in CORRECTIONS)):
+                  *corrected):
         assert relative_gap(case_weights(grid, other), base, start) > 100 * TOLERANCE[dtype], other
 
 
@@ -100,7 +101,7 @@ def test_two_gloo_ranks_take_the_one_process_step_for_every_budget(tmp_path, one
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     two = load_file(str(out))
     start = start_weights(dtype)
-    for name, loss_agg, budget in cases():
+    for name, loss_agg, budget in cases(dtype):
         case = f"{name}/{loss_agg}/{budget}"
         gap = relative_gap(case_weights(two, case), case_weights(grid, f"{name}/{loss_agg}/whole"), start)
         assert gap <= TOLERANCE[dtype], f"2 ranks, {case}: {gap:.2e}"
