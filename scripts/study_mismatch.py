@@ -192,6 +192,10 @@ def report(cells: list[dict], results: dict[str, list[float]], damping: dict[str
                             f"{len(values)} seeds)")
         shown = f"{damping[arm]:.4f}" if arm in damping else "–"
         lines.append(f"| {arm} | {mean:.3f} | {se:.3f} | {', '.join(f'{v:.3f}' for v in values)} | {delta} | {shown} |")
+    lines += ["", ("The last column is the mean, over every trained token of every step, of ρ̲_t of the objective's own "
+              "ratio π_θ/π_old: with `behavior` it holds the sampler's mismatch and the staleness, with "
+              "`sampling_weights` the drift alone (staleness and earlier steps), with `round_start` the drift within "
+              "the round.")]
     return "\n".join(lines + ["", "## Reading", "", *reading_a(cells), *(f"- {r}." for r in readings)]) + "\n"
 
 
