@@ -110,27 +110,38 @@ def assert_same_training(one: Path, two: Path, slack: float = 1.0) -> None:
         torch.testing.assert_close(wb[name], wa[name], atol=1e-5 * slack, rtol=0)
 
 
+SHARED_MEANS = ["correction/weight_mean", "correction/truncated_frac", "correction/weight_before_bounds_max",
+                "correction/weight_before_bounds_min", "drift/kl_k1", "drift/kl_k3", "drift/ratio_mean"]
+ROUND_START_ANCHOR = ["train.anchor=round_start", "correction.level=prefix_min", "correction.high=1.02",
+                      "train.factor_metrics=true"]  # the trainer's own rescoring, each rank a share, gathered
+
+
 @pytest.mark.parametrize(
-    ("strategy", "loss_agg", "memory"),
+    ("strategy", "loss_agg", "memory", "anchoring"),
     [
-        ("ddp", "token-mean", []),
-        ("fsdp", "seq-mean-token-sum-norm", []),
+        ("ddp", "token-mean", [], []),
+        ("fsdp", "seq-mean-token-sum-norm", [], ROUND_START_ANCHOR),
         # micro-batches of ~1–2 rows, so ranks make different numbers of passes (stand-ins), and
         # activation checkpointing inside FSDP2's per-block shards
-        ("fsdp", "seq-mean-token-mean", ["train.micro_batch_tokens=80", "train.activation_checkpointing=true"]),
+        ("fsdp", "seq-mean-token-mean", ["train.micro_batch_tokens=80", "train.activation_checkpointing=true"], []),
     ],
 )
-def test_two_gloo_ranks_train_like_one_process(tmp_path, rollouts, strategy, loss_agg, memory):
+def test_two_gloo_ranks_train_like_one_process(tmp_path, rollouts, strategy, loss_agg, memory, anchoring):
     # one forward/backward per minibatch, rows in order, unless `memory` says otherwise: 1 vs 2 ranks
     # is the question here (micro-batch invariance has its own tests)
     common = [f"train.rollouts={rollouts}", "train.iterations=3", f"objective.options.loss_agg={loss_agg}",
-              "train.micro_batch_tokens=null"]
+              "train.micro_batch_tokens=null", *anchoring]
     run_train(load_recipe(QUICKSTART, [f"run_dir={tmp_path / 'one'}", *SMALL, *common]))
     # 3 prompts × 4 responses per round in 2 minibatches of 6: 3 rows per rank, odd token counts
     two = minpro_train(tmp_path / "two", *common, f"distributed.strategy={strategy}", *memory)
     output, _ = two.communicate(timeout=300)
     assert two.returncode == 0, output
     assert_same_training(tmp_path / "one", tmp_path / "two")
+    for x, y in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        for key in [k for k in SHARED_MEANS if k in x]:  # token means and extremes; quantiles are per rank
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), key
+    if anchoring:  # the stored rows' μ is round 0's weights; later rounds start elsewhere and the correction bites
+        assert any(m["correction/truncated_frac"] > 0 for m in metrics(tmp_path / "one"))
     checkpoint = tmp_path / "two" / "checkpoints" / "round_00003"
     # one safetensors shard file per rank, and no pickled .metadata
     shards = sorted(p.name for p in (checkpoint / "dcp").iterdir())
