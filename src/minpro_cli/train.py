@@ -322,7 +322,8 @@ class Trainer:
         batch.trained_from = self.state.step
         if self.rescorer is None:
             return
-        current = self.sampling_weights()  # collective under FSDP2
+        taken = self.stale.snapshots.get(self.state.round)  # staleness took the round's starting weights already
+        current = taken if taken is not None else self.sampling_weights()  # collective under FSDP2
 
         def score(weights: StateDict, rows: list[int]) -> list[list[float]]:
             prompts, responses = [batch.prompts[i] for i in rows], [batch.responses[i] for i in rows]
