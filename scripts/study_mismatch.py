@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,7 @@ ARMS = {
     "sampling_weights + token TIS": ["train.anchor=sampling_weights", "correction.level=token"],
     "sampling_weights + prefix_min": ["train.anchor=sampling_weights", "correction.level=prefix_min"],
     "round_start + token TIS": ["train.anchor=round_start", "correction.level=token"],
+    "control: float32 sampler, behavior": ["sampler.options.dtype=float32", "train.anchor=behavior"],
 }
 
 
@@ -100,7 +102,7 @@ def part_b(work: Path, seeds: int, iterations: int) -> tuple[dict[str, list[floa
     damping: dict[str, list[float]] = {}
     for arm, overrides in ARMS.items():
         for seed in range(seeds):
-            run = work / "runs" / f"{arm.replace(' + ', '_').replace(' ', '_')}_seed{seed}"
+            run = work / "runs" / f"{re.sub(r'[^A-Za-z0-9]+', '_', arm).strip('_')}_seed{seed}"
             evals = run / "evals.jsonl"
             done = run / "final" / "model.safetensors"
             if not done.exists():
@@ -110,8 +112,9 @@ def part_b(work: Path, seeds: int, iterations: int) -> tuple[dict[str, list[floa
                                 "train.staleness=2", f"train.eval_every={iterations}", "train.checkpoint_every=10",
                                 "sampler.options.dtype=bfloat16", "eval.n_samples=1", "eval.k=[1]",
                                 *overrides], check=True)  # fmt: skip
-            last = [json.loads(line) for line in evals.read_text().splitlines() if line.strip()][-1]
-            results.setdefault(arm, []).append(last["eval/pass@1"])
+            evaluations = [json.loads(line) for line in evals.read_text().splitlines() if line.strip()]
+            results.setdefault(arm, []).append(evaluations[-1]["eval/pass@1"])
+            results.setdefault(f"{arm} (before training)", []).append(evaluations[0]["eval/pass@1"])
             steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
             damping.setdefault(arm, []).extend(m["ratios/min_prefix_ratio_mean"] for m in steps
                                                if "ratios/min_prefix_ratio_mean" in m)  # fmt: skip
@@ -153,6 +156,29 @@ def figures(cells: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def training_figure(work: Path, seeds: int, out: Path) -> None:
+    """Training reward by round, mean over seeds, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm in ARMS:
+        runs = [work / "runs" / f"{re.sub(r'[^A-Za-z0-9]+', '_', arm).strip('_')}_seed{seed}" for seed in range(seeds)]
+        curves = [[json.loads(line)["reward_mean"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+                  for run in runs if (run / "metrics.jsonl").exists()]  # fmt: skip
+        if curves:
+            n = min(map(len, curves))
+            ax.plot(range(n), [statistics.fmean(c[i] for c in curves) for i in range(n)], label=arm)
+    ax.set(xlabel="round", ylabel=f"training reward (mean of {seeds} seeds)",
+           title="bf16 sampling, staleness 2: training reward by arm")  # fmt: skip
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "mismatch_training.png", dpi=110)
+    plt.close(fig)
+
+
 def report(cells: list[dict], results: dict[str, list[float]], damping: dict[str, float], seeds: int,
            iterations: int) -> str:  # fmt: skip
     lines = ["# Sampler–trainer mismatch: bf16 sampling scored by a float32 trainer", "",
@@ -175,12 +201,21 @@ def report(cells: list[dict], results: dict[str, list[float]], damping: dict[str
         row = [f"{longest[d][key]['min_prefix_mean']:.4f}" if key in longest.get(d, {}) else "–" for d in SAMPLERS]
         lines.append(f"| {key} | " + " | ".join(row) + " |")
     lines += ["", (f"## B. Training with bf16 sampling and staleness 2 (quickstart task, {iterations} rounds, "
-              f"{seeds} seeds)"), "", "Held-out pass@1 after training (500 problems, 1 sample each):", "",
+              f"{seeds} seeds)"), "", "![training](mismatch_training.png)", "",
+              "Held-out pass@1 after training (500 problems, 1 sample each):", "",
               "| arm | mean | s.e. | per seed | paired Δ vs behavior (mean ± s.e.) | mean ρ̲_t of π_θ/π_old |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     base = results.get("behavior", [])
+    before = results.get("behavior (before training)", [])
     readings = []
+    if before and len(before) == len(base) > 1:
+        d_mean, d_se = mean_se([a - b for a, b in zip(base, before)])
+        half = T975[len(base) - 1] * d_se
+        readings.append(f"`behavior` after training against the same seeds' starting weights: Δ {d_mean:+.3f} "
+                        f"(95% CI ±{half:.3f}) — {'it learned' if d_mean > half else 'no learning shows' if d_mean > -half else 'training made it worse'}")
     for arm, values in results.items():
+        if arm.endswith("(before training)") and arm != "behavior (before training)":
+            continue
         mean, se = mean_se(values)
         delta = ""
         if arm != "behavior" and len(base) == len(values) > 1:
@@ -188,8 +223,9 @@ def report(cells: list[dict], results: dict[str, list[float]], damping: dict[str
             half = T975[len(values) - 1] * d_se
             delta = f"{d_mean:+.3f} ± {d_se:.3f} (95% CI [{d_mean - half:+.3f}, {d_mean + half:+.3f}])"
             verdict = "separates from" if abs(d_mean) > half else "does not separate from"
-            readings.append(f"`{arm}` {verdict} `behavior` (paired Δ {d_mean:+.3f}, 95% CI ±{half:.3f} over "
-                            f"{len(values)} seeds)")
+            if arm != "behavior (before training)":
+                readings.append(f"`{arm}` {verdict} `behavior` (paired Δ {d_mean:+.3f}, 95% CI ±{half:.3f} over "
+                                f"{len(values)} seeds)")
         shown = f"{damping[arm]:.4f}" if arm in damping else "–"
         lines.append(f"| {arm} | {mean:.3f} | {se:.3f} | {', '.join(f'{v:.3f}' for v in values)} | {delta} | {shown} |")
     lines += ["", ("The last column is the mean, over every trained token of every step, of ρ̲_t of the objective's own "
@@ -232,6 +268,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if cells:
         figures(cells, args.out)
+    training_figure(args.work, args.seeds, args.out)
     text = report(cells, results, damping, args.seeds, args.iterations)
     (args.out / "mismatch.md").write_text(text)
     print(text)
