@@ -35,7 +35,7 @@ RUN = [
     "optim.warmup_steps=0", "optim.lr=1e-3", "train.eval_every=4", "eval.max_problems=4", "eval.n_samples=1",
     "eval.k=[1]",
 ]  # fmt: skip
-KILLS = 10
+KILLS = 6
 
 
 def start(*args: str) -> subprocess.Popen[str]:

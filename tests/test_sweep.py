@@ -175,7 +175,8 @@ def test_interrupted_sweep_finishes_only_the_missing_runs(tmp_path):
 
 def test_a_diverged_run_is_recorded_reported_and_not_rerun(tmp_path):
     """lr 1e25 blows the weights up in the first step: the second minibatch's loss is not finite."""
-    path = sweep_recipe(tmp_path, {"optim.lr": [1e-4, 1e25]}, train={"iterations": 3, "minibatches": 2})
+    path = sweep_recipe(tmp_path, {"optim.lr": [1e-4, 1e25]},
+                        train={**SMALL["train"], "iterations": 3, "minibatches": 2, "prompts_per_iteration": 8})
     proc = cli("sweep", str(path))
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output
