@@ -17,11 +17,11 @@ from typing import Any, Literal
 import torch
 
 from minpro_cli.console import console, progress_bar, titled_table
+from minpro_cli.correction import log_behavior_factor
 from minpro_cli.errors import ConfigError, MinproError, RolloutFileError
 from minpro_cli.fileio import write_json_output
 from minpro_cli.logprobs import pack, pad_rows, response_logprobs
 from minpro_cli.modeling import Policy, tokenizer_fingerprint
-from minpro_cli.objectives import LOG_RATIO_CLAMP
 from minpro_cli.ratiostats import DEFAULT_THRESHOLDS, QUANTITIES, RatioStats
 from minpro_cli.registry import load_plugin
 from minpro_cli.rollouts import (
@@ -71,11 +71,6 @@ def target_logprobs(policy: Policy, rows: list[RolloutRow]) -> torch.Tensor:
     return out
 
 
-def log_ratio(numerator: torch.Tensor, denominator: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    log_rho = (numerator.double() - denominator.double()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    return log_rho.masked_fill(~mask, 0.0)
-
-
 def batch_log_ratios(
     rows: list[RolloutRow], policy: Policy | None, anchor: Policy | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -91,8 +86,9 @@ def batch_log_ratios(
     factors = {}
     if anchor is not None:
         scored = target_logprobs(anchor, rows)
-        factors = {"mismatch": log_ratio(scored, behaviour, mask), "drift": log_ratio(target, scored, mask)}
-    return log_ratio(target, behaviour, mask), mask, factors
+        factors = {"mismatch": log_behavior_factor(scored.double(), behaviour.double(), mask),
+                   "drift": log_behavior_factor(target.double(), scored.double(), mask)}
+    return log_behavior_factor(target.double(), behaviour.double(), mask), mask, factors
 
 
 def check_source(

@@ -251,22 +251,22 @@ class Scope:
 
 
 def anchor_logprobs(scope: Scope, part: RolloutBatch, logprobs: torch.Tensor, behavior: torch.Tensor,
-                    versions: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """log π_old of every token under `train.anchor` (no grad)."""
+                    versions: torch.Tensor, scores: dict[str, torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    """log π_old of every token under `train.anchor` (no grad); `scores`: the part's recomputed
+    log-probs, padded like `logprobs`."""
     anchor = scope.off_policy.anchor
     if anchor == "behavior":
         return behavior
     if anchor == "loglinear":
         return loglinear_anchor(logprobs, behavior, versions, part.trained_from, scope.version)
-    return pad_rows(part.scores[anchor], logprobs)
+    return scores[anchor]
 
 
-def tally_factors(tally: StepTally, part: RolloutBatch, logprobs: torch.Tensor, behavior: torch.Tensor,
+def tally_factors(tally: StepTally, scores: dict[str, torch.Tensor], logprobs: torch.Tensor, behavior: torch.Tensor,
                   mask: torch.Tensor) -> None:  # fmt: skip
     """mismatch = sampling weights / μ, staleness = round start / sampling weights, drift = π_θ /
     round start: each where the scores it needs were computed."""
-    sampling, start = (pad_rows(part.scores[k], logprobs) if k in part.scores else None
-                       for k in ("sampling_weights", "round_start"))  # fmt: skip
+    sampling, start = scores.get("sampling_weights"), scores.get("round_start")
     pairs = {"mismatch": (sampling, behavior), "staleness": (start, sampling), "drift": (logprobs, start)}
     for name, (numerator, denominator) in pairs.items():
         if numerator is not None and denominator is not None:
@@ -293,7 +293,8 @@ def micro_batch_backward(
     mask = packed.response_mask.to(device)
     advantages = part.advantages.to(device)
     versions = torch.tensor(part.versions or [0] * len(part.prompts), device=device)[:, None].expand(mask.shape)
-    anchor = anchor_logprobs(scope, part, logprobs, behavior, versions)
+    scores = {key: pad_rows(rows, logprobs) for key, rows in part.scores.items()}  # once per micro-batch
+    anchor = anchor_logprobs(scope, part, logprobs, behavior, versions, scores)
     trained = logprobs
     corrected = None
     if scope.off_policy.correction.enabled:
@@ -309,7 +310,7 @@ def micro_batch_backward(
     (loss * trainee.world.size).backward()  # DDP and FSDP2 average gradients over ranks
     if tally is not None:
         tally.add(out.metrics | penalty_metrics, log_token_ratio(logprobs.detach(), anchor), entropy.detach(), mask)
-        tally_factors(tally, part, logprobs.detach(), behavior, mask)
+        tally_factors(tally, scores, logprobs.detach(), behavior, mask)
         if corrected is not None:
             tally.correction.add(corrected, mask)
     return loss.detach().double()
