@@ -4,7 +4,7 @@ The `vs_trl.py` workload (32 prompts x 8, <= 64 new tokens, T = 1) on one model,
 warm-up step; prints the ops with the most self time in each phase, and the share of the
 phase spent in matrix multiplies.
 
-    .venv/bin/python benchmarks/profile_step.py [--model qwen2-4.5m] [--compile]
+    .venv/bin/python benchmarks/profile_step.py [--model qwen2-4.5m|smollm2] [--compile] [--bf16] [--prompts 32]
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GROUP_SIZE, MAX_NEW_TOKENS, N_PROMPTS
-from vs_trl import LR, model_dir
+from common import GROUP_SIZE, N_PROMPTS
+from vs_trl import LR, MAX_NEW_TOKENS, MICRO_ROWS, PROMPT_TOKENS, model_dir
 
 from minpro_cli.config import recipe_from_data
 from minpro_cli.console import console
@@ -42,13 +42,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2-4.5m")
     parser.add_argument("--compile", action="store_true", help="train.compile=true")
+    parser.add_argument("--bf16", action="store_true", help="bf16 sampling weights and bf16 autocast training")
+    parser.add_argument("--prompts", type=int, default=N_PROMPTS)
     args = parser.parse_args()
     console.quiet = True
-    directory = str(model_dir(args.model))
-    recipe = recipe_from_data({"model": {"path": directory}, "sampler": {"name": "hf", "options": {
-        "max_new_tokens": MAX_NEW_TOKENS}}}, "profile")
-    policy = load_policy(directory)
-    job, problems = sampling_job(recipe, policy, Plugins.of(recipe)), load_split(recipe, "train")[:N_PROMPTS]
+    directory, precision = str(model_dir(args.model)), "bfloat16" if args.bf16 else "float32"
+    rows = MICRO_ROWS.get(args.model, N_PROMPTS * GROUP_SIZE)
+    recipe = recipe_from_data({"model": {"path": directory, "dtype": precision}, "sampler": {"name": "hf", "options": {
+        "max_new_tokens": MAX_NEW_TOKENS, "dtype": precision}},
+        "train": {"micro_batch_tokens": rows * (PROMPT_TOKENS + MAX_NEW_TOKENS)}}, "profile")
+    policy = load_policy(directory, precision)
+    job, problems = sampling_job(recipe, policy, Plugins.of(recipe)), load_split(recipe, "train")[:args.prompts]
     objective, optimizer = recipe.plugin("objectives"), torch.optim.AdamW(policy.model.parameters(), lr=LR)
     if args.compile:
         compile_blocks(policy.model)

@@ -41,17 +41,28 @@ from qwen2_models import SHAPES, build, parameters
 from minpro_cli.modeling import embedded_model_dir
 
 LR, SEED = 1e-5, 0
-COMPILED = "minpro+compile"  # train.compile=true
 MODELS_DIR = Path(__file__).resolve().parents[1] / "runs" / "bench-models"
+SMOLLM2 = Path(__file__).resolve().parents[1] / "runs" / "smollm2" / "model"  # scripts/setup_smollm2.sh
+# side → its settings. minpro: (train.compile, bf16 sampling + autocast training);
+# TRL: (GRPOConfig.bf16, model loaded in bf16)
+MINPRO = {"minpro": (False, False), "minpro-bf16": (False, True),
+          "minpro+compile": (True, False), "minpro-bf16+compile": (True, True)}
+TRL = {"trl": (False, False), "trl-bf16": (True, False), "trl-bf16-model": (True, True)}
+# rows per forward/backward where the whole batch's activations would not fit in memory: TRL's
+# per-device batch with gradient accumulation, minpro's micro-batch budget of as many rows
+MICRO_ROWS = {"smollm2": 64}
+PROMPT_TOKENS = 32  # the longest prompt, for minpro's token budget of MICRO_ROWS rows
 
 
 def model_dir(name: str) -> Path:
+    if name == "smollm2":
+        return SMOLLM2
     return embedded_model_dir() if name == "embedded" else build(name, MODELS_DIR / name)
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 matmul FLOP/s of this process's threads: the MFU denominator."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_flops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
+    """Best matmul FLOP/s of this process's threads in `dtype`: an MFU denominator."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
     return 2 * size**3 / best
@@ -63,18 +74,30 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - started
 
 
-def minpro_side(directory: str, steps: int, compiled: bool = False) -> dict[str, list[float]]:
+def changed_fraction(before: list[torch.Tensor], model: torch.nn.Module) -> float:
+    """Share of weight elements an update changed: an update lost to rounding does not train."""
+    after = list(model.parameters())
+    changed = sum(int((a.detach().float() != b.float()).sum()) for a, b in zip(after, before))
+    return changed / sum(b.numel() for b in before)
+
+
+def minpro_side(
+    directory: str, steps: int, rows: int, compiled: bool = False, bf16: bool = False
+) -> dict[str, list[float]]:
     from minpro_cli.config import recipe_from_data
     from minpro_cli.modeling import compile_blocks, load_policy
     from minpro_cli.sampling import Plugins, load_split, sample_rows, sampling_job
     from minpro_cli.step import Trainee, micro_batches, training_batch, update_policy
 
+    precision = "bfloat16" if bf16 else "float32"
     recipe = recipe_from_data(
-        {"model": {"path": directory}, "sampler": {"name": "hf", "options": {"max_new_tokens": MAX_NEW_TOKENS}},
-         "optim": {"lr": LR}, "train": {"compile": compiled}},
+        {"model": {"path": directory, "dtype": precision},
+         "sampler": {"name": "hf", "options": {"max_new_tokens": MAX_NEW_TOKENS, "dtype": precision}},
+         "optim": {"lr": LR},
+         "train": {"compile": compiled, "micro_batch_tokens": rows * (PROMPT_TOKENS + MAX_NEW_TOKENS)}},
         "benchmark",
     )
-    policy = load_policy(directory)
+    policy = load_policy(directory, recipe.model.dtype)
     plugins = Plugins.of(recipe)
     job = sampling_job(recipe, policy, plugins)
     problems = load_split(recipe, "train")[:N_PROMPTS]
@@ -83,12 +106,13 @@ def minpro_side(directory: str, steps: int, compiled: bool = False) -> dict[str,
         compile_blocks(policy.model)
     trainee = Trainee.of(policy, recipe.train.micro_batch_tokens)
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=LR)
-    out: dict[str, list[float]] = {k: [] for k in ("generation", "training", "useful", "padded")}
+    out: dict[str, list[float]] = {k: [] for k in ("generation", "training", "useful", "padded", "length")}
     for step in range(steps + 1):
         started = time.perf_counter()
         rows, _ = sample_rows(job, problems, GROUP_SIZE, seed=SEED + step)
         batch = training_batch(rows, "grpo", False)
         generated = time.perf_counter()
+        before = [p.detach().clone() for p in policy.model.parameters()]
         update_policy(trainee, optimizer, objective, batch, 1, 1, recipe.optim.grad_clip, seed=step)
         trained = time.perf_counter()
         if step == 0:
@@ -99,14 +123,18 @@ def minpro_side(directory: str, steps: int, compiled: bool = False) -> dict[str,
         out["generation"].append(generated - started)
         out["training"].append(trained - generated)
         out["useful"].append(sum(prompts) + sum(responses))
+        out["length"].append(sum(responses) / len(responses))
         out["padded"].append(sum(len(c) * (max(prompts[i] for i in c) + max(max(responses[i] for i in c), 1))
                                  for c in cuts))
+    out["changed"] = [changed_fraction(before, policy.model)]
     return out
 
 
-def trl_side(directory: str, steps: int) -> dict[str, list[float]]:
+def trl_side(
+    directory: str, steps: int, rows: int, bf16: bool = False, bf16_model: bool = False
+) -> dict[str, list[float]]:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from minpro_cli.tasks import load_problems
@@ -119,8 +147,9 @@ def trl_side(directory: str, steps: int) -> dict[str, list[float]]:
     def reward(completions: list[str], answer: list[str], **_: Any) -> list[float]:
         return [verifier(c, a).reward for c, a in zip(completions, answer)]
 
-    out: dict[str, list[float]] = {k: [] for k in ("generation", "training", "useful", "padded")}
+    out: dict[str, list[float]] = {k: [] for k in ("generation", "training", "useful", "padded", "length")}
     step_started: list[float] = []
+    before: list[torch.Tensor] = []
 
     class TimedGRPO(GRPOTrainer):  # type: ignore[misc]
         def _generate_and_score_completions(self, inputs: Any) -> Any:
@@ -128,50 +157,52 @@ def trl_side(directory: str, steps: int) -> dict[str, list[float]]:
             result = super()._generate_and_score_completions(inputs)
             out["generation"].append(time.perf_counter() - step_started[-1])
             prompt, completion = result["prompt_mask"], result["completion_mask"]
-            useful = int(prompt.sum() + completion.sum())
-            out["useful"].append(useful)
+            out["useful"].append(int(prompt.sum() + completion.sum()))
             out["padded"].append(prompt.numel() + completion.numel())
+            out["length"].append(float(completion.sum()) / completion.shape[0])
+            before[:] = [p.detach().clone() for p in self.model.parameters()]
             return result
 
-        def optimizer_step_done(self) -> None:
+    class StepEnd(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
             out["training"].append(time.perf_counter() - step_started[-1] - out["generation"][-1])
 
     with tempfile.TemporaryDirectory() as tmp:
         config = GRPOConfig(
-            output_dir=tmp, per_device_train_batch_size=N_PROMPTS * GROUP_SIZE, num_generations=GROUP_SIZE,
+            output_dir=tmp, per_device_train_batch_size=rows, gradient_accumulation_steps=N_PROMPTS * GROUP_SIZE // rows,
+            num_generations=GROUP_SIZE, generation_batch_size=N_PROMPTS * GROUP_SIZE,
             max_completion_length=MAX_NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0, learning_rate=LR,
             beta=0.0, num_iterations=1, max_steps=steps + 1, use_cpu=True, report_to="none",
-            save_strategy="no", logging_steps=1, bf16=False, disable_tqdm=True, seed=SEED,
+            save_strategy="no", logging_steps=1, bf16=bf16, disable_tqdm=True, seed=SEED,
             gradient_checkpointing=False, shuffle_dataset=False,
         )
-        model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
+        dtype = torch.bfloat16 if bf16_model else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         trainer = TimedGRPO(model=model, reward_funcs=reward, args=config, train_dataset=data, processing_class=tokenizer)
-        from transformers import TrainerCallback
-
-        class StepEnd(TrainerCallback):  # type: ignore[misc]
-            def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-                trainer.optimizer_step_done()
-
         trainer.add_callback(StepEnd())
         trainer.train()
-    return {key: values[1:] for key, values in out.items()}  # drop the warm-up step
+        changed = changed_fraction(before, trainer.model)
+    result = {key: values[1:] for key, values in out.items()}  # drop the warm-up step
+    result["changed"] = [changed]
+    return result
 
 
-def _child(side: str, directory: str, steps: int, queue: mp.Queue) -> None:
-    if side == "trl":
-        result = trl_side(directory, steps)
+def _child(side: str, name: str, steps: int, queue: mp.Queue) -> None:
+    directory, rows = str(model_dir(name)), MICRO_ROWS.get(name, N_PROMPTS * GROUP_SIZE)
+    if side in TRL:
+        result = trl_side(directory, steps, rows, *TRL[side])
     else:
-        result = minpro_side(directory, steps, compiled=side == COMPILED)
+        result = minpro_side(directory, steps, rows, *MINPRO[side])
     result["peak_mb"] = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
     queue.put(result)
 
 
-def run_side(side: str, directory: Path, steps: int) -> dict[str, list[float]]:
+def run_side(side: str, name: str, steps: int) -> dict[str, list[float]]:
     """One side's steps in a fresh interpreter (spawn): its peak memory is its own."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(side, str(directory), steps, queue))
+    proc = ctx.Process(target=_child, args=(side, name, steps, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -182,57 +213,70 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
     return "/".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
 
 
+Runs = dict[tuple[str, str], list[dict[str, float]]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run, after one warm-up step")
-    parser.add_argument("--models", default=",".join(["embedded", *SHAPES]))
-    parser.add_argument("--compile", action="store_true", help=f"also run minpro with train.compile=true ({COMPILED})")
+    parser.add_argument("--models", default=",".join(["embedded", *SHAPES, "smollm2"]))
+    parser.add_argument("--sides", default="minpro,minpro-bf16,trl,trl-bf16,trl-bf16-model",
+                        help=f"any of {', '.join([*MINPRO, *TRL])}")
     args = parser.parse_args()
-    names = args.models.split(",")
-    peak = matmul_peak_flops()
+    names, sides = args.models.split(","), args.sides.split(",")
+    peaks = {"fp32": matmul_peak_flops(torch.float32), "bf16": matmul_peak_flops(torch.bfloat16)}
     print(f"{N_PROMPTS} prompts x {GROUP_SIZE} samples, <= {MAX_NEW_TOKENS} new tokens, T=1; "
-          f"{torch.get_num_threads()} threads; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
-    params = {}
-    for name in names:
-        params[name] = parameters(model_dir(name))
-    runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+          f"{torch.get_num_threads()} threads; matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    params = {name: parameters(model_dir(name)) for name in names}
+    runs: Runs = {}
     for r in range(args.runs):
         for name in names:
-            sides = ["minpro", "trl", *([COMPILED] if args.compile else [])]
-            sides = sides if r % 2 == 0 else sides[::-1]
-            for side in sides:
-                result = run_side(side, model_dir(name), args.steps)
+            for side in sides if r % 2 == 0 else sides[::-1]:  # the order alternates between runs
+                result = run_side(side, name, args.steps)
                 summary = {key: statistics.median(values) for key, values in result.items()}
                 summary["step"] = statistics.median(g + t for g, t in zip(result["generation"], result["training"]))
                 flops = 8 * params[name] * summary["useful"]  # each token sampled (2·N) and trained (6·N)
-                summary["mfu"] = flops / summary["step"] / peak
+                summary.update({f"mfu_{k}": flops / summary["step"] / peak for k, peak in peaks.items()})
                 runs.setdefault((name, side), []).append(summary)
-                print(f"run {r + 1} {name:11s} {side:14s} step {summary['step']:6.2f} s  generation "
+                print(f"run {r + 1} {name:11s} {side:20s} step {summary['step']:6.2f} s  generation "
                       f"{summary['generation']:6.2f} s  training {summary['training']:6.2f} s  "
-                      f"peak {summary['peak_mb']:6.0f} MB", flush=True)
-    print("\nmin/median/max over runs; ratios are minpro / TRL within each run")
-    header = f"{'model':11s} {'minpro':14s} {'params':>7s} {'step ratio':>16s} {'generation':>16s} {'training':>16s}"
-    print(header + f" {'minpro s/step':>17s} {'TRL s/step':>17s} {'MFU minpro/TRL':>15s} {'peak MB minpro/TRL':>19s}"
-          f" {'padded/useful tok minpro | TRL':>32s}")
+                      f"peak {summary['peak_mb']:6.0f} MB  mean length {summary['length']:5.1f}  "
+                      f"weights changed {summary['changed']:.0%}", flush=True)
+    report(runs, names, sides, params)
+
+
+def report(runs: Runs, names: list[str], sides: list[str], params: dict[str, int]) -> None:
+    def med(name: str, side: str, key: str) -> float:
+        return statistics.median(s[key] for s in runs[(name, side)])
+
+    print("\nper side, min/median/max over runs")
+    print(f"{'model':11s} {'side':20s} {'s/step':>17s} {'generation s':>17s} {'training s':>17s} {'MFU fp32/bf16':>14s}"
+          f" {'peak MB':>8s} {'length':>6s} {'changed':>7s} {'padded/useful':>14s}")
     for name in names:
-        for side in ["minpro", *([COMPILED] if args.compile else [])]:
-            print(table_row(f"{name:11s} {side:14s}", params[name], runs[(name, side)], runs[(name, "trl")]))
+        for side in sides:
+            ours = runs[(name, side)]
+            print(f"{name:11s} {side:20s} {spread([o['step'] for o in ours]):>17s} "
+                  f"{spread([o['generation'] for o in ours]):>17s} {spread([o['training'] for o in ours]):>17s} "
+                  f"{med(name, side, 'mfu_fp32'):6.1%}/{med(name, side, 'mfu_bf16'):6.1%} "
+                  f"{med(name, side, 'peak_mb'):8.0f} {med(name, side, 'length'):6.1f} {med(name, side, 'changed'):7.0%} "
+                  f"{med(name, side, 'padded'):6.0f}/{med(name, side, 'useful'):<6.0f}")
+    print("\nratios minpro / TRL within each run, min/median/max (TRL sides that change < 50% of the weights "
+          "do not train and are not counted as the fastest)")
+    for name in names:
+        trl = [s for s in sides if s in TRL]
+        training = [s for s in trl if med(name, s, "changed") >= 0.5] or trl
+        fastest = min(training, key=lambda s: med(name, s, "step"))
+        for side in (s for s in sides if s in MINPRO):
+            for theirs in dict.fromkeys(["trl", fastest]) if "trl" in trl else [fastest]:
+                print(f"{name:11s} {params[name] / 1e6:7.2f}M {side:20s} / {theirs:15s}" + "".join(
+                    f" {key} {ratio(runs[(name, side)], runs[(name, theirs)], key):>15s}"
+                    for key in ("step", "generation", "training")))
 
 
-def table_row(name: str, params: int, ours: list[dict[str, float]], theirs: list[dict[str, float]]) -> str:
-    def ratio(key: str) -> str:
-        return spread([o[key] / t[key] for o, t in zip(ours, theirs)])
-
-    def med(side: list[dict[str, float]], key: str) -> float:
-        return statistics.median(s[key] for s in side)
-
-    return (
-        f"{name} {params / 1e6:6.2f}M {ratio('step'):>16s} {ratio('generation'):>16s} {ratio('training'):>16s} "
-        f"{spread([o['step'] for o in ours]):>17s} {spread([t['step'] for t in theirs]):>17s} "
-        f"{med(ours, 'mfu'):6.1%}/{med(theirs, 'mfu'):6.1%} {med(ours, 'peak_mb'):8.0f}/{med(theirs, 'peak_mb'):<8.0f}"
-        f"  {med(ours, 'padded'):6.0f}/{med(ours, 'useful'):<6.0f} | {med(theirs, 'padded'):6.0f}/{med(theirs, 'useful'):<6.0f}"
-    )
+def ratio(ours: list[dict[str, float]], theirs: list[dict[str, float]], key: str) -> str:
+    return spread([o[key] / t[key] for o, t in zip(ours, theirs)])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The anchor π_old in real training runs: the trainer's own rescoring agrees with a float32
 sampler to rounding, splits staleness from mismatch, and a bf16 sampler's copy makes a real
-mismatch that follows the weights."""
+mismatch the correction sees."""
 
 from __future__ import annotations
 
@@ -13,9 +13,6 @@ from safetensors.torch import load_file
 
 from minpro_cli.config import load_recipe
 from minpro_cli.errors import ConfigError
-from minpro_cli.modeling import load_policy
-from minpro_cli.samplers import policy_logprobs
-from minpro_cli.samplers.hf import HFSampler
 from minpro_cli.train import run_train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,24 +73,6 @@ def test_bf16_sampling_makes_a_mismatch_that_the_correction_sees(tmp_path):
     assert m["mismatch/log_ppl_abs_diff"] > 1e-4 if "mismatch/log_ppl_abs_diff" in m else True
     assert m["correction/weight_before_bounds_max"] > 1.01 and m["correction/truncated_frac"] > 0
     assert m["correction/weight_after_bounds_max"] <= 1.01 + 1e-9
-
-
-def test_the_bf16_copy_samples_the_current_weights():
-    """The copy's log μ sits within bf16 rounding of the float32 weights it copies (mean |log c|
-    ≈ 0.02) and follows them when they move (a stale copy would be ≈ 0.8 off)."""
-    policy = load_policy("embedded")
-    sampler = HFSampler(max_new_tokens=10, dtype="bfloat16")
-    prompts = [[5, 6, 7], [8, 9]] * 4
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        generations = sampler.generate(policy, prompts, seed=3)
-        trainer = policy_logprobs(policy, prompts, generations)
-        diff = torch.cat([t - torch.tensor(g.logprobs) for t, g in zip(trainer, generations)]).abs()
-        assert 0 < diff.mean() < 0.1  # bf16 rounding: a mismatch, never another policy
-        with torch.no_grad():  # the policy moves (as an optimizer step does, in place)
-            for p in policy.model.parameters():
-                p.add_(0.2 * p.std() * torch.randn(p.shape, generator=gen))
-    assert next(iter(sampler._copies.values()))[1].dtype == torch.bfloat16
 
 
 def test_stored_rollouts_cannot_take_the_sampling_weights_anchor(tmp_path, rollouts_file=None):

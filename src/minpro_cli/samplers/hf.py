@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, PrivateAttr
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from minpro_cli.console import console
 from minpro_cli.logprobs import positions_from_mask
 from minpro_cli.modeling import Policy, eager
 from minpro_cli.samplers import Generation, SamplingParams
@@ -48,40 +50,68 @@ class HFSampler(SamplingParams):
         "weights change (not cast per token), while training keeps its precision: an inference engine's "
         "sampler–trainer mismatch; null: the policy's own weights",
     )
-    # id(policy model) → (that model, its copy in `dtype`, the weights' versions when copied)
-    _copies: dict[int, tuple[torch.nn.Module, torch.nn.Module, tuple[int, ...]]] = PrivateAttr(default_factory=dict)
+    # one copy in `dtype`, reused for whichever policy model samples (training, stale, eval):
+    # (the model it copies, the copy, that model's weight versions when copied)
+    _copy: tuple[torch.nn.Module, torch.nn.Module, tuple[int, ...]] | None = PrivateAttr(default=None)
 
     def sampling_model(self, policy: Policy) -> torch.nn.Module:
         """The module that samples: the policy's, or this sampler's `dtype` copy of it, reloaded
-        only when a weight was written since (every in-place write bumps a tensor's version)."""
+        only when another model samples or a weight was written since (every in-place write bumps
+        a tensor's version): a cast per weights version, not per token."""
         dtype = getattr(torch, self.dtype) if self.dtype else None
         if dtype is None or next(policy.model.parameters()).dtype == dtype:
             return policy.model
         written = tuple(p._version for p in policy.model.parameters())
-        held = self._copies.get(id(policy.model))
-        if held is None or held[0] is not policy.model:  # one copy per policy model (training, stale, eval)
-            held = (policy.model, copy.deepcopy(policy.model).to(dtype), written)
-        elif held[2] != written:
-            held[1].load_state_dict(policy.model.state_dict())  # cast into the copy's dtype
-            held = (policy.model, held[1], written)
-        self._copies[id(policy.model)] = held
-        return held[1]
+        held = self._copy
+        if held is not None and held[0] is policy.model and held[2] == written:
+            return held[1]
+        if held is not None and same_shapes(held[1], policy.model):
+            held[1].load_state_dict(policy.model.state_dict())  # cast into the copy's dtype, in place
+            copied = held[1]
+        else:
+            self._copy = None  # release the old copy before making one of another shape
+            copied = copy.deepcopy(policy.model).to(dtype)
+            console.print(f"hf sampler: a {self.dtype} copy of the weights ({self.held_bytes(copied) / 2**20:.0f} MB)")
+        self._copy = (policy.model, copied, written)
+        return copied
+
+    @staticmethod
+    def held_bytes(model: torch.nn.Module | None) -> int:
+        """Bytes of a sampling copy's weights and buffers (0 for none)."""
+        if model is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
 
     def generate(self, policy: Policy, prompts: list[list[int]], seed: int) -> list[Generation]:
+        return self._decode(policy, prompts, seed, None)
+
+    def replay(self, policy: Policy, prompts: list[list[int]], responses: list[list[int]]) -> list[Generation]:
+        """Teacher-forced: the log-prob this sampler's decode path gives each of `responses`'
+        tokens, batched as `generate` batched them. Same weights, precision and kernels, so a
+        recorded log μ is reproduced exactly: the check that it is the distribution sampled."""
+        return self._decode(policy, prompts, 0, responses)
+
+    def _decode(
+        self, policy: Policy, prompts: list[list[int]], seed: int, forced: list[list[int]] | None
+    ) -> list[Generation]:
         generator = torch.Generator(device=policy.model.device).manual_seed(seed)
         model = self.sampling_model(policy)
         out: list[Generation] = []
         with eager(model):  # blocks compiled for training (train.compile) would recompile at every cache length
             for start in range(0, len(prompts), self.batch_size):
-                out.extend(self._generate_batch(policy, model, prompts[start : start + self.batch_size], generator))
+                window = slice(start, start + self.batch_size)
+                out.extend(self._generate_batch(policy, model, prompts[window], generator,
+                                                None if forced is None else forced[window]))  # fmt: skip
         return out
 
     @torch.no_grad()
     def _generate_batch(
-        self, policy: Policy, model: torch.nn.Module, prompts: list[list[int]], generator: torch.Generator
-    ) -> list[Generation]:
+        self, policy: Policy, model: torch.nn.Module, prompts: list[list[int]], generator: torch.Generator,
+        forced: list[list[int]] | None = None,
+    ) -> list[Generation]:  # fmt: skip
         """Decode until every row has ended. Rows that ended leave the batch (and the KV cache)
-        once they are 1/COMPACT_EVERY of it, so the cost follows the tokens actually sampled."""
+        once they are 1/COMPACT_EVERY of it, so the cost follows the tokens actually sampled.
+        `forced`: take these tokens instead of drawing (each ends at its EOS or the length limit)."""
         device = model.device
         batch, prompt_len = len(prompts), max(len(p) for p in prompts)
         width = prompt_len + self.max_new_tokens
@@ -95,6 +125,7 @@ class HFSampler(SamplingParams):
         rows = torch.arange(batch, device=device)  # original index of each row still in the batch
         cache = preallocated_cache(model, width)
         step_ids = input_ids
+        given = None if forced is None else padded_tokens(forced, self.max_new_tokens, policy.pad_token_id, device)
         for t in range(self.max_new_tokens):
             output = model(input_ids=step_ids, attention_mask=attention[:, : prompt_len + t], position_ids=step_pos,
                            cache=cache, use_cache=True, logits_to_keep=1)
@@ -102,7 +133,7 @@ class HFSampler(SamplingParams):
             # one uniform per original row, drawn whether or not it is still in the batch:
             # a row's tokens do not depend on when the others end
             uniform = torch.rand(batch, generator=generator, device=device)[rows]
-            next_tok = inverse_cdf_draw(logp, uniform)
+            next_tok = inverse_cdf_draw(logp, uniform) if given is None else given[rows, t]
             done = ended[rows]
             next_tok = torch.where(done, policy.pad_token_id, next_tok)
             tokens[rows, t] = next_tok
@@ -139,6 +170,14 @@ def generations(
         Generation(tokens_host[i, :n].tolist(), logprobs_host[i, :n].tolist(), "stop" if end else "length")
         for i, (n, end) in enumerate(zip(lengths.tolist(), ended.tolist()))
     ]
+
+
+def padded_tokens(rows: list[list[int]], width: int, pad_token_id: int, device: torch.device) -> torch.Tensor:
+    """(B, width) token ids, right-padded with `pad_token_id` (rows longer than width are cut)."""
+    out = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : min(len(row), width)] = torch.tensor(row[:width], dtype=torch.long)
+    return out.to(device)
 
 
 def left_padded(
@@ -206,6 +245,12 @@ class PreallocatedLayer(DynamicLayer):
         if self.is_initialized:
             self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
             self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
+
+def same_shapes(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether b's state dict loads into a: the same names and shapes."""
+    ours, theirs = a.state_dict(), b.state_dict()
+    return ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours)
 
 
 def preallocated_cache(model: torch.nn.Module, capacity: int) -> DynamicCache:
