@@ -30,11 +30,17 @@ from minpro_cli.step import Trainee, training_batch, update_policy
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
 
 
-def table(prof: profile, title: str, seconds: float) -> None:
+def table(prof: profile, title: str, seconds: float, weight_shapes: set[str]) -> None:
+    """Top ops by self time, the matmuls' share, and the dtype casts of weights (copies whose
+    input has a weight's shape: autocast casting float32 weights, or their gradients back)."""
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS)
-    print(f"\n{title}: {seconds:.2f} s, matrix multiplies {matmul / total:.0%} of op time")
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    casts = sum(e.self_cpu_time_total for e in by_shape if e.key == "aten::copy_" and e.input_shapes
+                and str(e.input_shapes[0]) in weight_shapes)  # fmt: skip
+    print(f"\n{title}: {seconds:.2f} s, matrix multiplies {matmul / total:.0%} of op time, "
+          f"weight casts {casts / 1e6:.2f} s ({casts / total:.1%})")
     print(events.table(sort_by="self_cpu_time_total", row_limit=12))
 
 
@@ -58,16 +64,17 @@ def main() -> None:
         compile_blocks(policy.model)
     trainee = Trainee.of(policy, recipe.train.micro_batch_tokens)
     for step in range(2):  # the first is the warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as sampling:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as sampling:
             started = time.perf_counter()
             rows, _ = sample_rows(job, problems, GROUP_SIZE, seed=step)
             batch = training_batch(rows, "grpo", False)
             generated = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU]) as training:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as training:
             update_policy(trainee, optimizer, objective, batch, 1, 1, recipe.optim.grad_clip, seed=step)
             trained = time.perf_counter()
-    table(sampling, "generation", generated - started)
-    table(training, "training", trained - generated)
+    shapes = {str(list(p.shape)) for p in policy.model.parameters() if p.dim() == 2}
+    table(sampling, "generation", generated - started, shapes)
+    table(training, "training", trained - generated, shapes)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def model_dir(name: str) -> Path:
     return embedded_model_dir() if name == "embedded" else build(name, MODELS_DIR / name)
 
 
-def matmul_peak_flops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
+def matmul_peak_flops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 20) -> float:
     """Best matmul FLOP/s of this process's threads in `dtype`: an MFU denominator."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b

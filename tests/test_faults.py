@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import pickle
+import queue
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_forkserver import ForkServer
 from safetensors.torch import load_file, save_file
 
 from minpro_cli.config import load_recipe
@@ -55,10 +57,12 @@ def inputs(tmp_path_factory) -> Inputs:
     return Inputs(rollouts, run)
 
 
+CLI_ENV = os.environ | {"HF_HUB_OFFLINE": "1", "COLUMNS": "300"}  # rich must not wrap the error line
+
+
 def minpro(cwd: Path, *args: str, timeout: float = 300, preexec: Callable[[], None] | None = None):
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "COLUMNS": "300"}  # rich must not wrap the error line
     return subprocess.run(
-        [sys.executable, "-m", "minpro_cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "minpro_cli", *args], cwd=cwd, env=CLI_ENV, capture_output=True, text=True,
         timeout=timeout, preexec_fn=preexec, check=False,
     )  # fmt: skip
 
@@ -515,19 +519,32 @@ class Outcome:
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory, inputs) -> dict[str, Outcome]:
-    """Every case, two subprocesses at a time: each is mostly interpreter and import start-up."""
+    """Every case, two at a time, each in a process forked from a server that imported the CLI
+    once (`cli_forkserver.py`): a fresh interpreter per case was mostly start-up."""
     built = {}
     for case in CASES:
         directory = tmp_path_factory.mktemp(case.build.__name__)
         built[case.build.__name__] = (directory, case.build(directory, inputs), snapshot(directory))
 
+    servers = queue.Queue()
+    for _ in range(2):
+        servers.put(ForkServer(CLI_ENV))
+
     def run(name: str) -> Outcome:
         directory, args, before = built[name]
-        result = minpro(directory, *args)
+        server = servers.get()
+        try:
+            result = server.run(directory, args)
+        finally:
+            servers.put(server)
         return Outcome(result, before, snapshot(directory), directory)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(built, pool.map(run, built)))
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            return dict(zip(built, pool.map(run, built)))
+    finally:
+        while not servers.empty():
+            servers.get().close()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.build.__name__ for c in CASES])

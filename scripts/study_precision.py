@@ -1,0 +1,114 @@
+"""Write docs/results/precision.md: does bf16 sampling + bf16 training change what a run learns?
+
+    .venv/bin/python scripts/study_precision.py [--recipes quickstart,smollm2-rl] [--seeds 3]
+
+Each recipe is trained as it ships (float32) and with bf16: the `hf` sampler's own bf16 copy of
+the weights (`sampler.options.dtype`), bf16 autocast training (`model.dtype`), and the
+correction layer's recommendation for a sampler that is not the trainer (`train.anchor:
+sampling_weights` + token TIS, verl's default). Seeds are paired: a seed's two runs share the
+starting weights, prompts and evaluation problems. Reported: held-out pass@1 before and after,
+the paired difference bf16 − float32 with a t-interval over seeds, wall time per run, and the
+mismatch the bf16 runs logged per step. Every run is cached under --work (`minpro train`
+resumes an interrupted one), so a rerun finishes what is missing. smollm2-rl needs
+`bash scripts/setup_smollm2.sh`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from study_mismatch import T975, mean_se
+
+ROOT = Path(__file__).resolve().parent.parent
+ARMS = {
+    "float32": [],
+    "bf16 + sampling_weights + token TIS": [
+        "model.dtype=bfloat16", "sampler.options.dtype=bfloat16", "train.anchor=sampling_weights",
+        "correction.level=token",
+    ],
+}  # fmt: skip
+MISMATCH = ("mismatch/kl_k1", "mismatch/log_ppl_abs_diff", "correction/truncated_frac")
+
+
+def run_dir(work: Path, recipe: str, arm: str, seed: int) -> Path:
+    return work / recipe / f"{arm.split()[0]}_seed{seed}"
+
+
+def train(recipe: str, arm: str, seed: int, run: Path) -> dict:
+    """One run (resumed if interrupted); its evaluations, per-step metrics and wall time."""
+    timing = run / "wall_seconds.json"
+    if not (run / "final" / "model.safetensors").exists():
+        print(f"{recipe}: {arm}, seed {seed}", flush=True)
+        started = time.perf_counter()
+        iterations = load_iterations(recipe)
+        subprocess.run([sys.executable, "-m", "minpro_cli", "train", str(ROOT / "recipes" / f"{recipe}.yaml"),
+                        f"run_dir={run}", f"seed={seed}", f"train.eval_every={iterations}", *ARMS[arm]],
+                       check=True)  # fmt: skip
+        spent = time.perf_counter() - started
+        if not timing.exists():  # a resumed run's wall time is not that of one run: leave it out
+            timing.write_text(json.dumps({"seconds": spent}))
+    evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines() if line.strip()]
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"before": evals[0]["eval/pass@1"], "after": evals[-1]["eval/pass@1"], "steps": steps,
+            "seconds": json.loads(timing.read_text())["seconds"] if timing.exists() else None}  # fmt: skip
+
+
+def load_iterations(recipe: str) -> int:
+    from minpro_cli.config import load_recipe
+
+    return load_recipe(ROOT / "recipes" / f"{recipe}.yaml", []).train.iterations
+
+
+def arm_row(arm: str, results: list[dict]) -> str:
+    after, se = mean_se([r["after"] for r in results])
+    minutes = [r["seconds"] / 60 for r in results if r["seconds"]]
+    kl = [m["mismatch/kl_k1"] for r in results for m in r["steps"] if "mismatch/kl_k1" in m]
+    cells = [arm, str(len(results)), f"{statistics.fmean(r['before'] for r in results):.3f}", f"{after:.3f} ± {se:.3f}",
+             ", ".join(f"{r['after']:.3f}" for r in results), f"{statistics.median(minutes):.1f}" if minutes else "–",
+             f"{statistics.fmean(kl):.1e}" if kl else "–"]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
+def section(recipe: str, runs: dict[str, list[dict]]) -> list[str]:
+    """One recipe's table and reading: pass@1, the paired difference, time, mismatch."""
+    header = ("| arm | seeds | pass@1 before | after (mean ± s.e.) | per seed | minutes per run (median) | "
+              "mean per-step mismatch/kl_k1 |")  # fmt: skip
+    lines = [f"## {recipe}", "", header, "|---|---|---|---|---|---|---|"]
+    lines += [arm_row(arm, results) for arm, results in runs.items()]
+    fp32, bf16 = (runs[arm] for arm in ARMS)
+    if len(fp32) == len(bf16) > 1:
+        mean, se = mean_se([b["after"] - f["after"] for f, b in zip(fp32, bf16)])
+        half = T975[len(fp32) - 1] * se
+        verdict = ("bf16 is better" if mean > half else "bf16 is worse: a speed-up that costs accuracy" if mean < -half
+                   else "does not separate")  # fmt: skip
+        lines += ["", (f"Paired difference bf16 − float32 over {len(fp32)} seeds: **{mean:+.3f}** (95% CI "
+                       f"[{mean - half:+.3f}, {mean + half:+.3f}]): {verdict}.")]  # fmt: skip
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default="quickstart,smollm2-rl")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=ROOT / "runs/study-precision")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/results/precision.md")
+    args = parser.parse_args()
+    text = ["# bf16 sampling and training against float32: held-out pass@1, paired by seed", "",
+            ("Made by `scripts/study_precision.py` (2 CPU cores); the bf16 arm is `model.dtype: bfloat16`, "
+             "`sampler.options.dtype: bfloat16`, `train.anchor: sampling_weights`, `correction.level: token`."), ""]
+    for recipe in args.recipes.split(","):
+        runs = {arm: [train(recipe, arm, seed, run_dir(args.work, recipe, arm, seed)) for seed in range(args.seeds)]
+                for arm in ARMS}  # fmt: skip
+        text += section(recipe, runs)
+    args.out.write_text("\n".join(text))
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
