@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GROUP_SIZE, N_PROMPTS
-from vs_trl import LR, MAX_NEW_TOKENS, MICRO_ROWS, PROMPT_TOKENS, model_dir
+from vs_trl import LR, MAX_NEW_TOKENS, MINPRO_TOKENS, model_dir
 
 from minpro_cli.config import recipe_from_data
 from minpro_cli.console import console
@@ -53,10 +53,9 @@ def main() -> None:
     args = parser.parse_args()
     console.quiet = True
     directory, precision = str(model_dir(args.model)), "bfloat16" if args.bf16 else "float32"
-    rows = MICRO_ROWS.get(args.model, N_PROMPTS * GROUP_SIZE)
     recipe = recipe_from_data({"model": {"path": directory, "dtype": precision}, "sampler": {"name": "hf", "options": {
         "max_new_tokens": MAX_NEW_TOKENS, "dtype": precision}},
-        "train": {"micro_batch_tokens": rows * (PROMPT_TOKENS + MAX_NEW_TOKENS)}}, "profile")
+        "train": {"micro_batch_tokens": MINPRO_TOKENS.get(args.model, 16384)}}, "profile")
     policy = load_policy(directory, precision)
     job, problems = sampling_job(recipe, policy, Plugins.of(recipe)), load_split(recipe, "train")[:args.prompts]
     objective, optimizer = recipe.plugin("objectives"), torch.optim.AdamW(policy.model.parameters(), lr=LR)
