@@ -1,23 +1,26 @@
 """One RL step, minpro vs TRL's GRPOTrainer: same weights, prompts, reward and shape, in one run.
 
 Workload per step: 32 prompts × 8 samples, at most 64 new tokens, T = 1, top-k 0, top-p 1,
-math-verify reward, one optimizer update (AdamW, lr 1e-5), on three models: the embedded
-model, and random-init Qwen2 models of 4.46M and 33.7M parameters with a 1024-token BPE
-vocabulary (`qwen2_models.py`, built deterministically). minpro runs its defaults (the
-`minpro train` step: sample_rows → advantages → update_policy); TRL 1.16 runs with gradient
+math-verify reward, one optimizer update (AdamW, lr 1e-5), on four models: the embedded
+model, random-init Qwen2 models of 4.46M and 33.7M parameters with a 1024-token BPE
+vocabulary (`qwen2_models.py`, built deterministically), and SmolLM2-135M-Instruct (a 49k
+vocabulary and real EOS behaviour; `scripts/setup_smollm2.sh`). TRL 1.16 runs with gradient
 checkpointing off, like minpro, and no KL term.
 
-Each side runs in its own fresh process: 1 warm-up step (not counted; with `--compile` it also
-pays the compile), then `--steps` timed
-steps, of which the median is that run's figure. Sides and models are interleaved, and the
-order of the two sides alternates between runs. Per side: step time split into generation
-(sampling + reward + advantages) and training, useful and padded training tokens, peak RSS,
-and MFU: useful FLOPs (2·N per token sampled or prompt-filled, 6·N per token trained, N =
-parameters; attention's own FLOPs left out) over step time × the fp32 matmul peak measured
+Sides (`--sides`): minpro in float32, with bf16 sampling + bf16 autocast training
+(`minpro-bf16`), each also with `train.compile` (`+compile`); TRL in float32, with
+`bf16=True`, and with the model loaded in bf16 (`trl-bf16-model`). Each side runs in its own
+fresh process: 1 warm-up step (not counted; it also pays a compile), then `--steps` timed
+steps, of which the median is that run's figure. Sides are interleaved, their order reversed
+every other run. Per side: step time split into generation (sampling + reward + advantages)
+and training, useful and padded training tokens, mean response length, peak RSS, the share of
+weights the last update changed (an update lost to bf16 rounding does not train), and MFU:
+useful FLOPs (2·N per token sampled or prompt-filled, 6·N per token trained, N = parameters;
+attention's own FLOPs left out) over step time × the fp32 and the bf16 matmul peaks measured
 at the start of the run.
 
     bash benchmarks/setup_trl_env.sh               # TRL lives only in benchmarks/.venv-trl
-    benchmarks/.venv-trl/bin/python benchmarks/vs_trl.py [--runs 3] [--models embedded,qwen2-4.5m,qwen2-34m]
+    benchmarks/.venv-trl/bin/python benchmarks/vs_trl.py [--runs 3] [--steps 1] [--models qwen2-34m,smollm2] [--sides …]
 """
 
 from __future__ import annotations
