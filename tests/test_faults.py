@@ -1,9 +1,11 @@
-"""Bad input through the real CLI, one subprocess per case: exit code 2, one line naming the
+"""Bad input through the real CLI, one process per case: exit code 2, one line naming the
 culprit, no traceback, and nothing left at the run's final paths (or, for the inputs that are
 not errors, the documented outcome).
 
 Each case builds its input in its own directory from two shared, in-process fixtures (a
-rollout file and a finished 2-round run) and runs `python -m minpro_cli` there.
+rollout file and a finished 2-round run) and runs the CLI there: in a process forked from a
+server that imported it once (`cli_forkserver.py`), or `python -m minpro_cli` for the tests
+that need their own interpreter.
 """
 
 from __future__ import annotations
