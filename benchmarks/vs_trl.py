@@ -111,12 +111,14 @@ def minpro_side(
     trainee = Trainee.of(policy, recipe.train.micro_batch_tokens)
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=LR)
     out: dict[str, list[float]] = {k: [] for k in ("generation", "training", "useful", "padded", "length")}
+    before: list[torch.Tensor] = []
     for step in range(steps + 1):
+        if step == steps:  # the weights the last update starts from, copied outside the timed phases
+            before = [p.detach().clone() for p in policy.model.parameters()]
         started = time.perf_counter()
         rows, _ = sample_rows(job, problems, GROUP_SIZE, seed=SEED + step)
         batch = training_batch(rows, "grpo", False)
         generated = time.perf_counter()
-        before = [p.detach().clone() for p in policy.model.parameters()]
         update_policy(trainee, optimizer, objective, batch, 1, 1, recipe.optim.grad_clip, seed=step)
         trained = time.perf_counter()
         if step == 0:
@@ -164,7 +166,9 @@ def trl_side(
             out["useful"].append(int(prompt.sum() + completion.sum()))
             out["padded"].append(prompt.numel() + completion.numel())
             out["length"].append(float(completion.sum()) / completion.shape[0])
+            copying = time.perf_counter()
             before[:] = [p.detach().clone() for p in self.model.parameters()]
+            step_started[-1] += time.perf_counter() - copying  # the copy is not TRL's training time
             return result
 
     class StepEnd(TrainerCallback):  # type: ignore[misc]
