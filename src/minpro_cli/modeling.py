@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from minpro_cli import attention
 from minpro_cli.errors import CheckpointError
 from minpro_cli.logprobs import autocast
 
@@ -160,6 +161,7 @@ def load_weights(model_dir: Path, trust_remote_code: bool) -> PreTrainedModel:
         )
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CheckpointError(f"checkpoint {model_dir}: tensor {problems[0]}{more}; {hint}")
+    attention.install(model)
     return model
 
 
