@@ -25,6 +25,8 @@ from pathlib import Path
 
 from study_mismatch import T975, mean_se
 
+from minpro_cli.fileio import write_json_atomic, write_text_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {
     "float32": [],
@@ -44,15 +46,15 @@ def train(recipe: str, arm: str, seed: int, run: Path) -> dict:
     """One run (resumed if interrupted); its evaluations, per-step metrics and wall time."""
     timing = run / "wall_seconds.json"
     if not (run / "final" / "model.safetensors").exists():
-        print(f"{recipe}: {arm}, seed {seed}", flush=True)
+        resumed = run.exists()  # started before: its wall time would not be that of one run, so left out
+        print(f"{recipe}: {arm}, seed {seed}" + (" (resumed)" if resumed else ""), flush=True)
         started = time.perf_counter()
         iterations = load_iterations(recipe)
         subprocess.run([sys.executable, "-m", "minpro_cli", "train", str(ROOT / "recipes" / f"{recipe}.yaml"),
                         f"run_dir={run}", f"seed={seed}", f"train.eval_every={iterations}", *ARMS[arm]],
                        check=True)  # fmt: skip
-        spent = time.perf_counter() - started
-        if not timing.exists():  # a resumed run's wall time is not that of one run: leave it out
-            timing.write_text(json.dumps({"seconds": spent}))
+        if not resumed:
+            write_json_atomic(timing, {"seconds": time.perf_counter() - started})
     evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines() if line.strip()]
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {"before": evals[0]["eval/pass@1"], "after": evals[-1]["eval/pass@1"], "steps": steps,
@@ -106,7 +108,7 @@ def main() -> None:
         runs = {arm: [train(recipe, arm, seed, run_dir(args.work, recipe, arm, seed)) for seed in range(args.seeds)]
                 for arm in ARMS}  # fmt: skip
         text += section(recipe, runs)
-    args.out.write_text("\n".join(text))
+    write_text_atomic(args.out, "\n".join(text))
     print("\n".join(text))
 
 
