@@ -1,11 +1,11 @@
 """Attention as `transformers`' SDPA, except where this CPU's bf16 kernel is slow: short sequences.
 
 PyTorch's CPU flash-attention kernel takes 2-3x longer over a bf16 backward than over a float32
-one on sequences under ~250 tokens (the RL batches here: prompt + response of 50-200 tokens);
-from ~250 tokens on, bf16 is faster (`benchmarks/attention_precision.py`). So a query of 2 to
-`FLOAT32_BELOW - 1` positions computed in bf16 or fp16 on the CPU is attended to in float32 and cast back;
-decoding (one position) and every other case go to SDPA as they are. The rule depends on shapes
-and dtypes only, never on grad mode, so a no-grad forward (π_old, the reference) and the training
+one on sequences under ~250 tokens (RL rows: prompt + response, 50-200 tokens); from ~250 tokens
+on, bf16 is faster (`benchmarks/attention_precision.py`). So a query of 2 to `FLOAT32_BELOW - 1`
+positions computed in bf16 or fp16 on the CPU is attended to in float32 and cast back; decoding
+(one position) and every other case go to SDPA as they are. The rule depends on shapes and
+dtypes only, never on grad mode, so a no-grad forward (π_old, the reference) and the training
 forward of the same rows run the same kernel.
 """
 
