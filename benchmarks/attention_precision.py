@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import measure
+from memory import spread
 
 import minpro_cli.attention  # noqa: F401 — registers `minpro_sdpa`
 
@@ -61,10 +62,6 @@ def model_step(model_dir: Path, implementation: str) -> tuple[float, int]:
     return time.perf_counter() - started, ids.numel()
 
 
-def spread(values: list[float]) -> str:
-    return f"{min(values):.3f} / {statistics.median(values):.3f} / {max(values):.3f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -87,7 +84,7 @@ def model_table(args: argparse.Namespace) -> None:
             measured.append(measure(lambda name=name: model_step(args.model, name)))
     for name, measured in runs.items():
         peak = statistics.median(m.peak_mb for m in measured)
-        print(f"| {name} | {spread([m.seconds for m in measured])} | {peak:.0f} |")
+        print(f"| {name} | {spread([m.seconds for m in measured], '.3f')} | {peak:.0f} |")
 
 
 def kernel_table(repeats: int) -> None:
@@ -100,7 +97,7 @@ def kernel_table(repeats: int) -> None:
             for float32, seconds in times.items():
                 seconds.append(kernel_seconds(length, float32))
         ratio = statistics.median(times[True]) / statistics.median(times[False])
-        print(f"| {length} | {spread(times[False])} | {spread(times[True])} | {ratio:.2f} |")
+        print(f"| {length} | {spread(times[False], '.3f')} | {spread(times[True], '.3f')} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":
