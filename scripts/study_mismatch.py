@@ -164,6 +164,15 @@ def mean_mismatch_kl(work: Path) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
+def mean_curve(runs: list[Path], key: str) -> list[float]:
+    """`key` step by step, averaged over the runs that logged it, as long as the shortest of them."""
+    logs = [(run / "metrics.jsonl").read_text().splitlines() for run in runs if (run / "metrics.jsonl").exists()]
+    curves = [[m[key] for m in map(json.loads, filter(str.strip, log)) if key in m] for log in logs]
+    curves = [c for c in curves if c]
+    n = min(map(len, curves), default=0)
+    return [statistics.fmean(c[i] for c in curves) for i in range(n)]
+
+
 def training_figure(work: Path, seeds: int, out: Path) -> None:
     """Training reward by round, mean over seeds, one line per arm."""
     import matplotlib
@@ -174,11 +183,8 @@ def training_figure(work: Path, seeds: int, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for arm in ARMS:
         runs = [work / "runs" / f"{re.sub(r'[^A-Za-z0-9]+', '_', arm).strip('_')}_seed{seed}" for seed in range(seeds)]
-        curves = [[json.loads(line)["reward_mean"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-                  for run in runs if (run / "metrics.jsonl").exists()]  # fmt: skip
-        if curves:
-            n = min(map(len, curves))
-            ax.plot(range(n), [statistics.fmean(c[i] for c in curves) for i in range(n)], label=arm)
+        if curve := mean_curve(runs, "reward_mean"):
+            ax.plot(range(len(curve)), curve, label=arm)
     ax.set(xlabel="round", ylabel=f"training reward (mean of {seeds} seeds)",
            title="bf16 sampling, staleness 2: training reward by arm")  # fmt: skip
     ax.legend(fontsize=8)

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from study_mismatch import T975, mean_se
+from study_mismatch import T975, mean_curve, mean_se
 
 from minpro_cli.fileio import write_json_atomic, write_text_atomic
 
@@ -35,7 +35,7 @@ ARMS = {
         "correction.level=token",
     ],
 }  # fmt: skip
-MISMATCH = ("mismatch/kl_k1", "mismatch/log_ppl_abs_diff", "correction/truncated_frac")
+MISMATCH = ("mismatch/kl_k3", "mismatch/log_ppl_abs_diff", "correction/truncated_frac")  # ≥ 0: a log scale
 
 
 def run_dir(work: Path, recipe: str, arm: str, seed: int) -> Path:
@@ -94,6 +94,30 @@ def section(recipe: str, runs: dict[str, list[dict]]) -> list[str]:
     return lines + [""]
 
 
+def figure(recipe: str, work: Path, seeds: int, out: Path) -> None:
+    """Training reward by round for both arms, and the bf16 arm's mismatch per step (means over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (reward, mismatch) = plt.subplots(1, 2, figsize=(11, 4))
+    for arm in ARMS:
+        runs = [run_dir(work, recipe, arm, seed) for seed in range(seeds)]
+        reward.plot(mean_curve(runs, "reward_mean"), label=arm)
+        for key in MISMATCH:
+            if curve := mean_curve(runs, key):
+                mismatch.plot(curve, label=f"{key} ({arm.split()[0]})")
+    reward.set(xlabel="round", ylabel=f"training reward (mean of {seeds} seeds)", title=recipe)
+    mismatch.set(xlabel="optimizer step", yscale="log", title="sampler–trainer mismatch logged per step")
+    reward.legend(fontsize=8)
+    mismatch.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", default="quickstart,smollm2-rl")
@@ -105,9 +129,13 @@ def main() -> None:
             ("Made by `scripts/study_precision.py` (2 CPU cores); the bf16 arm is `model.dtype: bfloat16`, "
              "`sampler.options.dtype: bfloat16`, `train.anchor: sampling_weights`, `correction.level: token`."), ""]
     for recipe in args.recipes.split(","):
-        runs = {arm: [train(recipe, arm, seed, run_dir(args.work, recipe, arm, seed)) for seed in range(args.seeds)]
-                for arm in ARMS}  # fmt: skip
-        text += section(recipe, runs)
+        runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+        for seed in range(args.seeds):  # seed by seed, so a study cut short still has whole pairs
+            for arm in ARMS:
+                runs[arm].append(train(recipe, arm, seed, run_dir(args.work, recipe, arm, seed)))
+        picture = args.out.with_suffix("") / f"{recipe}.png"
+        figure(recipe, args.work, args.seeds, picture)
+        text += section(recipe, runs) + [f"![{recipe}: reward and mismatch]({args.out.stem}/{picture.name})", ""]
     write_text_atomic(args.out, "\n".join(text))
     print("\n".join(text))
 
