@@ -6,7 +6,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+if "OMP_NUM_THREADS" not in os.environ:  # scripts/test.sh sets it: one thread per pytest worker
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")

@@ -84,10 +84,12 @@ def test_report_agrees_with_an_independent_computation(trained, tmp_path):
         assert got["std"] == pytest.approx(statistics.stdev(values), rel=1e-4)
         assert got["min"] == pytest.approx(min(values), rel=1e-3)
         assert got["max"] == pytest.approx(max(values), rel=1e-3)
-        exact = torch.quantile(torch.tensor(values, dtype=torch.float64), torch.tensor([0.05, 0.5, 0.95],
-                                                                                         dtype=torch.float64))
-        for name, q in zip(("p5", "p50", "p95"), exact.tolist()):
-            assert got[name] == pytest.approx(q, rel=0.02), (key, name)
+        # a histogram quantile is the nearest-rank value within its log-space bin (0.01 wide); an
+        # interpolating quantile can sit further off where the tail's order statistics are sparse
+        ordered = sorted(values)
+        for name, q in (("p5", 0.05), ("p50", 0.5), ("p95", 0.95)):
+            nearest_rank = ordered[max(math.ceil(q * len(values)) - 1, 0)]
+            assert abs(math.log(got[name] / nearest_rank)) <= 0.0101, (key, name, got[name], nearest_rank)
         assert got["frac_below"]["0.5"] == pytest.approx(sum(v < 0.5 for v in values) / len(values), abs=2e-3)
         assert got["frac_above"]["2.0"] == pytest.approx(sum(v > 2.0 for v in values) / len(values), abs=2e-3)
         ess = sum(values) ** 2 / (len(values) * sum(v * v for v in values))
