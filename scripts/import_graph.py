@@ -22,7 +22,7 @@ LAYERS: dict[str, list[str]] = {
     "formats": ["rollouts", "rundir", "taskfiles", "tasks", "probe_results"],
     "plugins": ["objectives", "verifiers", "registry", "advantages", "ratiostats", "correction"],
     "recipe": ["sections", "config"],
-    "models": ["attention", "lora", "logprobs", "modeling", "samplers", "distributed", "checkpoints", "trackers", "plots"],
+    "models": ["attention", "lora", "weightsync", "logprobs", "modeling", "samplers", "distributed", "checkpoints", "trackers", "plots"],
     "work": ["sampling", "heldout", "penalties", "anchors", "step", "rounds", "resume"],
     "stages": ["rollout", "train", "eval", "inspect_ratios", "probe", "sweep", "report", "convert", "scaffold",
                "conformance", "launcher"],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,19 +71,25 @@ class LoraAdapters:
     def merged(self, state: StateDict) -> StateDict:
         """Whole weights of the plain model from the adapted model's state: W + scaling·(B·A)
         per adapted layer (computed in float32 at least), the adapter entries dropped."""
-        out: StateDict = {}
+        return dict(self.merged_items(state))
+
+    def merged_items(
+        self, state: StateDict, whole: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """`merged`, one layer at a time; `whole` makes each entry a whole tensor first (FSDP2's
+        gather), so a streamed export never holds more than one layer's merge."""
         for key, tensor in state.items():
             name, base, leaf = key.partition(".base_layer.")
             if base and name in self.scaling:
+                tensor = whole(tensor)
                 if leaf == "weight":
-                    a, b = state[f"{name}.lora_A.{ADAPTER}.weight"], state[f"{name}.lora_B.{ADAPTER}.weight"]
+                    a, b = (whole(state[f"{name}.{m}.{ADAPTER}.weight"]) for m in ("lora_A", "lora_B"))
                     exact = torch.promote_types(tensor.dtype, torch.float32)
                     delta = (b.to(exact) @ a.to(exact)) * self.scaling[name]
                     tensor = (tensor.to(exact) + delta).to(tensor.dtype)
-                out[f"{name}.{leaf}"] = tensor
+                yield f"{name}.{leaf}", tensor
             elif ".lora_" not in key:
-                out[key] = tensor
-        return out
+                yield key, whole(tensor)
 
     def adapter_state(self, state: StateDict) -> StateDict:
         """The adapter's tensors under the names peft saves them with."""
