@@ -216,6 +216,13 @@ def eager(model: torch.nn.Module) -> Iterator[None]:
             block.forward = forward
 
 
+def weights_written(model: torch.nn.Module) -> tuple[int, ...]:
+    """Each weight's storage and write counter: changes whenever a weight is written in place
+    (optimizer steps, `load_state_dict`, updates under no_grad) or replaced. A sampler that
+    holds its own copy of the weights refreshes it when this changes: a key with no hashing."""
+    return tuple(x for p in model.parameters() for x in (p.data_ptr(), p._version))
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Hash of every parameter's name, dtype, shape and bytes: equal iff the weights are equal.
 

@@ -39,10 +39,20 @@ def sampler():
     return VLLMSampler(python=PYTHON, max_new_tokens=40, dtype="float32", max_model_len=256)
 
 
-def test_logprobs_match_transformers_and_follow_reloaded_weights(sampler):
+@pytest.fixture(scope="module")
+def disk_sampler():
+    return VLLMSampler(python=PYTHON, max_new_tokens=40, dtype="float32", max_model_len=256, transport="disk")
+
+
+@pytest.mark.parametrize("transport", ["shm", "disk"])
+def test_logprobs_match_transformers_and_follow_reloaded_weights(request, transport):
+    sampler = request.getfixturevalue({"shm": "sampler", "disk": "disk_sampler"}[transport])
     policy = load_policy("embedded")
     ids = prompts(policy)
     first = sampler.generate(policy, ids, seed=1)
+    # shared memory: the engine started from the config alone and took the weights from the segment
+    assert (sampler._worker.weights / "model.safetensors").exists() == (transport == "disk")
+    assert (sampler._worker.segment is not None) == (transport == "shm")
     assert len(first) == len(ids) and all(g.token_ids for g in first)
     assert any(g.token_ids[-1] == policy.eos_token_id and g.finish_reason == "stop" for g in first)
     assert max_gap(policy, ids, first, 1.0) < TOLERANCE

@@ -18,7 +18,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from minpro_cli.console import console
 from minpro_cli.logprobs import positions_from_mask
-from minpro_cli.modeling import Policy, eager
+from minpro_cli.modeling import Policy, eager, weights_written
 from minpro_cli.samplers import Generation, SamplingParams
 
 
@@ -61,7 +61,7 @@ class HFSampler(SamplingParams):
         dtype = getattr(torch, self.dtype) if self.dtype else None
         if dtype is None or next(policy.model.parameters()).dtype == dtype:
             return policy.model
-        written = tuple(p._version for p in policy.model.parameters())
+        written = weights_written(policy.model)
         held = self._copy
         if held is not None and held[0] is policy.model and held[2] == written:
             return held[1]

@@ -2,9 +2,12 @@
 
 vLLM pins its own torch and transformers, so it never shares minpro's environment: the
 sampler starts `worker.py` with the vllm environment's interpreter (made by
-`scripts/setup_vllm.sh`) and talks JSON lines over a pipe. Before sampling it exports the
-policy's weights (safetensors) to a scratch directory whenever they changed, and the
-worker reloads them in place: each round samples with the weights being trained.
+`scripts/setup_vllm.sh`) and talks JSON lines over a pipe. Whenever the policy's weights were
+written since the last round (torch's per-tensor write counters, no hashing), it streams them
+into a shared-memory segment (`minpro_cli.weightsync`) and the engine reloads them in place from
+there, in memory: each round samples with the weights being trained. `transport: disk` exports
+a safetensors checkpoint instead (debugging). The engine starts from the config alone
+(`load_format: dummy`): the weights never touch the disk.
 """
 
 from __future__ import annotations
@@ -19,22 +22,46 @@ import signal
 import subprocess
 import tempfile
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
 from pydantic import ConfigDict, Field, PrivateAttr
 from safetensors.torch import save_file
 
+from minpro_cli import weightsync
 from minpro_cli.errors import MinproError
-from minpro_cli.modeling import Policy, model_fingerprint
+from minpro_cli.modeling import DTYPES, Policy, weights_written
 from minpro_cli.samplers import Generation, SamplingParams
+from minpro_cli.weightsync import WeightSegment, named_weights, planned_bytes
 
 WORKER = Path(__file__).with_name("worker.py")
+ENGINE_PATH = Path(__file__).with_name("engine_path")  # importable by vLLM's engine processes
+EXTENSION = "minpro_segment_loader.SegmentLoader"
 PYTHON_ENV = "MINPRO_VLLM_PYTHON"
+# torchrun's variables: an engine that inherits them takes the trainer's rank, world and
+# rendezvous for its own (vLLM reads LOCAL_RANK, RANK and MASTER_* too)
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
 
 
 def default_python() -> str:
     return os.environ.get(PYTHON_ENV, ".venv-vllm/bin/python")
+
+
+def worker_environment(parent: Mapping[str, str]) -> dict[str, str]:
+    """The worker's environment: none of torchrun's variables, the rank's own GPU (torchrun
+    sets LOCAL_RANK, not CUDA_VISIBLE_DEVICES: every rank's engine would land on GPU 0), and
+    the worker extension's directory on the engine processes' path."""
+    env = {k: v for k, v in parent.items() if k not in TORCHRUN_VARIABLES and not k.startswith("TORCHELASTIC_")}
+    if "LOCAL_RANK" in parent:
+        local = int(parent["LOCAL_RANK"])
+        visible = [d for d in parent.get("CUDA_VISIBLE_DEVICES", str(local)).split(",") if d.strip()]
+        if visible:  # an empty list means no GPU at all: leave it so
+            env["CUDA_VISIBLE_DEVICES"] = visible[local % len(visible)] if len(visible) > 1 else visible[0]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ENGINE_PATH), parent.get("PYTHONPATH")]))
+    return env
 
 
 class Worker:
@@ -50,9 +77,11 @@ class Worker:
         self.weights = Path(tempfile.mkdtemp(prefix="minpro-vllm-"))
         self.process = subprocess.Popen(  # its own process group: vLLM starts engine processes of its own
             [python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-            start_new_session=True,
+            start_new_session=True, env=worker_environment(os.environ),
         )
-        self.fingerprint: str | None = None
+        self.segment: WeightSegment | None = None
+        self.version = 0  # of the weights the engine holds
+        self.synced: tuple[weakref.ref[torch.nn.Module], tuple[int, ...]] | None = None
         weakref.finalize(self, Worker.close, self.process, self.weights)
 
     @staticmethod
@@ -89,29 +118,49 @@ class Worker:
             raise MinproError(f"sampler 'vllm': vLLM failed during '{request['op']}': {reply['error']}")
         return reply
 
-    def sync(self, policy: Policy, engine: dict[str, Any]) -> None:
-        """Load the policy's weights into vLLM unless it already has exactly these."""
-        fingerprint = model_fingerprint(policy.model)
-        if fingerprint == self.fingerprint:
+    def sync(self, policy: Policy, engine: dict[str, Any], transport: str, dtype: torch.dtype) -> None:
+        """Load the policy's weights into vLLM unless none was written since the last sync."""
+        written = weights_written(policy.model)
+        if self.synced is not None and self.synced[0]() is policy.model and self.synced[1] == written:
             return
-        export_untied(policy, self.weights)
-        if self.fingerprint is None:
+        if self.synced is None and transport == "shm":
+            export_config(policy, self.weights)
+            self.call({"op": "load", "model": str(self.weights),
+                       "engine": engine | {"load_format": "dummy", "worker_extension_cls": EXTENSION}})  # fmt: skip
+        elif self.synced is None:
+            export_untied(policy, self.weights)
             self.call({"op": "load", "model": str(self.weights), "engine": engine})
-        else:
+        if transport == "shm":
+            self.segment = self.segment or WeightSegment()
+            self.version += 1
+            weights = named_weights(policy.model, dtype)
+            self.segment.write(weights, self.version, planned_bytes(policy.model, dtype))
+            reply = self.call({"op": "update", "table": str(self.segment.table), "module": weightsync.__file__})
+            if reply["version"] != self.version:
+                raise MinproError(f"sampler 'vllm': the engine loaded weights version {reply['version']}, "
+                                  f"not {self.version}")  # fmt: skip
+        elif self.synced is not None:
+            export_untied(policy, self.weights)
             self.call({"op": "reload", "model": str(self.weights)})
-        self.fingerprint = fingerprint
+        self.synced = (weakref.ref(policy.model), written)
+
+
+def export_config(policy: Policy, directory: Path) -> None:
+    """What an engine needs to build the model, without its weights: config (head untied, see
+    `export_untied`) and tokenizer."""
+    config = copy.deepcopy(policy.model.config)
+    config.tie_word_embeddings = False
+    config.save_pretrained(directory)
+    policy.tokenizer.save_pretrained(directory)
 
 
 def export_untied(policy: Policy, directory: Path) -> None:
     """HF layout with every weight in the file and ties broken. vLLM's in-place reload puts a
     tied output head back from its old copy (vLLM 0.32 logs "ParallelLMHead: Failed to load
     weights"), so the head of each round must be a weight of its own; the values are equal."""
-    config = copy.deepcopy(policy.model.config)
-    config.tie_word_embeddings = False
-    config.save_pretrained(directory)
+    export_config(policy, directory)
     weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in policy.model.state_dict().items()}
     save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    policy.tokenizer.save_pretrained(directory)
 
 
 class VLLMSampler(SamplingParams):
@@ -132,6 +181,9 @@ class VLLMSampler(SamplingParams):
     max_model_len: int | None = Field(None, ge=1, description="longest prompt + response (default: the model's)")
     dtype: str = Field("auto", description="vLLM dtype; float32 matches minpro's default training dtype")
     engine_options: dict[str, Any] = Field(default_factory=dict, description="more vllm.LLM keyword arguments")
+    transport: Literal["shm", "disk"] = Field(
+        "shm", description="how new weights reach the engine: shared memory, or a checkpoint on disk (debugging)"
+    )
     timeout_s: float = Field(900.0, gt=0.0, description="longest wait for one reply (startup included)")
 
     _worker: Worker | None = PrivateAttr(None)
@@ -142,9 +194,6 @@ class VLLMSampler(SamplingParams):
             "gpu_memory_utilization": self.memory_fraction,
             "seed": 0,
             "generation_config": "vllm",  # not the model's defaults (a repetition penalty would change μ)
-            # vLLM 0.32 on CPU fails on a seeded request whose prefill was split across steps
-            # ("CPU Generator does not use offset"): prefill whole prompts
-            "enable_chunked_prefill": False,
         }
         if self.max_model_len is not None:
             options["max_model_len"] = self.max_model_len
@@ -153,7 +202,8 @@ class VLLMSampler(SamplingParams):
     def generate(self, policy: Policy, prompts: list[list[int]], seed: int) -> list[Generation]:
         if self._worker is None:
             self._worker = Worker(self.python, self.timeout_s)
-        self._worker.sync(policy, self.engine())
+        dtype = DTYPES.get(self.dtype, next(policy.model.parameters()).dtype)  # "auto": the model's own
+        self._worker.sync(policy, self.engine(), self.transport, dtype)
         sampling = {
             "temperature": self.temperature,
             "top_p": self.top_p,

@@ -5,6 +5,8 @@ line on stdin and answers one JSON line on the protocol pipe (the original stdou
 own logging is moved to stderr):
 
     {"op": "load", "model": DIR, "engine": {...LLM kwargs}}            → {"ok": true}
+    {"op": "update", "table": T, "module": M}  weights from the shared-memory segment whose
+        table is T, read by minpro's weightsync module at path M    → {"version": V}
     {"op": "reload", "model": DIR}   weights re-read from DIR in place  → {"ok": true}
     {"op": "generate", "prompts": [[ids]], "seed": S, "sampling": {...}} → {"generations": [...]}
 
@@ -38,13 +40,23 @@ class Engine:
 
     def load(self, model: str, engine: dict[str, Any]) -> dict[str, Any]:
         from vllm import LLM
+        from vllm.platforms import current_platform
 
+        if current_platform.is_cpu():
+            # vLLM 0.32 on CPU fails on a seeded request whose prefill was split across steps
+            # ("CPU Generator does not use offset"): prefill whole prompts there, and only there
+            engine = {"enable_chunked_prefill": False} | engine
         self.llm = LLM(model=model, logprobs_mode="processed_logprobs", **engine)
         return {"ok": True}
 
+    def update(self, table: str, module: str) -> dict[str, Any]:
+        versions = self.llm.collective_rpc("load_segment", kwargs={"table": table, "module": module})
+        self.llm.reset_prefix_cache()  # cached prefixes hold the old weights' keys and values
+        return {"version": versions[0]}
+
     def reload(self, model: str) -> dict[str, Any]:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model})
-        self.llm.reset_prefix_cache()  # cached prefixes hold the old weights' keys and values
+        self.llm.reset_prefix_cache()
         return {"ok": True}
 
     def generate(self, prompts: list[list[int]], seed: int, sampling: dict[str, Any]) -> dict[str, Any]:
