@@ -27,7 +27,9 @@ from minpro_cli.samplers import Generation, Sampler
 from minpro_cli.tasks import Problem, load_problems, render_prompt
 from minpro_cli.verifiers import Verifier, VerifierCallError, VerifyResult, timed_out, verify_batch
 
-PROMPTS_PER_CHUNK = 64  # progress granularity; each chunk gets its own derived seed
+# progress granularity; each chunk gets its own derived seed. A sampler's `prompts_per_call`
+# overrides it (None: the whole batch in one call, for engines that schedule their own batches)
+PROMPTS_PER_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,9 @@ def sample_rows(
     rows: list[RolloutRow] = []
     n_tokens, started, sample_indices = 0, time.perf_counter(), defaultdict[str, Iterator[int]](itertools.count)
     with progress_bar(label, total=len(problems) * group_size) as bar:
-        for chunk_index, start in enumerate(range(0, len(problems), PROMPTS_PER_CHUNK)):
-            chunk = list(range(start, min(start + PROMPTS_PER_CHUNK, len(problems))))
+        per_call = getattr(job.sampler, "prompts_per_call", PROMPTS_PER_CHUNK) or max(len(problems), 1)
+        for chunk_index, start in enumerate(range(0, len(problems), per_call)):
+            chunk = list(range(start, min(start + per_call, len(problems))))
             chunk_seed = (seed * 1_000_003 + chunk_index) % 2**63  # any recipe seed: within torch's range
             expanded = [prompt_ids[i] for i in chunk for _ in range(group_size)]
             with job.sampler_lock, job.policy.autocast():  # μ is computed at the precision π_θ trains at

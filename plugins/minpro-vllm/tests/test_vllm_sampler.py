@@ -74,3 +74,16 @@ def test_temperature_is_applied_to_the_recorded_logprobs(sampler):
     generations = hot.generate(policy, ids, seed=2)
     assert max_gap(policy, ids, generations, 0.7) < TOLERANCE
     assert max_gap(policy, ids, generations, 1.0) > 50 * TOLERANCE
+
+
+def test_round_seeds_draw_each_prompt_anew_and_record_the_sampled_distribution(sampler):
+    """seed_mode round: one seed for the engine's generator per call (vLLM's batched path). Not
+    asserted: that a call repeats bit for bit — vLLM schedules requests as they reach its
+    engine process, so a step's batch, and which draw a request gets, varies between calls."""
+    policy = load_policy("embedded")
+    ids = prompts(policy)
+    batched = sampler.model_copy(update={"seed_mode": "round"})
+    batched._worker = sampler._worker
+    generations = batched.generate(policy, ids, seed=5)
+    assert len({tuple(g.token_ids) for g in generations}) > len(ids) // 2  # not one draw repeated
+    assert max_gap(policy, ids, generations, 1.0) < TOLERANCE

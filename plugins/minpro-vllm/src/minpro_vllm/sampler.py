@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -24,8 +26,9 @@ import tempfile
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from pydantic import ConfigDict, Field, PrivateAttr
 from safetensors.torch import save_file
@@ -34,7 +37,7 @@ from minpro_cli import weightsync
 from minpro_cli.errors import MinproError
 from minpro_cli.modeling import DTYPES, Policy, weights_written
 from minpro_cli.samplers import Generation, SamplingParams
-from minpro_cli.weightsync import WeightSegment, named_weights, planned_bytes
+from minpro_cli.weightsync import PREFIX, WeightSegment, named_weights, planned_bytes, shm_directory
 
 WORKER = Path(__file__).with_name("worker.py")
 ENGINE_PATH = Path(__file__).with_name("engine_path")  # importable by vLLM's engine processes
@@ -80,12 +83,14 @@ class Worker:
             start_new_session=True, env=worker_environment(os.environ),
         )
         self.segment: WeightSegment | None = None
+        # the engine's results: named like a segment, so a killed run's file is cleaned up too
+        self.results = shm_directory() / f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}.results"
         self.version = 0  # of the weights the engine holds
         self.synced: tuple[weakref.ref[torch.nn.Module], tuple[int, ...]] | None = None
-        weakref.finalize(self, Worker.close, self.process, self.weights)
+        weakref.finalize(self, Worker.close, self.process, self.weights, self.results)
 
     @staticmethod
-    def close(process: subprocess.Popen, weights: Path) -> None:
+    def close(process: subprocess.Popen, weights: Path, results: Path) -> None:
         """End of input lets vLLM shut its engine down; whatever is left of the group is killed."""
         if process.stdin is not None:
             process.stdin.close()
@@ -97,6 +102,7 @@ class Worker:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         shutil.rmtree(weights, ignore_errors=True)
+        results.unlink(missing_ok=True)
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -118,6 +124,17 @@ class Worker:
             raise MinproError(f"sampler 'vllm': vLLM failed during '{request['op']}': {reply['error']}")
         return reply
 
+    def generate(self, prompts: list[list[int]], seed: int, seed_mode: str, sampling: dict[str, Any]) -> list[Generation]:
+        """One engine call; token ids and log-probs come back through a binary file."""
+        reply = self.call({"op": "generate", "prompts": prompts, "seed": seed, "seed_mode": seed_mode,
+                           "sampling": sampling, "results": str(self.results)})  # fmt: skip
+        total = sum(reply["lengths"])
+        tokens = np.fromfile(self.results, dtype=np.int32, count=total).tolist()
+        logprobs = np.fromfile(self.results, dtype=np.float32, count=total, offset=4 * total).tolist()
+        ends = list(itertools.accumulate(reply["lengths"]))
+        return [Generation(tokens[end - n : end], logprobs[end - n : end], finish)
+                for n, end, finish in zip(reply["lengths"], ends, reply["finish_reasons"])]  # fmt: skip
+
     def sync(self, policy: Policy, engine: dict[str, Any], transport: str, dtype: torch.dtype) -> None:
         """Load the policy's weights into vLLM unless none was written since the last sync."""
         written = weights_written(policy.model)
@@ -125,8 +142,7 @@ class Worker:
             return
         if self.synced is None and transport == "shm":
             export_config(policy, self.weights)
-            self.call({"op": "load", "model": str(self.weights),
-                       "engine": engine | {"load_format": "dummy", "worker_extension_cls": EXTENSION}})  # fmt: skip
+            self.call({"op": "load", "model": str(self.weights), "engine": engine | {"load_format": "dummy"}})
         elif self.synced is None:
             export_untied(policy, self.weights)
             self.call({"op": "load", "model": str(self.weights), "engine": engine})
@@ -169,7 +185,7 @@ class VLLMSampler(SamplingParams):
     vLLM runs with `logprobs_mode=processed_logprobs`, so the recorded log-prob is the one
     after temperature and any top-k / top-p truncation: the μ that sampled (the ratio's
     denominator must be the distribution actually sampled, docs/rollout-format.md). No truncation
-    unless set here. Each prompt gets its own seed (`seed + i`).
+    unless set here. Each prompt gets its own seed (`seed + i`) unless `seed_mode: round`.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -181,11 +197,18 @@ class VLLMSampler(SamplingParams):
     max_model_len: int | None = Field(None, ge=1, description="longest prompt + response (default: the model's)")
     dtype: str = Field("auto", description="vLLM dtype; float32 matches minpro's default training dtype")
     engine_options: dict[str, Any] = Field(default_factory=dict, description="more vllm.LLM keyword arguments")
+    seed_mode: Literal["prompt", "round"] = Field(
+        "prompt",
+        description="prompt: each prompt its own seed (seed + i), reproducible whatever the batching, on vLLM's "
+        "per-request sampling path; round: the call's seed for the engine's generator and vLLM's batched path, "
+        "not reproducible bit for bit (vLLM schedules requests as they reach its engine process)",
+    )
     transport: Literal["shm", "disk"] = Field(
         "shm", description="how new weights reach the engine: shared memory, or a checkpoint on disk (debugging)"
     )
     timeout_s: float = Field(900.0, gt=0.0, description="longest wait for one reply (startup included)")
 
+    prompts_per_call: ClassVar[int | None] = None  # a whole round per call: no idling on a chunk's tail
     _worker: Worker | None = PrivateAttr(None)
 
     def engine(self) -> dict[str, Any]:
@@ -194,6 +217,7 @@ class VLLMSampler(SamplingParams):
             "gpu_memory_utilization": self.memory_fraction,
             "seed": 0,
             "generation_config": "vllm",  # not the model's defaults (a repetition penalty would change μ)
+            "worker_extension_cls": EXTENSION,
         }
         if self.max_model_len is not None:
             options["max_model_len"] = self.max_model_len
@@ -210,5 +234,4 @@ class VLLMSampler(SamplingParams):
             "top_k": self.top_k,  # 0 disables top-k in vLLM too
             "max_tokens": self.max_new_tokens,
         }
-        reply = self._worker.call({"op": "generate", "prompts": prompts, "seed": seed, "sampling": sampling})
-        return [Generation(**g) for g in reply["generations"]]
+        return self._worker.generate(prompts, seed, self.seed_mode, sampling)

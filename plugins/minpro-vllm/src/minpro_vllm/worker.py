@@ -8,7 +8,10 @@ own logging is moved to stderr):
     {"op": "update", "table": T, "module": M}  weights from the shared-memory segment whose
         table is T, read by minpro's weightsync module at path M    → {"version": V}
     {"op": "reload", "model": DIR}   weights re-read from DIR in place  → {"ok": true}
-    {"op": "generate", "prompts": [[ids]], "seed": S, "sampling": {...}} → {"generations": [...]}
+    {"op": "generate", "prompts": [[ids]], "seed": S, "seed_mode": "prompt" | "round",
+     "sampling": {...}, "results": FILE}  → {"lengths": [...], "finish_reasons": [...]}
+        FILE gets every response's token ids (int32), then their log-probs (float32), back to
+        back: binary, not JSON text (a round of 1,024 × 8k tokens would be ~250 MB of it)
 
 Errors come back as {"error": "..."}; the worker keeps serving.
 """
@@ -22,16 +25,10 @@ import traceback
 from typing import Any
 
 
-def generation(output: Any) -> dict[str, Any]:
-    completion = output.outputs[0]
+def sampled_logprobs(completion: Any) -> list[float]:
     # logprobs=0 returns the sampled token's entry only; the mode is processed_logprobs, so this
     # is log μ of the distribution after temperature and any top-k / top-p truncation
-    logprobs = [entry[token].logprob for entry, token in zip(completion.logprobs, completion.token_ids)]
-    return {
-        "token_ids": list(completion.token_ids),
-        "logprobs": logprobs,
-        "finish_reason": "length" if completion.finish_reason == "length" else "stop",
-    }
+    return [entry[token].logprob for entry, token in zip(completion.logprobs, completion.token_ids)]
 
 
 class Engine:
@@ -59,12 +56,24 @@ class Engine:
         self.llm.reset_prefix_cache()
         return {"ok": True}
 
-    def generate(self, prompts: list[list[int]], seed: int, sampling: dict[str, Any]) -> dict[str, Any]:
+    def generate(
+        self, prompts: list[list[int]], seed: int, seed_mode: str, sampling: dict[str, Any], results: str
+    ) -> dict[str, Any]:
+        import numpy as np
         from vllm import SamplingParams
 
-        params = [SamplingParams(seed=seed + i, logprobs=0, **sampling) for i in range(len(prompts))]
+        if seed_mode == "prompt":  # a generator per request: vLLM's per-request sampling path
+            params = [SamplingParams(seed=seed + i, logprobs=0, **sampling) for i in range(len(prompts))]
+        else:  # one seed for the engine's generator, then vLLM's batched path
+            self.llm.collective_rpc("reseed", kwargs={"seed": seed})
+            params = [SamplingParams(logprobs=0, **sampling)] * len(prompts)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return {"generations": [generation(o) for o in outputs]}
+        completions = [o.outputs[0] for o in outputs]
+        with open(results, "wb") as file:
+            file.write(np.array([t for c in completions for t in c.token_ids], dtype=np.int32).tobytes())
+            file.write(np.array([x for c in completions for x in sampled_logprobs(c)], dtype=np.float32).tobytes())
+        return {"lengths": [len(c.token_ids) for c in completions],
+                "finish_reasons": ["length" if c.finish_reason == "length" else "stop" for c in completions]}  # fmt: skip
 
 
 def serve() -> None:

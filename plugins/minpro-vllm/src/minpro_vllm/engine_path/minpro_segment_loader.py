@@ -27,6 +27,12 @@ def weightsync(path: str) -> ModuleType:
 class SegmentLoader:
     """Methods `collective_rpc` can call on every vLLM worker."""
 
+    def reseed(self: Any, seed: int) -> None:
+        """The generator unseeded requests sample from (`sampler.options.seed_mode: round`)."""
+        import torch
+
+        torch.manual_seed(seed)
+
     def load_segment(self: Any, table: str, module: str) -> int:
         """Reload every weight from the segment whose table is `table`; its version."""
         version, weights = weightsync(module).read_weights(table)
