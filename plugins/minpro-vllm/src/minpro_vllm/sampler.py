@@ -53,6 +53,19 @@ def default_python() -> str:
     return os.environ.get(PYTHON_ENV, ".venv-vllm/bin/python")
 
 
+def memory_info() -> tuple[int, int, str] | None:
+    """Free and total bytes where the engine will run: the rank's GPU, or the machine's RAM
+    (None where neither can be read)."""
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")))
+        return free, total, "GPU"
+    if not Path("/proc/meminfo").is_file():
+        return None
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+    kib = {key: int(meminfo[key].split()[0]) * 1024 for key in ("MemAvailable", "MemTotal")}
+    return kib["MemAvailable"], kib["MemTotal"], "RAM"
+
+
 def worker_environment(parent: Mapping[str, str]) -> dict[str, str]:
     """The worker's environment: none of torchrun's variables, the rank's own GPU (torchrun
     sets LOCAL_RANK, not CUDA_VISIBLE_DEVICES: every rank's engine would land on GPU 0), and
@@ -192,10 +205,17 @@ class VLLMSampler(SamplingParams):
 
     python: str = Field(default_factory=default_python, description="the vllm environment's interpreter")
     memory_fraction: float = Field(
-        0.1, gt=0.0, le=1.0, description="vLLM gpu_memory_utilization (on CPU: the share of RAM it reserves)"
+        0.1, gt=0.0, le=1.0, description="vLLM gpu_memory_utilization: the share of the device's (on CPU: RAM's) "
+        "total memory the engine takes, weights and KV cache; refused if more than is free when it starts",
+    )
+    kv_cache_bytes: int | None = Field(
+        None, ge=1, description="the KV cache in bytes (vLLM kv_cache_memory_bytes), instead of memory_fraction"
     )
     max_model_len: int | None = Field(None, ge=1, description="longest prompt + response (default: the model's)")
-    dtype: str = Field("auto", description="vLLM dtype; float32 matches minpro's default training dtype")
+    dtype: str = Field(
+        "auto", description="vLLM dtype; auto: bfloat16 on a GPU (FlashAttention and FlashInfer refuse float32), "
+        "float32 on CPU (minpro's training dtype)",
+    )
     engine_options: dict[str, Any] = Field(default_factory=dict, description="more vllm.LLM keyword arguments")
     seed_mode: Literal["prompt", "round"] = Field(
         "prompt",
@@ -211,9 +231,12 @@ class VLLMSampler(SamplingParams):
     prompts_per_call: ClassVar[int | None] = None  # a whole round per call: no idling on a chunk's tail
     _worker: Worker | None = PrivateAttr(None)
 
+    def engine_dtype(self) -> str:
+        return ("bfloat16" if torch.cuda.is_available() else "float32") if self.dtype == "auto" else self.dtype
+
     def engine(self) -> dict[str, Any]:
         options = {
-            "dtype": self.dtype,
+            "dtype": self.engine_dtype(),
             "gpu_memory_utilization": self.memory_fraction,
             "seed": 0,
             "generation_config": "vllm",  # not the model's defaults (a repetition penalty would change μ)
@@ -221,12 +244,28 @@ class VLLMSampler(SamplingParams):
         }
         if self.max_model_len is not None:
             options["max_model_len"] = self.max_model_len
+        if self.kv_cache_bytes is not None:
+            options["kv_cache_memory_bytes"] = self.kv_cache_bytes
         return options | self.engine_options
+
+    def check_memory(self, free: int, total: int, where: str) -> None:
+        """Refuse, before the engine starts, a budget that cannot fit what is free now (vLLM takes
+        memory_fraction of the *total*: the trainer's share is not free)."""
+        wanted, what = ((self.kv_cache_bytes, "kv_cache_bytes") if self.kv_cache_bytes is not None
+                        else (int(self.memory_fraction * total), f"memory_fraction {self.memory_fraction}"))  # fmt: skip
+        if wanted > free:
+            raise MinproError(
+                f"sampler 'vllm': {what} asks for {wanted / 2**30:.1f} GiB of the {where}'s {total / 2**30:.1f} GiB, "
+                f"but {free / 2**30:.1f} GiB are free: lower sampler.options.memory_fraction, or give the KV cache "
+                "in bytes (sampler.options.kv_cache_bytes)"
+            )
 
     def generate(self, policy: Policy, prompts: list[list[int]], seed: int) -> list[Generation]:
         if self._worker is None:
+            if (memory := memory_info()) is not None:
+                self.check_memory(*memory)
             self._worker = Worker(self.python, self.timeout_s)
-        dtype = DTYPES.get(self.dtype, next(policy.model.parameters()).dtype)  # "auto": the model's own
+        dtype = DTYPES.get(self.engine_dtype(), next(policy.model.parameters()).dtype)
         self._worker.sync(policy, self.engine(), self.transport, dtype)
         sampling = {
             "temperature": self.temperature,
