@@ -54,7 +54,7 @@ def copy_into(buffers: dict[str, torch.Tensor], weights) -> None:
 
 def disk(model: torch.nn.Module, buffers: dict[str, torch.Tensor], directory: Path) -> None:
     model_fingerprint(model)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     del state
     copy_into(buffers, load_file(str(directory / "model.safetensors")).items())
