@@ -14,14 +14,16 @@ path rests on, measured where a GPU is lent, numbers to $OUT/gpu_check.json.
    scored in float32 (the trainer's side of the sampler–trainer mismatch).
 
 The GPU image has torch 2.11 and transformers 5.17; minpro needs transformers ≥ 5.24 and a few
-packages the image lacks. Bring them as wheels (≈ 20 MiB; the device tool carries ≤ 64 MiB):
+packages the image lacks (its 2026-11 package list; versions as minpro's .venv has them). Bring
+them as wheels (25 MiB, downloaded and measured here; the device tool carries ≤ 64 MiB):
 
     echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
-        -d .whl transformers==5.25.0 huggingface_hub==2.4.0 kernels==0.19.1 pydantic==2.14.4 \\
-        pydantic_core==2.50.5 annotated_types typing_inspection math_verify==0.8.0 \\
-        latex2sympy2_extended antlr4_python3_runtime==4.13.2
+        -d .whl transformers==5.25.0 huggingface_hub==2.4.0 httpx2==2.17.0 httpcore2==2.17.0 truststore \\
+        hf_xet==1.8.0 click==8.5.1 kernels==0.19.1 tomlkit pydantic==2.14.4 pydantic_core==2.50.5 \\
+        annotated_types typing_inspection typing_extensions==4.16.0 math_verify==0.8.0 \\
+        latex2sympy2_extended==1.10.2 antlr4_python3_runtime==4.13.2
 
 and run, with `carry: [".whl"]` and `timeout_s: 540` (one rerun fits the 15 minutes):
 
