@@ -166,3 +166,27 @@ def test_a_step_that_makes_non_finite_weights_stops_the_run_and_publishes_nothin
         run_train(recipe)
     assert "non-finite weights" in (tmp_path / "diverged.json").read_text()
     assert not (tmp_path / "final").exists() and not (tmp_path / "checkpoints").exists()
+
+
+SLOW_IMPORT = """
+import time
+from minpro_cli.verifiers import VerifyResult
+time.sleep(8)  # importing this module, in a freshly spawned worker, outlasts one call's bound
+
+
+class SlowToImport:
+    timeout_s = 0.5  # bound: 2 · 0.5 + 5 = 6 s
+
+    def __call__(self, response, reference):
+        return VerifyResult(1.0)
+"""
+
+
+def test_a_worker_that_starts_slowly_does_not_cost_the_first_batch_its_rewards(tmp_path, monkeypatch):
+    """The pool's workers start and import the verifier's module before any call is timed."""
+    (tmp_path / "slow_verifier_module.py").write_text(SLOW_IMPORT)
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get the parent's sys.path
+    from slow_verifier_module import SlowToImport
+
+    results = verify_batch(SlowToImport(), ["a", "b", "c"], ["1", "1", "1"], workers=2)
+    assert [r.reward for r in results] == [1.0, 1.0, 1.0], [r.details for r in results]

@@ -28,6 +28,8 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from minpro_cli.errors import MinproError
+
 PARALLEL_MIN_BATCH = 64  # below this, starting work in other processes costs more than it saves
 
 
@@ -66,6 +68,7 @@ class VerifierOptions(BaseModel):
 
 
 _POOL: dict[str, Any] = {}
+WORKER_START_S = 300.0  # a spawned worker's interpreter and imports, however loaded the machine
 
 
 def _worker_pool(workers: int) -> Pool:
@@ -76,7 +79,29 @@ def _worker_pool(workers: int) -> Pool:
         if pool is not None:
             pool.terminate()
         pool = mp.get_context("spawn").Pool(workers)
-        _POOL.update(pool=pool, workers=workers)
+        _POOL.update(pool=pool, workers=workers, warmed=None)
+    return pool
+
+
+def _warm(verifier: Verifier) -> None:
+    """Runs in a worker: unpickling `verifier` imported its module there; held a moment so
+    that each worker takes one."""
+    time.sleep(0.2)
+
+
+def _warmed_pool(verifier: Verifier, workers: int) -> Pool:
+    """The pool, with every worker's interpreter started and the verifier's module imported
+    before any call is timed: a cold spawn under load can take longer than a call's bound,
+    and every call would be abandoned with reward 0."""
+    pool = _worker_pool(workers)
+    kind = (type(verifier).__module__, type(verifier).__qualname__)
+    if _POOL.get("warmed") != kind:
+        try:
+            pool.map_async(_warm, [verifier] * workers, chunksize=1).get(timeout=WORKER_START_S)
+        except mp.TimeoutError:
+            _discard_pool()
+            raise MinproError(f"the verifier's {workers} worker processes did not start within {WORKER_START_S:.0f} s") from None
+        _POOL["warmed"] = kind
     return pool
 
 
@@ -154,7 +179,7 @@ def _in_workers(
 ) -> list[VerifyResult]:
     if not items:
         return []
-    pool = _worker_pool(workers)
+    pool = _warmed_pool(verifier, workers)
     pending = [pool.apply_async(_call, (verifier, *item)) for item in items]
     bound = 2 * float(getattr(verifier, "timeout_s", 5.0)) + 5.0
     results, stalled = [], False
