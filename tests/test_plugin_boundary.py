@@ -5,6 +5,7 @@ missing rows or a traceback; a verifier that hangs is bounded on every call, the
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from minpro_cli.sampling import SamplingJob, sample_rows
 from minpro_cli.step import RolloutBatch, Trainee, check_loss, update_step
 from minpro_cli.tasks import Problem
 from minpro_cli.train import run_train
-from minpro_cli.verifiers import VerifyResult, verify_batch
+from minpro_cli.verifiers import VerifierCallError, VerifyResult, verify_batch
 from minpro_cli.verifiers.exact import ExactVerifier
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
@@ -190,3 +191,19 @@ def test_a_worker_that_starts_slowly_does_not_cost_the_first_batch_its_rewards(t
 
     results = verify_batch(SlowToImport(), ["a", "b", "c"], ["1", "1", "1"], workers=2)
     assert [r.reward for r in results] == [1.0, 1.0, 1.0], [r.details for r in results]
+
+
+class Unpicklable:
+    timeout_s = 1.0
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # a verifier holding what cannot cross to a worker
+
+    def __call__(self, response: str, reference: str) -> VerifyResult:
+        return VerifyResult(1.0)
+
+
+def test_a_verifier_that_cannot_reach_its_workers_is_an_error_naming_why():
+    with pytest.raises(VerifierCallError, match="cannot pickle '_thread.lock'") as raised:
+        verify_batch(Unpicklable(), ["a", "b", "c"], ["1", "1", "1"], workers=2)
+    assert raised.value.index == 0

@@ -179,7 +179,13 @@ def _in_workers(
 ) -> list[VerifyResult]:
     if not items:
         return []
-    pool = _warmed_pool(verifier, workers)
+    try:
+        pool = _warmed_pool(verifier, workers)
+    except MinproError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — e.g. a verifier that cannot be pickled, as its first call would
+        _discard_pool()
+        raise VerifierCallError(offset, exc) from None
     pending = [pool.apply_async(_call, (verifier, *item)) for item in items]
     bound = 2 * float(getattr(verifier, "timeout_s", 5.0)) + 5.0
     results, stalled = [], False
