@@ -75,7 +75,7 @@ def worker_environment(parent: Mapping[str, str]) -> dict[str, str]:
         local = int(parent["LOCAL_RANK"])
         visible = [d for d in parent.get("CUDA_VISIBLE_DEVICES", str(local)).split(",") if d.strip()]
         if visible:  # an empty list means no GPU at all: leave it so
-            env["CUDA_VISIBLE_DEVICES"] = visible[local % len(visible)] if len(visible) > 1 else visible[0]
+            env["CUDA_VISIBLE_DEVICES"] = visible[local % len(visible)]  # fewer devices than ranks: shared
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ENGINE_PATH), parent.get("PYTHONPATH")]))
     return env
 
