@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from minpro_cli import verifiers
 from minpro_cli.config import load_recipe
 from minpro_cli.errors import PluginError, TrainingDivergedError
 from minpro_cli.modeling import load_policy
@@ -186,7 +187,8 @@ class SlowToImport:
 def test_a_worker_that_starts_slowly_does_not_cost_the_first_batch_its_rewards(tmp_path, monkeypatch):
     """The pool's workers start and import the verifier's module before any call is timed."""
     (tmp_path / "slow_verifier_module.py").write_text(SLOW_IMPORT)
-    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get the parent's sys.path
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get the parent's sys.path…
+    verifiers._discard_pool()  # …when they start: a pool an earlier test left would not have it
     from slow_verifier_module import SlowToImport
 
     results = verify_batch(SlowToImport(), ["a", "b", "c"], ["1", "1", "1"], workers=2)
