@@ -39,7 +39,6 @@ import torch
 FORMAT = "minpro-weights/1"
 PREFIX = "minpro-weights-"
 ALIGN = 64  # every tensor starts on a cache line
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Weights = Iterator[tuple[str, torch.Tensor]]
 
 
@@ -140,7 +139,7 @@ def read_weights(table: Path | str) -> tuple[int, Weights]:
 
     def tensors() -> Weights:
         for entry in meta["tensors"]:
-            dtype = DTYPES.get(entry["dtype"]) or getattr(torch, entry["dtype"])
+            dtype = getattr(torch, entry["dtype"])  # written as str(tensor.dtype) minus "torch."
             count = entry["nbytes"] // dtype.itemsize
             flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=entry["offset"]) if count else \
                 torch.empty(0, dtype=dtype)  # fmt: skip

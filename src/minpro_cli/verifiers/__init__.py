@@ -89,10 +89,11 @@ def _warm(verifier: Verifier) -> None:
     time.sleep(0.2)
 
 
-def _warmed_pool(verifier: Verifier, workers: int) -> Pool:
+def _warmed_pool(verifier: Verifier, workers: int, offset: int) -> Pool:
     """The pool, with every worker's interpreter started and the verifier's module imported
     before any call is timed: a cold spawn under load can take longer than a call's bound,
-    and every call would be abandoned with reward 0."""
+    and every call would be abandoned with reward 0. A verifier that cannot reach the workers
+    (one that cannot be pickled) fails here as its first call, item `offset`, would have."""
     pool = _worker_pool(workers)
     kind = (type(verifier).__module__, type(verifier).__qualname__)
     if _POOL.get("warmed") != kind:
@@ -101,6 +102,9 @@ def _warmed_pool(verifier: Verifier, workers: int) -> Pool:
         except mp.TimeoutError:
             _discard_pool()
             raise MinproError(f"the verifier's {workers} worker processes did not start within {WORKER_START_S:.0f} s") from None
+        except Exception as exc:  # noqa: BLE001 — raised by the verifier or its pickling, reported with the item
+            _discard_pool()
+            raise VerifierCallError(offset, exc) from None
         _POOL["warmed"] = kind
     return pool
 
@@ -179,13 +183,7 @@ def _in_workers(
 ) -> list[VerifyResult]:
     if not items:
         return []
-    try:
-        pool = _warmed_pool(verifier, workers)
-    except MinproError:
-        raise
-    except Exception as exc:  # noqa: BLE001 — e.g. a verifier that cannot be pickled, as its first call would
-        _discard_pool()
-        raise VerifierCallError(offset, exc) from None
+    pool = _warmed_pool(verifier, workers, offset)
     pending = [pool.apply_async(_call, (verifier, *item)) for item in items]
     bound = 2 * float(getattr(verifier, "timeout_s", 5.0)) + 5.0
     results, stalled = [], False
