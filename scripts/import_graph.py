@@ -23,7 +23,7 @@ LAYERS: dict[str, list[str]] = {
     "plugins": ["objectives", "verifiers", "registry", "advantages", "ratiostats", "correction"],
     "recipe": ["sections", "config"],
     "models": ["attention", "lora", "weightsync", "logprobs", "modeling", "samplers", "distributed", "checkpoints", "trackers", "plots"],
-    "work": ["sampling", "heldout", "penalties", "anchors", "step", "rounds", "resume"],
+    "work": ["sampling", "heldout", "penalties", "anchors", "step", "rounds", "dedicated", "resume"],
     "stages": ["rollout", "train", "eval", "inspect_ratios", "probe", "sweep", "report", "convert", "scaffold",
                "conformance", "launcher"],
     "cli": ["cli_support", "cli_tools", "cli", "__main__"],

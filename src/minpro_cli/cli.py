@@ -97,6 +97,15 @@ def train(
     run_train(loaded, resume)
 
 
+@app.command("sample-driver", hidden=True)
+@user_errors
+def sample_driver(run_dir: Annotated[Path, typer.Argument(help="the training run it samples for")]) -> None:
+    """The dedicated sampler process `minpro train` starts (sampler.options.placement=dedicated)."""
+    from minpro_cli.dedicated import serve
+
+    serve(run_dir)
+
+
 @app.command("eval")
 @user_errors
 def eval_(

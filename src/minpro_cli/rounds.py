@@ -22,6 +22,7 @@ from minpro_cli.distributed import SINGLE, World
 from minpro_cli.errors import RolloutFileError
 from minpro_cli.modeling import Policy, model_fingerprint, tokenizer_fingerprint
 from minpro_cli.rollouts import RolloutRow, check_token_ids, read_rollout_rows, read_rollouts, write_rollouts
+from minpro_cli.rundir import ROLLOUTS_DIR
 from minpro_cli.sampling import Plugins, load_split, sample_rows, sampling_job
 from minpro_cli.tasks import Problem
 
@@ -62,32 +63,14 @@ class OnlineRounds:
     Under torchrun each rank samples its share of the problems and rank 0 writes them all."""
 
     def __init__(self, recipe: Recipe, policy: Policy, plugins: Plugins, run_dir: Path, world: World = SINGLE) -> None:
+        """`policy` samples: a copy of the trained one when rounds sample with stale weights."""
         self.recipe, self.run_dir, self.world = recipe, run_dir, world
-        self.problems = load_split(recipe, "train")
-        self.per_round = min(recipe.train.prompts_per_iteration, len(self.problems))
-        if self.per_round < recipe.train.prompts_per_iteration:
-            warn(f"train.prompts_per_iteration={recipe.train.prompts_per_iteration} exceeds the {len(self.problems)} "
-                 f"training problems: each round takes every problem once")  # fmt: skip
-        self.stale_policy = (
-            policy.copy() if recipe.train.staleness else policy
-        )
+        self.problems_for = RoundProblems.of(recipe)
+        self.stale_policy = policy
         self.job = sampling_job(recipe, self.stale_policy, plugins)
 
-    def problems_for(self, round_: int) -> list[Problem]:
-        """Deterministic passes over the training split, reshuffled each pass; no problem twice
-        in a round (its two groups would be one, with repeated sample indices)."""
-        per_round = self.per_round
-        start, out = round_ * per_round, []
-        while len(out) < per_round:
-            pass_index, offset = divmod(start + len(out), len(self.problems))
-            order = list(range(len(self.problems)))
-            random.Random(self.recipe.seed * 7919 + pass_index).shuffle(order)
-            take = order[offset : offset + per_round - len(out)]
-            out.extend(self.problems[i] for i in take)
-        return out
-
     def rows(self, round_: int, weights: StateDict | None, version: int) -> list[RolloutRow]:
-        path = self.run_dir / "rollouts" / f"round_{round_:05d}.parquet"
+        path = round_file(self.run_dir, round_)
         if weights is not None:
             self.stale_policy.model.load_state_dict(weights)
         if path.exists():  # written before an interruption: same weights and seed, reuse it
@@ -115,20 +98,63 @@ class OnlineRounds:
         """A round file is reused only if this run sampled it: the round's prompts, each
         `group_size` times, by the weights and tokenizer this round samples with."""
         policy = self.stale_policy
-        expected: dict[str, Any] = {
-            "prompts": Counter({p.id: self.recipe.train.group_size for p in self.problems_for(round_)}),
+        check_round_file(path, rows, round_, {
+            "prompts": round_prompts(self.problems_for(round_), self.recipe.train.group_size),
             "policy_version": {version},
             "model_fingerprint": {model_fingerprint(policy.model)},
             "tokenizer_fingerprint": {tokenizer_fingerprint(policy.tokenizer)},
-        }
-        found: dict[str, Any] = {"prompts": Counter(r.prompt_id for r in rows)}
-        found |= {key: {getattr(r, key) for r in rows} for key in expected if key != "prompts"}
-        differ = [key for key in expected if found[key] != expected[key]]
-        if differ:
-            raise RolloutFileError(
-                f"{path}: not this run's round {round_} (its {', '.join(differ)} differ from what this round samples "
-                "with); move the file away and rerun to sample the round again"
-            )
+        })  # fmt: skip
+
+
+def round_file(run_dir: Path, round_: int) -> Path:
+    return run_dir / ROLLOUTS_DIR / f"round_{round_:05d}.parquet"
+
+
+@dataclass
+class RoundProblems:
+    """Which training problems round r samples: deterministic passes over the training split,
+    reshuffled each pass; no problem twice in a round (its two groups would be one, with
+    repeated sample indices)."""
+
+    problems: list[Problem]
+    per_round: int
+    seed: int
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> RoundProblems:
+        problems = load_split(recipe, "train")
+        per_round = min(recipe.train.prompts_per_iteration, len(problems))
+        if per_round < recipe.train.prompts_per_iteration:
+            warn(f"train.prompts_per_iteration={recipe.train.prompts_per_iteration} exceeds the {len(problems)} "
+                 f"training problems: each round takes every problem once")  # fmt: skip
+        return cls(problems, per_round, recipe.seed)
+
+    def __call__(self, round_: int) -> list[Problem]:
+        start, out = round_ * self.per_round, []
+        while len(out) < self.per_round:
+            pass_index, offset = divmod(start + len(out), len(self.problems))
+            order = list(range(len(self.problems)))
+            random.Random(self.seed * 7919 + pass_index).shuffle(order)
+            take = order[offset : offset + self.per_round - len(out)]
+            out.extend(self.problems[i] for i in take)
+        return out
+
+
+def round_prompts(problems: list[Problem], group_size: int) -> Counter[str]:
+    return Counter({p.id: group_size for p in problems})
+
+
+def check_round_file(path: Path, rows: list[RolloutRow], round_: int, expected: dict[str, Any]) -> None:
+    """Refuse a round file whose prompt counts (`prompts`) or column values (every other key of
+    `expected`: the set of values the rows must have) are not what this round samples."""
+    found: dict[str, Any] = {"prompts": Counter(r.prompt_id for r in rows)}
+    found |= {key: {getattr(r, key) for r in rows} for key in expected if key != "prompts"}
+    differ = [key for key in expected if found[key] != expected[key]]
+    if differ:
+        raise RolloutFileError(
+            f"{path}: not this run's round {round_} (its {', '.join(differ)} differ from what this round samples "
+            "with); move the file away and rerun to sample the round again"
+        )
 
 
 class StoredRounds:

@@ -28,9 +28,12 @@ from minpro_cli.fileio import directory_done_marker, remove
 MARKER = ".minpro-run"
 LOCK = ".minpro-lock"
 DIVERGED_FILE = "diverged.json"  # written when a non-finite loss or gradient stops the run
+ROLLOUTS_DIR = "rollouts"  # a training run's round files, round_00000.parquet, …
+SAMPLER_DIR = "sampler"  # a dedicated sampler's requests and acknowledgements
+SAMPLER_LOG = "sampler.log"  # what a dedicated sampler printed
 SWEEP_MANIFEST = "sweep.json"  # a sweep directory's grid, seeds and runs (what `minpro report` reads)
 # what atomic writes leave when killed: temp files and directories next to their final path
-LEFTOVERS = (".*.tmp", ".final.*", "rollouts/.*.tmp", "checkpoints/.round_*.partial")
+LEFTOVERS = (".*.tmp", ".final.*", "rollouts/.*.tmp", "sampler/.*.tmp", "checkpoints/.round_*.partial")
 
 
 def claim(directory: Path, what: str = "run") -> bool:

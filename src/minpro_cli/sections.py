@@ -153,7 +153,16 @@ Anchor = Literal["behavior", "sampling_weights", "round_start", "loglinear"]
 
 class TrainConfig(Section):
     iterations: int = Field(20, ge=1, description="rounds of rollout → update")
-    staleness: int = Field(0, ge=0, description="round r samples with the weights of round r − staleness")
+    staleness: int = Field(
+        0, ge=0, description="exact staleness: round r samples with the weights of round r − staleness (reproducible)"
+    )
+    max_staleness: int | None = Field(
+        None,
+        ge=0,
+        description="bounded staleness, with sampler.options.placement=dedicated: rounds sample with the newest "
+        "weights the sampler has, and a round whose rows are more than max_staleness optimizer steps old when its "
+        "training starts is dropped, counted (rounds_dropped) and sampled again; null: exact (train.staleness)",
+    )
     anchor: Anchor = Field(
         "behavior",
         description="π_old, the objective's ratio's denominator: behavior (μ as sampled), sampling_weights (the "
@@ -216,6 +225,16 @@ class TrainConfig(Section):
         "and less activation memory after a one-off compile of ~20-60 s at the first step; sampling stays eager. "
         "Needs a C++ compiler on CPU",
     )
+
+    @model_validator(mode="after")
+    def _one_staleness(self) -> TrainConfig:
+        if self.max_staleness is not None and (self.staleness or self.pipeline or self.rollouts):
+            raise ValueError(
+                "train.max_staleness (bounded: the newest weights, too-old rounds dropped) and train.staleness (exact) "
+                "are two semantics of one knob, and it needs online sampling by a dedicated sampler: set one of them, "
+                "drop train.pipeline and train.rollouts"
+            )
+        return self
 
     @model_validator(mode="after")
     def _pipeline_needs_staleness(self) -> TrainConfig:

@@ -28,6 +28,7 @@ from minpro_cli.checkpoints import (
 )
 from minpro_cli.config import Recipe, dump_recipe
 from minpro_cli.console import console, progress_bar, warn
+from minpro_cli.dedicated import DedicatedRounds
 from minpro_cli.distributed import (
     SINGLE,
     World,
@@ -64,6 +65,7 @@ from minpro_cli.sampling import (
 from minpro_cli.schedule import lr_multiplier
 from minpro_cli.step import RolloutBatch, Trainee, reduce_metrics, training_batch, update_policy
 from minpro_cli.trackers import Trackers, check_installed
+from minpro_cli.weightsync import named_weights, planned_bytes
 
 
 class HeldOutEvals:
@@ -106,6 +108,22 @@ def warn_truncated_sampling(rows: list[RolloutRow], objective: Objective, name: 
         )
 
 
+def check_placement(recipe: Recipe) -> None:
+    """`sampler.options.placement: dedicated` and bounded staleness: what they need."""
+    placement = recipe.sampler.options.get("placement", "inline")
+    if placement != "dedicated":
+        if recipe.train.max_staleness is not None:
+            raise ConfigError("train.max_staleness (bounded staleness) needs a sampler that samples ahead on its own: "
+                              "set sampler.options.placement=dedicated, or use train.staleness (exact)")  # fmt: skip
+        return
+    if recipe.train.pipeline or recipe.train.rollouts:
+        raise ConfigError("sampler.options.placement=dedicated samples online in its own process: drop train.pipeline "
+                          "(the dedicated sampler already samples ahead) and train.rollouts")  # fmt: skip
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("sampler.options.placement=dedicated runs beside a single training process for now; drop "
+                          "--nproc (torchrun), or use placement=inline")  # fmt: skip
+
+
 @contextlib.contextmanager
 def _shut_down_on_exit(executor: ThreadPoolExecutor) -> Iterator[None]:
     """An error or Ctrl-C in the loop drops queued sampling; a running batch finishes first."""
@@ -127,6 +145,7 @@ def run_train(recipe: Recipe, resume: str = "auto") -> Path:
         )
     if recipe.train.pipeline and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("train.pipeline runs in one process; drop it under torchrun (--nproc)")
+    check_placement(recipe)
     world = init_world(recipe.distributed.backend, recipe.distributed.timeout_s)
     quiet = console.quiet
     console.quiet = quiet or not world.is_main  # one rank speaks
@@ -171,6 +190,7 @@ class Trainer:
         self.held_out = HeldOutEvals(recipe, self.plugins, self.run_dir, self.state.round, world)
         self.trackers = Trackers(recipe, self.run_dir, enabled=world.is_main)
         self.rounds_with_signal = 0  # of the rounds this process trains: none means nothing was learned
+        self.sampler_metrics: dict[str, float] = {}  # a dedicated sampler's, for the round's record
 
     def set_up_models(self, resume_from: Path | None) -> None:
         """The policy, a plain copy that samples and evaluates when the trained module is not
@@ -185,8 +205,14 @@ class Trainer:
         self.rescorer = Rescorer(self.policy, cfg.micro_batch_tokens, self.world) if self.needs else None
         if recipe.model.lora:
             self.policy.adapters = LoraAdapters.attach(self.policy.model, recipe.model.lora, seed=recipe.seed)
-        self.source = (StoredRounds(recipe, self.policy, cfg.rollouts) if cfg.rollouts
-                       else OnlineRounds(recipe, self.plain, self.plugins, self.run_dir, self.world))  # fmt: skip
+        self.source: OnlineRounds | StoredRounds | DedicatedRounds
+        if cfg.rollouts:
+            self.source = StoredRounds(recipe, self.policy, cfg.rollouts)
+        elif getattr(self.plugins.sampler, "placement", "inline") == "dedicated":
+            self.source = DedicatedRounds(recipe, self.plain, self.run_dir)
+        else:
+            sampling = self.plain.copy() if cfg.staleness else self.plain  # stale weights are loaded into a copy
+            self.source = OnlineRounds(recipe, sampling, self.plugins, self.run_dir, self.world)
         if isinstance(self.source, StoredRounds) and cfg.anchor == "sampling_weights":
             versions = sorted({r.policy_version for chunk in self.source.chunks for r in chunk})
             raise ConfigError(
@@ -240,8 +266,9 @@ class Trainer:
         # train.pipeline: round r+1's rows are sampled in this thread while round r trains
         sampler_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minpro-sampler")
         self.pending: dict[int, Future[list[RolloutRow]]] = {}
+        dedicated = self.source if isinstance(self.source, DedicatedRounds) else None
         with progress_bar("training", total=self.cfg.iterations) as bar, _shut_down_on_exit(sampler_thread), \
-                self.trackers:  # fmt: skip
+                self.trackers, contextlib.closing(dedicated) if dedicated else contextlib.nullcontext():  # fmt: skip
             self.evaluate()  # before the first round, or the one an interruption skipped
             bar.advance(self.state.round)
             for round_ in range(self.state.round, self.cfg.iterations):
@@ -254,12 +281,15 @@ class Trainer:
         return self.finish()
 
     def round_rows(self, round_: int, sampler_thread: ThreadPoolExecutor) -> list[RolloutRow]:
-        """This round's rows (sampled ahead by the pipeline, or now), and round r+1's queued."""
+        """This round's rows (sampled ahead by the pipeline or a dedicated sampler, or now), and
+        the rounds sampled ahead asked for."""
         if self.stale.staleness:
             self.stale.take(round_, self.sampling_weights(), self.state.step)
-        elif not self.cfg.rollouts:
+        elif not self.cfg.rollouts and not isinstance(self.source, DedicatedRounds):
             self.refresh_plain()
-        if round_ in self.pending:
+        if isinstance(self.source, DedicatedRounds):
+            rows = self.dedicated_rows(round_, self.source)
+        elif round_ in self.pending:
             rows = self.pending.pop(round_).result()
         else:
             rows = self.source.rows(round_, *self.stale.for_round(round_, self.state.step))
@@ -274,6 +304,38 @@ class Trainer:
                 warn(f"objective '{self.recipe.objective.name}' couples the rows of the batch it is given, so its "
                      "update depends on how a minibatch is cut into micro-batches and ranks; set "
                      "train.micro_batch_tokens=null and train in one process for its exact minibatch form")  # fmt: skip
+        return rows
+
+    def dedicated_rows(self, round_: int, sampler: DedicatedRounds) -> list[RolloutRow]:
+        """Ask the dedicated sampler for the rounds it may sample now, then take this round's.
+        Exact: rounds r … r + s, each with the weights of the round it samples from. Bounded:
+        rounds up to ⌊k / steps per round⌋ ahead with the newest weights; a round more than k
+        steps old is dropped and asked for again."""
+        cfg, step, last = self.cfg, self.state.step, self.cfg.iterations - 1
+        dtype = next(self.policy.model.parameters()).dtype
+        live = (lambda: (self.state.step, named_weights(self.policy.model, dtype, self.policy.adapters)),
+                planned_bytes(self.policy.model, dtype))  # fmt: skip
+        waited, dropped = 0.0, sampler.dropped
+        if cfg.max_staleness is None:
+            by_source: dict[int, list[int]] = {}
+            for ahead in range(round_, min(round_ + cfg.staleness, last) + 1):
+                by_source.setdefault(self.stale.sampled_by(ahead), []).append(ahead)
+            for source, rounds in by_source.items():
+                if not cfg.staleness:
+                    sampler.ask(rounds, *live)
+                    continue
+                snapshot, version = self.stale.snapshots[source], self.stale.steps[source]
+                sampler.ask(rounds, lambda w=snapshot, v=version: (v, w.items()), planned_bytes(snapshot, dtype))
+            rows, waited = sampler.take(round_, self.stale.for_round(round_, step)[1])
+        else:
+            ahead = cfg.max_staleness // (cfg.epochs * cfg.minibatches)
+            sampler.ask(list(range(round_, min(round_ + ahead, last) + 1)), *live)
+            rows, waited = sampler.take(round_, None)
+            while sampler.too_old(round_, rows, step):
+                sampler.ask([round_], *live)
+                rows, more = sampler.take(round_, None)
+                waited += more
+        self.sampler_metrics = {"sampler_wait_s": waited, "rounds_dropped": sampler.dropped - dropped}
         return rows
 
     def train_round(self, round_: int, sampler_thread: ThreadPoolExecutor) -> dict[str, Any]:
@@ -299,6 +361,7 @@ class Trainer:
             **summarize_rows(rows),
             "responses_trained": 0 if batch is None else len(batch.prompts),
             **reduce_metrics(step_metrics),
+            **self.sampler_metrics,
             "time_s": time.perf_counter() - started,
         }
         if self.world.is_main:

@@ -30,7 +30,7 @@ import secrets
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +62,11 @@ def named_weights(model: torch.nn.Module, dtype: torch.dtype, adapters: Any = No
         yield name, tensor.detach().to(device="cpu", dtype=dtype)
 
 
-def planned_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Bytes `named_weights(model, dtype)` writes, alignment included, from shapes alone."""
-    sizes = [t.numel() for k, t in model.state_dict().items() if ".lora_" not in k]
+def planned_bytes(weights: torch.nn.Module | Mapping[str, torch.Tensor], dtype: torch.dtype) -> int:
+    """Bytes `named_weights(model, dtype)` (or a state dict's tensors) take in a segment in
+    `dtype`, alignment included, from shapes alone."""
+    state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    sizes = [t.numel() for k, t in state.items() if ".lora_" not in k]
     return sum(aligned(n * dtype.itemsize) for n in sizes)
 
 

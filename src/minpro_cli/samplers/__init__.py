@@ -39,6 +39,16 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     max_new_tokens: int = Field(64, ge=1)
+    placement: Literal["inline", "dedicated"] = Field(
+        "inline",
+        description="inline: `minpro train` samples in its own process; dedicated: a sampler process of its own "
+        "samples rounds ahead while the trainer trains (train.staleness rounds, exact, or within "
+        "train.max_staleness steps, bounded), weights handed over in shared memory",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="dedicated: the sampler process's CPU threads (OMP_NUM_THREADS); null: torch's default"
+    )
+    device: str | None = Field(None, description="dedicated: the sampler process's device (e.g. cuda:1); null: model.device")
 
 
 class Sampler(Protocol):
