@@ -32,8 +32,8 @@ LOSSES: dict[str, type[ObjectiveOptions]] = {"minpro": MinPRO, "prefix": PrefixR
 def reduced_by_verl(objective: type[ObjectiveOptions]) -> type[ObjectiveOptions]:
     """The objective with `aggregate` handed to whatever reduction the current call set."""
 
-    def aggregate(self: ObjectiveOptions, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return _aggregate.get()(per_token, mask)
+    def aggregate(self: ObjectiveOptions, per_token: torch.Tensor, mask: torch.Tensor, counts: Any = None) -> torch.Tensor:
+        return _aggregate.get()(per_token, mask)  # verl's global counts (global_batch_info), not minpro's `counts`
 
     return type(f"Verl{objective.__name__}", (objective,), {"aggregate": aggregate, "__module__": __name__})
 
