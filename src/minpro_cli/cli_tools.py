@@ -136,3 +136,40 @@ def plugins_new(
 
     package = new_plugin(kind, name, directory)
     console.print(f"wrote {package}\n  install: pip install -e {package}\n  check:   minpro plugins check {name}")
+
+
+export_app = typer.Typer(help="Hand a recipe over to verl: its launch command and its data.")
+ExportRecipe = Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/quickstart.yaml")]
+ExportOverrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train.staleness=1")]
+
+
+@export_app.command("verl")
+@user_errors
+def export_verl(
+    recipe: ExportRecipe,
+    overrides: ExportOverrides = None,
+    data: Annotated[str, typer.Option(help="where `minpro export verl-data` wrote train/val.parquet")] = "$DATA",
+    gpus: Annotated[int, typer.Option(min=1, help="GPUs per node (split in two when rollouts are stale)")] = 8,
+) -> None:
+    """Print the verl 0.9.1 command that trains RECIPE (one-step-off or fully async when
+    train.staleness ≥ 1), each key's minpro source, and what does not carry over."""
+    from minpro_cli.config import load_recipe
+    from minpro_cli.export import verl_command
+
+    typer.echo(verl_command(load_recipe(recipe, overrides or []), data, gpus).text(), nl=False)
+
+
+@export_app.command("verl-data")
+@user_errors
+def export_verl_data(
+    recipe: ExportRecipe,
+    out: Annotated[Path, typer.Argument(help="directory for train.parquet (data.train) and val.parquet (data.eval)")],
+    overrides: ExportOverrides = None,
+) -> None:
+    """Write RECIPE's tasks as verl RL parquet: chat messages, the reference answer as
+    reward_model.ground_truth, and the minpro verifier that scores them."""
+    from minpro_cli.config import load_recipe
+    from minpro_cli.export import write_verl_data
+
+    for path in write_verl_data(load_recipe(recipe, overrides or []), out):
+        console.print(f"wrote {path}")
