@@ -10,6 +10,6 @@ if [ ! -x .venv-verl/bin/python ]; then
 fi
 .venv-verl/bin/python -m pip install --quiet --upgrade pip
 # torch first and in the same command, so pip takes the local CPU wheel, not a CUDA build
-.venv-verl/bin/python -m pip install --quiet "torch==2.13.0" "verl==0.9.1" "pytest>=8"
+.venv-verl/bin/python -m pip install --quiet "torch==2.13.0" "verl==0.9.1" "pytest>=8" cachetools uvicorn fastapi  # ray_trainer imports these, which verl does not declare
 .venv-verl/bin/python -m pip install --quiet --no-deps -e . -e plugins/minpro-verl
 .venv-verl/bin/python -m pytest -q -p no:cacheprovider plugins/minpro-verl/tests

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from minpro_cli.cli_support import user_errors
-from minpro_cli.cli_tools import convert_app, export_app, plugins_app
+from minpro_cli.cli_tools import convert_app, export_app, import_app, plugins_app
 from minpro_cli.config import Recipe, load_recipe
 from minpro_cli.console import console
 from minpro_cli.errors import ConfigError
@@ -300,6 +300,7 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="a run directory written b
 app.add_typer(convert_app, name="convert")
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(export_app, name="export")
+app.add_typer(import_app, name="import")
 
 
 def main() -> None:

@@ -173,3 +173,26 @@ def export_verl_data(
 
     for path in write_verl_data(load_recipe(recipe, overrides or []), out):
         console.print(f"wrote {path}")
+
+
+import_app = typer.Typer(help="Read another framework's rollouts as minpro rollout files.")
+
+
+@import_app.command("verl-rollouts")
+@user_errors
+def import_verl_rollouts(
+    directory: Annotated[Path, typer.Argument(help="verl's trainer.rollout_data_dir (<step>.jsonl dumps)")],
+    out: Annotated[Path, typer.Argument(help="directory for step_<step>.parquet rollout files")],
+    model: Annotated[str, typer.Option(help="the model (its tokenizer) verl trained")],
+    temperature: Annotated[float, typer.Option(help="verl's rollout.temperature")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="verl's rollout.top_p")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="verl's rollout.top_k (-1 or 0: off)")] = -1,
+) -> None:
+    """verl's rollout dumps (with token ids and log-probs, from `python -m minpro_verl.dump …`)
+    as minpro rollout files: inspect-ratios, probe and the reports then read a verl run."""
+    from minpro_cli.modeling import load_policy
+    from minpro_cli.verl_rollouts import import_verl_rollouts as run
+
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": max(top_k, 0)}
+    for path in run(directory, out, load_policy(model), sampling):
+        console.print(f"wrote {path}")
