@@ -132,12 +132,13 @@ def is_sharded(module: torch.nn.Module, world: World) -> bool:
     return world.size > 1 and not isinstance(module, torch.nn.parallel.DistributedDataParallel)
 
 
-def full_state_dict(module: torch.nn.Module, world: World) -> dict[str, torch.Tensor]:
-    """Whole, detached CPU copies of every weight, on every rank (collective under FSDP2)."""
+def full_state_dict(module: torch.nn.Module, world: World, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Whole, detached CPU copies of every weight (in `dtype`, cast as each is copied), on every
+    rank (collective under FSDP2)."""
     if not is_sharded(module, world):
-        return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(module).state_dict().items()}
+        return {k: v.detach().to("cpu", dtype, copy=True) for k, v in unwrap(module).state_dict().items()}
     weights = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
-    return {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
+    return {k: v.detach().to("cpu", dtype, copy=True) for k, v in weights.items()}
 
 
 def gradient_sync(module: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager[Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import re
 import weakref
@@ -47,11 +48,20 @@ class Policy:
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         return autocast(self.model.device, self.compute_dtype)
 
-    def copy(self) -> Policy:
+    def copy(self, dtype: torch.dtype | None = None) -> Policy:
         """The same policy with its own copy of the weights (stale-weight sampling, FSDP2);
-        taken before adapters are attached (copying adapted weights would orphan them)."""
+        taken before adapters are attached (copying adapted weights would orphan them). With
+        `dtype` (a sampler's own precision) the copy is `deepcopy(model).to(dtype)`, made without
+        a float32 copy on the way: each floating tensor is cast as it is copied."""
         assert self.adapters is None, "copy a policy before attaching LoRA adapters"
-        return Policy(copy.deepcopy(self.model), self.tokenizer, self.path, self.compute_dtype)
+        memo: dict[int, Any] = {}
+        if dtype is not None:
+            for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
+                if tensor.is_floating_point() and id(tensor) not in memo:  # a tied weight once
+                    cast = tensor.detach().to(dtype, copy=True)
+                    memo[id(tensor)] = torch.nn.Parameter(cast, tensor.requires_grad) if isinstance(
+                        tensor, torch.nn.Parameter) else cast  # fmt: skip
+        return Policy(copy.deepcopy(self.model, memo), self.tokenizer, self.path, self.compute_dtype)
 
     @property
     def vocab_size(self) -> int:

@@ -15,6 +15,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from minpro_cli.anchors import OffPolicy, Rescorer
 from minpro_cli.checkpoints import (
     LoopState,
@@ -199,10 +201,14 @@ class Trainer:
         self.plugins = Plugins.of(recipe)  # one sampler for the rounds and the evaluations
         self.policy = load_recipe_policy(recipe, str(resume_from) if resume_from else None)
         sharded = self.world.size > 1 and recipe.distributed.strategy == "fsdp"
-        self.plain = self.policy.copy() if sharded or recipe.model.lora else self.policy
+        # copies made only to sample are held in the sampler's own precision (bf16: half the memory)
+        held = getattr(self.plugins.sampler, "weights_dtype", None)
+        self.plain = self.policy.copy(held) if sharded or recipe.model.lora else self.policy
         self.off_policy = OffPolicy(cfg.anchor, recipe.correction, cfg.factor_metrics)
         self.needs = self.off_policy.needs() - ({"sampling_weights"} if cfg.rollouts else set())
         self.rescorer = Rescorer(self.policy, cfg.micro_batch_tokens, self.world) if self.needs else None
+        # staleness snapshots serve sampling alone unless the trainer rescores with them
+        self.snapshot_dtype = held if self.rescorer is None else None
         if recipe.model.lora:
             self.policy.adapters = LoraAdapters.attach(self.policy.model, recipe.model.lora, seed=recipe.seed)
         self.source: OnlineRounds | StoredRounds | DedicatedRounds
@@ -211,7 +217,7 @@ class Trainer:
         elif getattr(self.plugins.sampler, "placement", "inline") == "dedicated":
             self.source = DedicatedRounds(recipe, self.plain, self.run_dir)
         else:
-            sampling = self.plain.copy() if cfg.staleness else self.plain  # stale weights are loaded into a copy
+            sampling = self.plain.copy(held) if cfg.staleness else self.plain  # stale weights are loaded into a copy
             self.source = OnlineRounds(recipe, sampling, self.plugins, self.run_dir, self.world)
         if isinstance(self.source, StoredRounds) and cfg.anchor == "sampling_weights":
             versions = sorted({r.policy_version for chunk in self.source.chunks for r in chunk})
@@ -237,9 +243,12 @@ class Trainer:
         (self.run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a new attempt: an earlier divergence no longer stands
         write_yaml_atomic(self.run_dir / "config.yaml", dump_recipe(self.recipe))
 
-    def sampling_weights(self) -> StateDict:  # collective under FSDP2
-        weights = full_state_dict(self.trainee.module, self.world)
-        return self.policy.adapters.merged(weights) if self.policy.adapters else weights
+    def sampling_weights(self, dtype: torch.dtype | None = None) -> StateDict:  # collective under FSDP2
+        """The plain weights (LoRA merged), copied, in `dtype` (None: as trained)."""
+        if not self.policy.adapters:
+            return full_state_dict(self.trainee.module, self.world, dtype)
+        merged = self.policy.adapters.merged(full_state_dict(self.trainee.module, self.world))  # merged in float32
+        return merged if dtype is None else {k: v.to(dtype) for k, v in merged.items()}
 
     def refresh_plain(self) -> None:
         if self.plain is not self.policy:
@@ -284,7 +293,7 @@ class Trainer:
         """This round's rows (sampled ahead by the pipeline or a dedicated sampler, or now), and
         the rounds sampled ahead asked for."""
         if self.stale.staleness:
-            self.stale.take(round_, self.sampling_weights(), self.state.step)
+            self.stale.take(round_, self.sampling_weights(self.snapshot_dtype), self.state.step)
         elif not self.cfg.rollouts and not isinstance(self.source, DedicatedRounds):
             self.refresh_plain()
         if isinstance(self.source, DedicatedRounds):
@@ -325,7 +334,7 @@ class Trainer:
                     sampler.ask(rounds, *live)
                     continue
                 snapshot, version = self.stale.snapshots[source], self.stale.steps[source]
-                sampler.ask(rounds, lambda w=snapshot, v=version: (v, w.items()), planned_bytes(snapshot, dtype))
+                sampler.ask(rounds, lambda w=snapshot, v=version: (v, w.items()), planned_bytes(snapshot))
             rows, waited = sampler.take(round_, self.stale.for_round(round_, step)[1])
         else:
             ahead = cfg.max_staleness // (cfg.epochs * cfg.minibatches)

@@ -62,12 +62,11 @@ def named_weights(model: torch.nn.Module, dtype: torch.dtype, adapters: Any = No
         yield name, tensor.detach().to(device="cpu", dtype=dtype)
 
 
-def planned_bytes(weights: torch.nn.Module | Mapping[str, torch.Tensor], dtype: torch.dtype) -> int:
+def planned_bytes(weights: torch.nn.Module | Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> int:
     """Bytes `named_weights(model, dtype)` (or a state dict's tensors) take in a segment in
-    `dtype`, alignment included, from shapes alone."""
+    `dtype` (None: each tensor's own), alignment included, from shapes alone."""
     state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
-    sizes = [t.numel() for k, t in state.items() if ".lora_" not in k]
-    return sum(aligned(n * dtype.itemsize) for n in sizes)
+    return sum(aligned(t.numel() * (dtype or t.dtype).itemsize) for k, t in state.items() if ".lora_" not in k)
 
 
 def aligned(nbytes: int) -> int:

@@ -7,6 +7,10 @@ options come from `SamplingParams`, which a sampler extends with its own:
 
 `Generation.logprobs[t]` is log μ(o_t | …) under the distribution that drew o_t
 (temperature and any top-p / top-k truncation applied), one per response token.
+
+Optional attributes a sampler may declare: `prompts_per_call` (prompts per `generate` call;
+None: a whole round) and `weights_dtype` (the torch dtype it holds weights in: minpro keeps
+the copies it makes only for sampling in that dtype).
 """
 
 from __future__ import annotations

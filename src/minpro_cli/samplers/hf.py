@@ -54,11 +54,17 @@ class HFSampler(SamplingParams):
     # (the model it copies, the copy, that model's weight versions when copied)
     _copy: tuple[torch.nn.Module, torch.nn.Module, tuple[int, ...]] | None = PrivateAttr(default=None)
 
+    @property
+    def weights_dtype(self) -> torch.dtype | None:
+        """The precision this sampler holds weights in (None: the policy's): copies made only for
+        sampling (stale weights, LoRA merges, FSDP2) are kept in it."""
+        return getattr(torch, self.dtype) if self.dtype else None
+
     def sampling_model(self, policy: Policy) -> torch.nn.Module:
         """The module that samples: the policy's, or this sampler's `dtype` copy of it, reloaded
         only when another model samples or a weight was written since (every in-place write bumps
         a tensor's version): a cast per weights version, not per token."""
-        dtype = getattr(torch, self.dtype) if self.dtype else None
+        dtype = self.weights_dtype
         if dtype is None or next(policy.model.parameters()).dtype == dtype:
             return policy.model
         written = weights_written(policy.model)

@@ -231,6 +231,11 @@ class VLLMSampler(SamplingParams):
     prompts_per_call: ClassVar[int | None] = None  # a whole round per call: no idling on a chunk's tail
     _worker: Worker | None = PrivateAttr(None)
 
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The engine's precision: minpro keeps copies made only for sampling in it."""
+        return getattr(torch, self.engine_dtype())
+
     def engine_dtype(self) -> str:
         return ("bfloat16" if torch.cuda.is_available() else "float32") if self.dtype == "auto" else self.dtype
 
