@@ -58,13 +58,14 @@ def segments() -> int:
 
 def peak(source: Path, model: str, mode: str) -> tuple[int, int]:
     """Peak summed RSS of the run's process tree, and peak shared-memory segment bytes."""
-    with tempfile.TemporaryDirectory() as run_dir:
+    with tempfile.TemporaryDirectory() as scratch:
+        run_dir = Path(scratch) / "run"
         env = dict(os.environ, PYTHONPATH=str(source / "src"))
         command = [sys.executable, "-m", "minpro_cli", "train", str(RECIPE), f"run_dir={run_dir}", f"model.path={model}",
                    "train.iterations=3", "train.prompts_per_iteration=4", "train.group_size=4", "train.staleness=2",
                    "train.eval_every=0", "train.checkpoint_every=3", "sampler.options.max_new_tokens=32",
                    "sampler.options.dtype=bfloat16", *MODES[mode]]  # fmt: skip
-        log = Path(run_dir) / "train.log"
+        log = Path(scratch) / "train.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
             held, shm = 0, 0

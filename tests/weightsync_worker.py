@@ -1,6 +1,8 @@
 """torchrun worker: the embedded model under FSDP2 on N gloo ranks, streamed into a segment
 by `named_weights` (every rank joins each parameter's gather; rank 0 writes), and the segment
-copied to OUT for the test to read once the ranks are gone.
+copied to OUT for the test to read once the ranks are gone. Then a staleness snapshot
+(`snapshot_state`): each rank holds only its bf16 shards, and gathered they equal the whole
+weights as they were (OUT/snapshot-ok).
 
     python -m torch.distributed.run --standalone --nproc-per-node=2 tests/weightsync_worker.py OUT
 """
@@ -13,7 +15,15 @@ from pathlib import Path
 
 import torch
 
-from minpro_cli.distributed import close_world, init_world, parallelize
+from minpro_cli.distributed import (
+    HeldShard,
+    close_world,
+    full_state_dict,
+    init_world,
+    parallelize,
+    snapshot_state,
+    whole_state,
+)
 from minpro_cli.modeling import load_policy
 from minpro_cli.weightsync import WeightSegment, named_weights, planned_bytes
 
@@ -31,4 +41,17 @@ if __name__ == "__main__":
     else:
         for _ in weights:  # the gathers rank 0 waits for
             pass
+    # a staleness snapshot: this rank's shards only, in bf16, and whole again when gathered
+    snapshot = snapshot_state(model, world, torch.bfloat16)
+    held, total = sum(v.local.numel() for v in snapshot.values()), sum(v.shape.numel() for v in snapshot.values())
+    assert all(isinstance(v, HeldShard) and v.local.dtype == torch.bfloat16 for v in snapshot.values())
+    assert held < 0.6 * total, (held, total)
+    expected = full_state_dict(model, world, torch.bfloat16)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)  # training goes on: the snapshot is a copy
+    gathered = whole_state(snapshot)
+    assert list(gathered) == list(expected) and all(torch.equal(gathered[k], expected[k]) for k in expected)
+    if world.is_main:
+        (out / "snapshot-ok").write_text(f"{held} of {total}")
     close_world(world)

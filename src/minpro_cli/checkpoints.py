@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from minpro_cli.distributed import World, unwrap
+from minpro_cli.distributed import World, unwrap, whole_state
 from minpro_cli.errors import CheckpointError
 from minpro_cli.fileio import directory_done_marker, disk_full_is_an_error, publish_directory, remove
 from minpro_cli.lora import ADAPTER_DIR
@@ -117,10 +117,11 @@ def write_checkpoint(
     except CheckpointException as exc:  # DCP wraps what its writers raised: re-raise the cause
         raise next(iter(exc.failures.values()))[0] from None
     whole = whole_weights(module)
+    kept = {round_: whole_state(weights) for round_, weights in snapshots.items()}  # FSDP2 shards gathered
     if world.is_main:
         (directory / PARAM_GROUPS_FILE).write_text(json.dumps(optim_state["param_groups"], indent=1))
         export_hf(policy, module, whole, directory)
-        for round_, weights in snapshots.items():
+        for round_, weights in kept.items():
             save_file(weights, str(directory / f"snapshot_round_{round_:05d}.safetensors"))
         write_loop_state(directory, state)
 

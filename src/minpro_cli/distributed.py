@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from minpro_cli.modeling import decoder_blocks
+from minpro_cli.weightsync import whole
 
 T = TypeVar("T")
 Strategy = Literal["ddp", "fsdp"]
@@ -139,6 +140,42 @@ def full_state_dict(module: torch.nn.Module, world: World, dtype: torch.dtype | 
         return {k: v.detach().to("cpu", dtype, copy=True) for k, v in unwrap(module).state_dict().items()}
     weights = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
     return {k: v.detach().to("cpu", dtype, copy=True) for k, v in weights.items()}
+
+
+@dataclass(frozen=True)
+class HeldShard:
+    """One rank's shard of an FSDP2 parameter, copied to the CPU and kept (a staleness
+    snapshot): `full_tensor()` gathers the whole tensor again, a collective every rank joins."""
+
+    local: torch.Tensor
+    mesh: Any  # the DeviceMesh
+    placements: tuple[Any, ...]
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    def full_tensor(self) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        device = self.mesh.device_type
+        shard = DTensor.from_local(self.local.to(device), self.mesh, self.placements, shape=self.shape, stride=self.stride)
+        return shard.full_tensor().cpu()
+
+
+def snapshot_state(module: torch.nn.Module, world: World, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """A copy of the weights to keep, in `dtype`: under FSDP2 only this rank's shards
+    (`HeldShard`s, 1/N of the whole), else whole CPU copies. `whole_state` makes it whole."""
+    if not is_sharded(module, world):
+        return full_state_dict(module, world, dtype)
+    held: dict[str, Any] = {}
+    for name, tensor in module.state_dict().items():
+        local = tensor.to_local().detach().to("cpu", dtype, copy=True)
+        held[name] = HeldShard(local, tensor.device_mesh, tuple(tensor.placements), tensor.shape, tensor.stride())
+    return held
+
+
+def whole_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor of a state whole (shards gathered: under FSDP2 every rank calls it alike)."""
+    return {name: whole(tensor) for name, tensor in state.items()}
 
 
 def gradient_sync(module: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager[Any]:

@@ -18,7 +18,7 @@ from typing import Any
 from minpro_cli.checkpoints import StateDict
 from minpro_cli.config import Recipe, dump_recipe
 from minpro_cli.console import warn
-from minpro_cli.distributed import SINGLE, World
+from minpro_cli.distributed import SINGLE, World, whole_state
 from minpro_cli.errors import RolloutFileError
 from minpro_cli.modeling import Policy, model_fingerprint, tokenizer_fingerprint
 from minpro_cli.rollouts import RolloutRow, check_token_ids, read_rollout_rows, read_rollouts, write_rollouts
@@ -71,8 +71,8 @@ class OnlineRounds:
 
     def rows(self, round_: int, weights: StateDict | None, version: int) -> list[RolloutRow]:
         path = round_file(self.run_dir, round_)
-        if weights is not None:
-            self.stale_policy.model.load_state_dict(weights)
+        if weights is not None:  # whole: FSDP2 snapshots are gathered here (every rank samples each round)
+            self.stale_policy.model.load_state_dict(whole_state(weights))
         if path.exists():  # written before an interruption: same weights and seed, reuse it
             rows = read_rollout_rows(path)
             self.check_reused(path, rows, round_, version)

@@ -38,6 +38,8 @@ from minpro_cli.distributed import (
     full_state_dict,
     init_world,
     parallelize,
+    snapshot_state,
+    whole_state,
 )
 from minpro_cli.errors import ConfigError, Interrupted, TrainingDivergedError
 from minpro_cli.fileio import (
@@ -250,6 +252,12 @@ class Trainer:
         merged = self.policy.adapters.merged(full_state_dict(self.trainee.module, self.world))  # merged in float32
         return merged if dtype is None else {k: v.to(dtype) for k, v in merged.items()}
 
+    def snapshot(self) -> StateDict:  # collective under FSDP2
+        """The round's starting weights, kept for staleness: under FSDP2 this rank's shards only."""
+        if self.policy.adapters:  # merged, so whole
+            return self.sampling_weights(self.snapshot_dtype)
+        return snapshot_state(self.trainee.module, self.world, self.snapshot_dtype)
+
     def refresh_plain(self) -> None:
         if self.plain is not self.policy:
             self.plain.model.load_state_dict(self.sampling_weights())
@@ -293,7 +301,7 @@ class Trainer:
         """This round's rows (sampled ahead by the pipeline or a dedicated sampler, or now), and
         the rounds sampled ahead asked for."""
         if self.stale.staleness:
-            self.stale.take(round_, self.sampling_weights(self.snapshot_dtype), self.state.step)
+            self.stale.take(round_, self.snapshot(), self.state.step)
         elif not self.cfg.rollouts and not isinstance(self.source, DedicatedRounds):
             self.refresh_plain()
         if isinstance(self.source, DedicatedRounds):
@@ -384,7 +392,7 @@ class Trainer:
             return current
         for round_, step in self.stale.steps.items():
             if step == version and round_ in self.stale.snapshots:
-                return self.stale.snapshots[round_]
+                return whole_state(self.stale.snapshots[round_])  # collective under FSDP2
         raise ConfigError(f"train.anchor=sampling_weights: the weights of policy_version {version} are no longer "
                           "held (a row older than train.staleness); use train.anchor=round_start")  # fmt: skip
 
@@ -395,7 +403,7 @@ class Trainer:
         if self.rescorer is None:
             return
         taken = self.stale.snapshots.get(self.state.round)  # staleness took the round's starting weights already
-        current = taken if taken is not None else self.sampling_weights()  # collective under FSDP2
+        current = whole_state(taken) if taken is not None else self.sampling_weights()  # collective under FSDP2
 
         def score(weights: StateDict, rows: list[int]) -> list[list[float]]:
             prompts, responses = [batch.prompts[i] for i in rows], [batch.responses[i] for i in rows]
