@@ -50,6 +50,12 @@ def test_stale_sampling_in_the_samplers_dtype_draws_the_same_tokens(tmp_path, mo
     snapshots = load_file(str(tmp_path / "bf16" / "checkpoints" / "round_00002" / "snapshot_round_00001.safetensors"))
     assert {v.dtype for v in snapshots.values()} == {torch.bfloat16}
     monkeypatch.undo()
+    # a dedicated sampler process holds its model in bf16 alone, gets bf16 weights, and draws the same rows
+    run_train(load_recipe(QUICKSTART, [f"run_dir={tmp_path / 'dedicated'}", *SMALL, "sampler.options.placement=dedicated",
+                                       f"sampler.options.threads={torch.get_num_threads()}"]))  # fmt: skip
+    for r in range(3):
+        name = f"rollouts/round_{r:05d}.parquet"
+        assert pq.read_table(tmp_path / "bf16" / name).equals(pq.read_table(tmp_path / "dedicated" / name)), r
     run_train(load_recipe(QUICKSTART, [f"run_dir={tmp_path / 'anchored'}", *SMALL, "train.anchor=sampling_weights"]))
     snapshots = load_file(str(tmp_path / "anchored" / "checkpoints" / "round_00002" / "snapshot_round_00001.safetensors"))
     assert {v.dtype for v in snapshots.values()} == {torch.float32}

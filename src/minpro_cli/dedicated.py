@@ -193,8 +193,11 @@ def serve(run_dir: Path) -> None:
     device = recipe.sampler.options.get("device")
     if device:
         recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"device": device})})
-    policy = load_recipe_policy(recipe)
-    rounds = OnlineRounds(recipe, policy, Plugins.of(recipe), run_dir)
+    policy, plugins = load_recipe_policy(recipe), Plugins.of(recipe)
+    held = getattr(plugins.sampler, "weights_dtype", None)
+    if held is not None:  # the sampler's precision is all this process needs: no float32 copy beside it
+        policy.model.to(held)
+    rounds = OnlineRounds(recipe, policy, plugins, run_dir)
     channel, seq = run_dir / SAMPLER_DIR, 0
     console.print(f"dedicated sampler: pid {os.getpid()}, {torch.get_num_threads()} threads, {recipe.model.device}")
     while True:

@@ -204,7 +204,7 @@ class Trainer:
         self.policy = load_recipe_policy(recipe, str(resume_from) if resume_from else None)
         sharded = self.world.size > 1 and recipe.distributed.strategy == "fsdp"
         # copies made only to sample are held in the sampler's own precision (bf16: half the memory)
-        held = getattr(self.plugins.sampler, "weights_dtype", None)
+        self.sampling_dtype = held = getattr(self.plugins.sampler, "weights_dtype", None)
         self.plain = self.policy.copy(held) if sharded or recipe.model.lora else self.policy
         self.off_policy = OffPolicy(cfg.anchor, recipe.correction, cfg.factor_metrics)
         self.needs = self.off_policy.needs() - ({"sampling_weights"} if cfg.rollouts else set())
@@ -329,7 +329,7 @@ class Trainer:
         rounds up to ⌊k / steps per round⌋ ahead with the newest weights; a round more than k
         steps old is dropped and asked for again."""
         cfg, step, last = self.cfg, self.state.step, self.cfg.iterations - 1
-        dtype = next(self.policy.model.parameters()).dtype
+        dtype = self.sampling_dtype or next(self.policy.model.parameters()).dtype  # what the sampler holds
         live = (lambda: (self.state.step, named_weights(self.policy.model, dtype, self.policy.adapters)),
                 planned_bytes(self.policy.model, dtype))  # fmt: skip
         waited, dropped = 0.0, sampler.dropped
