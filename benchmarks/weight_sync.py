@@ -66,32 +66,39 @@ def shm(model: torch.nn.Module, buffers: dict[str, torch.Tensor], segment: Weigh
     copy_into(buffers, weights)
 
 
+def prepared(model: torch.nn.Module, path: str, dtype: torch.dtype, scratch: Path) -> tuple[Callable[[], None], Callable[[], None]]:
+    """One sync of `path`, with what it runs into made beforehand (a sampler's buffers, touched
+    once, and for shared memory a segment already reserved, as every round after a run's first
+    finds them), and how to release them: only one path's memory is held at a time."""
+    buffers = {k: torch.zeros_like(v, dtype=dtype) for k, v in model.state_dict().items()}
+    if path == "disk":
+        return (lambda: disk(model, buffers, scratch)), buffers.clear
+    segment = WeightSegment()
+    segment.write([], 0, planned_bytes(model, dtype))  # reserves the pages
+    return (lambda: shm(model, buffers, segment, dtype)), lambda: (buffers.clear(), segment.close())
+
+
 def bench(name: str, repeats: int) -> list[str]:
     model = load(name).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    paths: dict[str, tuple[Callable[[], None], int]] = {}
+    paths = {"shm float32": ("shm", torch.float32), "shm bfloat16": ("shm", torch.bfloat16),
+             "disk float32 (+ hash)": ("disk", torch.float32)}  # fmt: skip
     scratch = Path(tempfile.mkdtemp(prefix="minpro-bench-sync-"))
-    segment = WeightSegment()
-    for dtype in (torch.float32, torch.bfloat16):
-        buffers = {k: torch.empty_like(v, dtype=dtype) for k, v in model.state_dict().items()}
-        label = f"shm {str(dtype).removeprefix('torch.')}"
-        paths[label] = (lambda b=buffers, d=dtype: shm(model, b, segment, d), planned_bytes(model, dtype))
-    fp32_buffers = {k: torch.empty_like(v) for k, v in model.state_dict().items()}
-    paths["disk float32 (+ hash)"] = (lambda: disk(model, fp32_buffers, scratch), planned_bytes(model, torch.float32))
     times: dict[str, list[float]] = {label: [] for label in paths}
     for _ in range(repeats + 1):  # the first round warms the page cache and allocations: dropped
-        for label, (run, _) in paths.items():
+        for label, (path, dtype) in paths.items():
+            run, release = prepared(model, path, dtype, scratch)
             with torch.no_grad():
                 for parameter in model.parameters():
                     parameter.mul_(1.0)  # written in place, as by a training step: the hash is redone
             started = time.perf_counter()
             run()
             times[label].append(time.perf_counter() - started)
-    segment.close()
+            release()
     shutil.rmtree(scratch)
     rows = []
-    for label, (_, nbytes) in paths.items():
-        kept = times[label][1:]
+    for label, (_, dtype) in paths.items():
+        kept, nbytes = times[label][1:], planned_bytes(model, dtype)
         gbps = [nbytes / t / 1e9 for t in kept]
         rows.append(f"| {name} ({n_params / 1e6:.0f}M) | {label} | {nbytes / 2**30:.3f} | {spread(kept, '.2f')} | "
                     f"{spread(gbps, '.2f')} |")  # fmt: skip
