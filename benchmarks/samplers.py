@@ -52,14 +52,19 @@ def process_tree_peak_mb(pid: int) -> float:
     return total
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def sampling_arguments(description: str, repeats: int) -> argparse.Namespace:
+    """The model and the batch to sample: --model, --prompts, --group, --max-new-tokens, --repeats."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = sampling_arguments(__doc__.splitlines()[0], repeats=2)
     policy = load_policy(args.model)
     prompts = batch(policy, args.prompts, args.group)
     hf = HFSampler(max_new_tokens=args.max_new_tokens, batch_size=len(prompts))

@@ -12,13 +12,12 @@ pass over the same tokens (both modes must record the distribution they drew fro
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 from memory import spread
 from minpro_vllm.sampler import VLLMSampler
-from samplers import batch, logprob_gap
+from samplers import batch, logprob_gap, sampling_arguments
 
 from minpro_cli.modeling import load_policy
 
@@ -26,13 +25,7 @@ MODES = ("prompt", "round")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = sampling_arguments(__doc__.splitlines()[0], repeats=5)
     policy = load_policy(args.model)
     prompts = batch(policy, args.prompts, args.group)
     context = min(1024, policy.model.config.max_position_embeddings)
