@@ -102,6 +102,7 @@ def test_bounded_staleness_never_trains_a_round_older_than_k(tmp_path):
     assert [t["policy_version"][0].as_py() for t in rounds_of(tight)] == [0, 0, 4, 4]
     dropped = tight / "rollouts" / "dropped" / "round_00002-v0.parquet"
     assert pq.read_table(dropped).equals(pq.read_table(round_file(loose, 2)))  # moved away, not lost
+    assert (tight / SAMPLER_LOG).read_text().rstrip().endswith("stopped by the trainer")  # asked to, not killed
 
 
 def test_the_drop_rule_is_more_than_k_steps(tmp_path):

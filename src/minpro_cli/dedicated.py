@@ -7,7 +7,7 @@ a shared-memory segment holding those weights, `weightsync`), the sampler loads 
 acknowledges (`ack.json`, so the trainer frees the segment) and writes each round as
 `rollouts/round_00007.parquet`, the same files `minpro train` writes inline (atomic, so an
 interrupted run resumes from them). Requests are numbered from 0 for each sampler process;
-the sampler serves them in order.
+the sampler serves them in order, and stops at a request that says so.
 
 Staleness (`s`, train.staleness) is exact: round r samples with the weights round r − s
 started from, so for the same seed the round files equal `train.pipeline`'s, and the sampler
@@ -49,6 +49,7 @@ from minpro_cli.weightsync import WeightSegment, read_weights
 ACK = "ack.json"
 POLL_S = 0.02
 RESTARTS = 3  # a sampler that dies this many times without writing a round is an error, not bad luck
+STOP_S = 10.0  # how long a sampler asked to stop may take before it is terminated
 # a request's weights, streamed anew each time it is sent: (their version, named tensors)
 Weights = Callable[[], tuple[int, Iterable[tuple[str, torch.Tensor]]]]
 
@@ -177,12 +178,17 @@ class DedicatedRounds:
         self.segments.clear()
 
     def close(self) -> None:
+        """Ask the sampler to stop (it does once its requests are served), else terminate it."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            write_json_atomic(request_path(self.channel, self.seq), {"stop": True})
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=STOP_S)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
         self.close_segments()
 
 
@@ -205,6 +211,9 @@ def serve(run_dir: Path) -> None:
         while not path.exists():
             time.sleep(POLL_S)
         request = json.loads(path.read_text())
+        if request.get("stop"):
+            console.print("dedicated sampler: stopped by the trainer")
+            return
         version, weights = read_weights(request["table"])
         policy.model.load_state_dict(dict(weights))  # copies out of the segment
         write_json_atomic(channel / ACK, {"seq": seq})

@@ -10,7 +10,7 @@ from minpro_cli.checkpoints import DCP_DIR, complete_checkpoints, latest_checkpo
 from minpro_cli.config import Recipe, dump_recipe, flatten, recipe_from_data
 from minpro_cli.errors import CheckpointError, RunDirError
 from minpro_cli.fileio import directory_done_marker, read_yaml, remove
-from minpro_cli.rundir import LOCK, MARKER
+from minpro_cli.rundir import LOCK, MARKER, ROLLOUTS_DIR
 
 # what a resumed run may change: how long it runs and how often it saves and evaluates, how it
 # is laid out over devices and memory (the update is the same), and the sections train ignores
@@ -89,7 +89,7 @@ def forget_after(run_dir: Path, checkpoint: Path) -> None:
     weights belong to the timeline being replaced (an interruption must not resume from them)."""
     round_ = read_loop_state(checkpoint).round
     later = [c for c in complete_checkpoints(run_dir) if int(c.name.split("_")[1]) > round_]
-    later += [p for p in (run_dir / "rollouts").glob("round_*.parquet") if int(p.stem.split("_")[1]) >= round_]
+    later += [p for p in (run_dir / ROLLOUTS_DIR).glob("round_*.parquet") if int(p.stem.split("_")[1]) >= round_]
     for path in [*later, run_dir / "final"]:
         if path.exists() or path.is_symlink():
             remove(path)
