@@ -29,10 +29,25 @@ from minpro_cli.train import run_train
 from minpro_cli.weightsync import PREFIX, alive, shm_directory
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+LIMIT_S = int(os.environ.get("MINPRO_TEST_DEDICATED_LIMIT_S", "600"))
 SMALL = [
     "sampler.options.max_new_tokens=40", "train.prompts_per_iteration=4", "train.group_size=4", "train.iterations=4",
     "train.checkpoint_every=1", "train.minibatches=2", "optim.lr=1e-4", "optim.warmup_steps=0",
 ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def bounded_wait():
+    """A trainer waits for its sampler without a time limit; a test that would wait forever fails."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"no round after {LIMIT_S} s: the trainer is waiting for a sampler that will not write it")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(LIMIT_S)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 def dedicated(run_dir: Path, *extra: str) -> list[str]:

@@ -140,6 +140,9 @@ def verl_command(recipe: Recipe, data_dir: str = "$DATA", gpus: int = 8) -> Verl
         "data.max_prompt_length stays verl's 512 tokens: raise it for longer prompts",
         f"model.dtype={recipe.model.dtype}: verl trains in its own mixed precision (bf16 compute, fp32 masters)",
     ]
+    if t.drop_zero_variance_groups:
+        out.notes.append("train.drop_zero_variance_groups: verl's algorithm.filter_groups resamples such groups "
+                         "instead of dropping them (DAPO's dynamic sampling); not set")  # fmt: skip
     return out
 
 
