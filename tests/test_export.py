@@ -58,9 +58,11 @@ def test_staleness_picks_verls_trainer(overrides, mode, async_keys):
 
 
 def test_what_does_not_carry_over_is_said():
-    export = verl_command(load_recipe(QUICKSTART, ["train.anchor=sampling_weights", "correction.level=prefix_min"]))
+    export = verl_command(load_recipe(QUICKSTART, ["train.anchor=sampling_weights", "correction.level=prefix_min",
+                                                   "optim.schedule=linear", "train.drop_zero_variance_groups=true"]))
     assert "algorithm.rollout_correction.rollout_is" not in dict(o.split("=", 1) for o in export.overrides())
-    assert any("prefix-aware" in n for n in export.notes) and any("round_start" in n for n in export.notes)
+    for said in ("prefix-aware", "round_start", "optim.schedule=linear", "drop_zero_variance_groups"):
+        assert any(said in n for n in export.notes), said
     text = export.text()
     assert text.startswith("python3 -m verl.trainer.main_ppo \\\n") and "<- train.group_size" in text
 

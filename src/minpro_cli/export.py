@@ -100,9 +100,8 @@ def verl_command(recipe: Recipe, data_dir: str = "$DATA", gpus: int = 8) -> Verl
     out.set("algorithm.norm_adv_by_std_in_grpo", advantage == "grpo", "train.advantage (dr_grpo: not divided by std)")
     out.set("algorithm.use_kl_in_reward", False, "(minpro's KL is a loss term)")
     out.set(A + "policy_loss.loss_mode", LOSS_MODE[obj.name], "objective.name")
-    options = obj.options
-    out.set(A + "loss_agg_mode", options.get("loss_agg", "token-mean"), "objective.options.loss_agg")
     objective = recipe.plugin("objectives")  # its options with their defaults
+    out.set(A + "loss_agg_mode", objective.loss_agg, "objective.options.loss_agg")
     for side in ("low", "high"):
         out.set(A + f"clip_ratio_{side}", getattr(objective, f"eps_{side}"), f"objective.options.eps_{side}")
     out.set(A + "ppo_mini_batch_size", t.prompts_per_iteration // t.minibatches, "train.prompts_per_iteration / minibatches")
@@ -140,6 +139,9 @@ def verl_command(recipe: Recipe, data_dir: str = "$DATA", gpus: int = 8) -> Verl
         "data.max_prompt_length stays verl's 512 tokens: raise it for longer prompts",
         f"model.dtype={recipe.model.dtype}: verl trains in its own mixed precision (bf16 compute, fp32 masters)",
     ]
+    if o.name != "adamw" or o.schedule == "linear":
+        out.notes.append(f"optim.name={o.name}, optim.schedule={o.schedule}: verl's actor uses AdamW with a constant "
+                         "or cosine schedule; the command has AdamW and a constant schedule")  # fmt: skip
     if t.drop_zero_variance_groups:
         out.notes.append("train.drop_zero_variance_groups: verl's algorithm.filter_groups resamples such groups "
                          "instead of dropping them (DAPO's dynamic sampling); not set")  # fmt: skip
