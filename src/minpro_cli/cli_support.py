@@ -3,6 +3,7 @@ line and Ctrl-C into a resume hint, and quiet third-party libraries."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -53,6 +54,20 @@ def _die_with_parent() -> None:
             raise Terminated(signal.SIGTERM)
 
 
+def say(line: str) -> None:
+    """One line straight to stderr's file descriptor. A signal that lands inside an earlier print
+    can leave rich's or Python's stderr buffer mid-write (seen once in CI: a run stopped by a
+    signal, with the right exit code and no line); the line that says how to resume must get out."""
+    try:
+        fd = sys.stderr.fileno()
+    except (OSError, ValueError, AttributeError):  # a captured stream (a test runner's): no descriptor
+        console.print(line, soft_wrap=True, markup=False)
+        return
+    with contextlib.suppress(OSError, RuntimeError, ValueError):
+        sys.stderr.flush()
+    os.write(fd, (line + "\n").encode())
+
+
 def user_errors(fn: F) -> F:
     """Turn MinproError into one red line and exit code 2; Ctrl-C, SIGTERM and SIGHUP into a
     resume hint and exit code 128 + signal number (130, 143, 129)."""
@@ -70,7 +85,7 @@ def user_errors(fn: F) -> F:
             signum = getattr(exc, "signum", None) or signal.SIGINT
             saved = str(exc) if isinstance(exc, Interrupted) else "finished outputs and checkpoints are intact"
             by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
-            console.print(f"interrupted{by}: {saved}; rerun the same command to resume", soft_wrap=True, markup=False)
+            say(f"interrupted{by}: {saved}; rerun the same command to resume")
             raise typer.Exit(128 + signum) from None
 
     return wrapper  # type: ignore[return-value]
