@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from minpro_cli.config import load_recipe
-from minpro_cli.errors import ConfigError
+from minpro_cli.errors import ConfigError, RunDirError
 from minpro_cli.export import verl_command, write_verl_data
 from minpro_cli.sampling import load_split
 
@@ -98,3 +98,8 @@ def test_verl_data_rows_are_scored_by_the_recipes_verifier(tmp_path):
     assert score == [1.0] * 5 and wrong == 0.0
     with pytest.raises(ValueError, match="minpro export verl-data"):
         reward.compute_score("gsm8k", "1", "1", {})
+    assert write_verl_data(recipe, tmp_path) == written  # its own files are replaced on a rerun …
+    (tmp_path / "val.parquet").write_text("someone's data")
+    with pytest.raises(RunDirError, match="minpro did not write it"):  # … anyone else's are not
+        write_verl_data(recipe, tmp_path)
+    assert (tmp_path / "val.parquet").read_text() == "someone's data"

@@ -43,6 +43,7 @@ def test_dumps_become_rollout_files_inspect_ratios_reads(tmp_path, policy):
     assert [r.reward for r in rows] == [1.0, 0.0, 0.0] and {r.policy_version for r in rows} == {1}
     assert rows[0].behavior_logprobs == pytest.approx(lines[1][0]["rollout_log_probs"], abs=1e-6)
     assert rows[0].finish_reason == "stop" and json.loads(rows[0].verifier_details)["uid"] == "a"
+    assert import_verl_rollouts(dumps, tmp_path / "out", policy, SAMPLING) == written  # a rerun replaces its own
     report = inspect_ratios([str(p) for p in written], policy)  # μ was the policy itself: every ratio is 1
     assert report["n_sequences"] == 4 and report["token_ratio"]["count"] == 12
     assert report["token_ratio"]["min"] == pytest.approx(1.0, abs=1e-4) == report["token_ratio"]["max"]

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from minpro_cli.config import Recipe
 from minpro_cli.errors import ConfigError
 from minpro_cli.fileio import atomic_path
+from minpro_cli.rundir import check_replaceable
 from minpro_cli.sampling import load_split
 from minpro_cli.tasks import Problem, render_prompt
 
@@ -212,14 +213,15 @@ def verl_rows(recipe: Recipe, split: str, problems: list[Problem]) -> list[dict[
 
 
 def write_verl_data(recipe: Recipe, out: Path) -> list[Path]:
-    """`train.parquet` (data.train) and `val.parquet` (data.eval) in verl's RL layout."""
-    written = []
-    for split, name in (("train", "train"), ("eval", "val")):
-        if getattr(recipe.data, split) is None:
-            continue
-        path = out / f"{name}.parquet"
+    """`train.parquet` (data.train) and `val.parquet` (data.eval) in verl's RL layout; a file
+    there that minpro did not write is refused before anything is written."""
+    splits = {split: out / f"{name}.parquet" for split, name in (("train", "train"), ("eval", "val"))
+              if getattr(recipe.data, split) is not None}  # fmt: skip
+    for path in splits.values():
+        check_replaceable(path, "export verl-data")
+    for split, path in splits.items():
+        table = pa.Table.from_pylist(verl_rows(recipe, split, load_split(recipe, split)))
         out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            pq.write_table(pa.Table.from_pylist(verl_rows(recipe, split, load_split(recipe, split))), tmp)
-        written.append(path)
-    return written
+        with atomic_path(path) as tmp:  # minpro's mark, so that a rerun may replace it
+            pq.write_table(table.replace_schema_metadata({b"minpro.export": b"verl-data"}), tmp)
+    return list(splits.values())

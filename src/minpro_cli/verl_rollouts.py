@@ -23,6 +23,7 @@ from minpro_cli.errors import InputFileError
 from minpro_cli.fileio import read_jsonl
 from minpro_cli.modeling import Policy, tokenizer_fingerprint
 from minpro_cli.rollouts import RolloutRow, write_rollouts
+from minpro_cli.rundir import check_replaceable
 
 NEEDED = ("prompt_ids", "response_ids", "rollout_log_probs")
 
@@ -33,6 +34,8 @@ def import_verl_rollouts(directory: Path, out: Path, policy: Policy, sampling: d
     dumps = sorted((p for p in Path(directory).glob("*.jsonl") if p.stem.isdigit()), key=lambda p: int(p.stem))
     if not dumps:
         raise InputFileError(f"{directory}: no verl rollout dumps (<step>.jsonl); point at trainer.rollout_data_dir")
+    for dump in dumps:  # before anything is written
+        check_replaceable(out / f"step_{int(dump.stem):05d}.parquet", "import verl-rollouts")
     written = []
     for dump in dumps:
         rows = [to_row(dump, i, record, policy, sampling) for i, record in enumerate(read_jsonl(dump))]
