@@ -23,33 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from proctree import status_bytes, tree
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-rl.yaml"
 MODES = {"inline": [], "dedicated": ["sampler.options.placement=dedicated", "sampler.options.threads=1"]}
-
-
-def tree(pid: int) -> list[int]:
-    """`pid` and its descendants."""
-    found, queue = [], [pid]
-    while queue:
-        current = queue.pop()
-        found.append(current)
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
-                queue += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
-    return found
-
-
-def rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def segments() -> int:
@@ -70,7 +48,7 @@ def peak(source: Path, model: str, mode: str) -> tuple[int, int]:
             proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
             held, shm = 0, 0
             while proc.poll() is None:
-                held = max(held, sum(rss(p) for p in tree(proc.pid)))
+                held = max(held, sum(status_bytes(p, "VmRSS") for p in tree(proc.pid)))
                 shm = max(shm, segments())
                 time.sleep(0.1)
         if proc.returncode:

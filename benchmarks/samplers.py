@@ -13,11 +13,11 @@ the log-probs a sampler recorded and a transformers forward pass over the same t
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from common import measure, timed
 from minpro_vllm.sampler import VLLMSampler
+from proctree import status_bytes, tree
 
 from minpro_cli.modeling import Policy, load_policy
 from minpro_cli.samplers import Generation, policy_logprobs
@@ -39,17 +39,7 @@ def logprob_gap(policy: Policy, prompts: list[list[int]], generations: list[Gene
 
 def process_tree_peak_mb(pid: int) -> float:
     """Sum of VmHWM over a process and its descendants (Linux)."""
-    total, stack = 0.0, [pid]
-    while stack:
-        current = stack.pop()
-        status = Path(f"/proc/{current}/status")
-        if status.exists():
-            for line in status.read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1]) / 1024
-        for children in Path(f"/proc/{current}/task").glob("*/children"):
-            stack.extend(int(c) for c in children.read_text().split())
-    return total
+    return sum(status_bytes(p, "VmHWM") for p in tree(pid)) / 2**20
 
 
 def sampling_arguments(description: str, repeats: int) -> argparse.Namespace:
