@@ -217,8 +217,7 @@ def serve(run_dir: Path) -> None:
         version, weights = read_weights(request["table"])
         policy.model.load_state_dict(dict(weights))  # copies out of the segment
         write_json_atomic(channel / ACK, {"seq": seq})
-        for round_ in request["rounds"]:
-            if not round_file(run_dir, round_).exists():
-                rounds.rows(round_, None, version)
+        for round_ in request["rounds"]:  # a file an earlier sampler wrote is checked and kept
+            rounds.rows(round_, None, version)
         seq += 1
 
