@@ -23,7 +23,7 @@ from minpro_cli.modeling import load_policy
 from minpro_cli.plots import first_break_figure, histogram_figure, plot_run, position_figure
 from minpro_cli.ratiostats import RatioStats, StepRatios
 from minpro_cli.rollout import run_rollout
-from minpro_cli.rollouts import SCHEMA, read_rollout_rows, write_rollouts
+from minpro_cli.rollouts import SCHEMA_1, read_rollout_rows, write_rollouts
 from minpro_cli.train import run_train
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
@@ -214,7 +214,7 @@ def test_bad_inputs_name_the_file_and_row(trained, tmp_path, policy):
         inspect_ratios(str(tmp_path / "foreign.parquet"), policy)
     ragged = [dict(r) for r in rows]
     ragged[20]["behavior_logprobs"] = ragged[20]["behavior_logprobs"][:-1]
-    table = pa.Table.from_pylist(ragged, schema=SCHEMA).replace_schema_metadata({b"minpro.schema_version": b"1"})
+    table = pa.Table.from_pylist(ragged, schema=SCHEMA_1).replace_schema_metadata({b"minpro.schema_version": b"1"})
     pq.write_table(table, tmp_path / "ragged.parquet")
     with pytest.raises(RolloutFileError, match=r"ragged\.parquet: row 20 .* behavior_logprobs for"):
         inspect_ratios(str(tmp_path / "ragged.parquet"), policy, InspectOptions(batch_size=8))

@@ -15,7 +15,7 @@ from minpro_cli.config import load_recipe
 from minpro_cli.errors import RolloutFileError
 from minpro_cli.inspect_ratios import inspect_ratios
 from minpro_cli.rollout import run_rollout
-from minpro_cli.rollouts import SCHEMA, read_rollouts
+from minpro_cli.rollouts import SCHEMA, read_rollout_rows, read_rollouts, recorded_recipe, write_rollouts
 from minpro_cli.train import run_train
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
@@ -24,7 +24,15 @@ SMALL = ["rollout.num_prompts=6", "rollout.group_size=4", "sampler.options.max_n
 
 @pytest.fixture(scope="module")
 def sampled(tmp_path_factory) -> Path:
-    return run_rollout(load_recipe(QUICKSTART, [f"run_dir={tmp_path_factory.mktemp('sampled')}", *SMALL]))
+    """A schema-2 file with switches: every odd response's tokens from the third on are stamped
+    with a newer version (an in-flight weight switch), so the versions must survive the tools."""
+    path = run_rollout(load_recipe(QUICKSTART, [f"run_dir={tmp_path_factory.mktemp('sampled')}", *SMALL]))
+    rows = read_rollout_rows(path)
+    for row in rows[1::2]:
+        row.behavior_versions = [0, 0] + [3] * (len(row.response_token_ids) - 2)
+    write_rollouts(path, rows, recorded_recipe(path) or {})
+    assert any(len(set(r.behavior_versions)) == 2 for r in read_rollout_rows(path))
+    return path
 
 
 def keep_first_samples(source: Path, target: Path, tool: str) -> None:

@@ -1,7 +1,9 @@
 """Rollout files: the parquet format stages exchange (documented in docs/rollout-format.md).
 
 One row per sampled response (a `RolloutRow` in memory). The file metadata holds
-`minpro.schema_version` and the resolved config. Readers validate the version, the columns and the per-row contents, and
+`minpro.schema_version` and the resolved config. Schema 2 adds `behavior_versions`, the policy
+version that drew each response token (a response written by several policies, docs/rollout-
+format.md); a schema-1 file reads as if every token had its row's `policy_version`. Readers validate the version, the columns and the per-row contents, and
 ignore columns they do not know. A file written back by a dataframe tool (pandas, polars,
 `datasets`) is read too: compatible column types (large strings and lists, other integer
 and float widths) are cast, and a file whose minpro metadata such a tool dropped is read as
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, get_type_hints
 from urllib.parse import unquote
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -27,7 +30,8 @@ from minpro_cli.console import warn
 from minpro_cli.errors import RolloutFileError
 from minpro_cli.fileio import atomic_path
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 VERSION_KEY = b"minpro.schema_version"
 CONFIG_KEY = b"minpro.config"
 
@@ -57,9 +61,16 @@ class RolloutRow:
     top_p: Annotated[float, pa.float32()]
     top_k: Annotated[int, pa.int32()]
     seed: Annotated[int, pa.int64()]
+    # the policy version (optimizer step) of the weights that drew each response token; not given:
+    # every token the row's `policy_version` (a response sampled by one policy, or a schema-1 file)
+    behavior_versions: Annotated[list[int] | None, pa.list_(pa.int64())] = None
     # optional: log π_θ of each response token under a scoring policy; `inspect-ratios` without
     # --policy reads its target log-probs from here
     target_logprobs: Annotated[list[float] | None, pa.list_(pa.float32())] = None
+
+    def __post_init__(self) -> None:
+        if self.behavior_versions is None:
+            self.behavior_versions = [self.policy_version] * len(self.response_token_ids)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RolloutRow:
@@ -79,17 +90,20 @@ class RolloutRow:
 
 
 TARGET_LOGPROBS = "target_logprobs"
+BEHAVIOR_VERSIONS = "behavior_versions"
 _ARROW = {name: pa.field(name, hint.__metadata__[0])
           for name, hint in get_type_hints(RolloutRow, include_extras=True).items()}
 SCHEMA = pa.schema([column for name, column in _ARROW.items() if name != TARGET_LOGPROBS])
 TARGET_LOGPROBS_FIELD = _ARROW[TARGET_LOGPROBS]
+SCHEMA_1 = SCHEMA.remove(SCHEMA.get_field_index(BEHAVIOR_VERSIONS))  # what a version-1 file has
 _warned_unversioned: set[Path] = set()  # once per file and process, however often it is opened
 
 
 def write_rollouts(path: Path, rows: Sequence[RolloutRow | Mapping[str, Any]], config: dict[str, Any]) -> None:
     """Write rows (typed, or dicts of the columns) atomically: the final path holds either nothing
     or a complete file. The optional `target_logprobs` column is written when every row has it."""
-    records = [r.as_record() if isinstance(r, RolloutRow) else r for r in rows]
+    records = [r.as_record() if isinstance(r, RolloutRow) else RolloutRow.from_record(r).as_record() | dict(r)
+               for r in rows]  # fmt: skip
     with_target = bool(records) and all(TARGET_LOGPROBS in r for r in records)
     table = pa.Table.from_pylist(records, schema=SCHEMA.append(TARGET_LOGPROBS_FIELD) if with_target else SCHEMA)
     table = table.replace_schema_metadata(
@@ -132,17 +146,18 @@ def open_rollout_file(path: Path) -> pq.ParquetFile:
     schema = parquet.schema_arrow
     version = (schema.metadata or {}).get(VERSION_KEY)
     partitions = partition_values(path)
-    missing = [f.name for f in SCHEMA if f.name not in schema.names and f.name not in partitions]
+    needed = SCHEMA.names if version == SCHEMA_VERSION.encode() else SCHEMA_1.names  # schema 1: versions from the row
+    missing = [name for name in needed if name not in schema.names and name not in partitions]
     if version is None and missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise RolloutFileError(
             f"{path}: not written by minpro (no '{VERSION_KEY.decode()}' metadata, and no column(s) {shown}); "
             "docs/rollout-format.md lists the columns a rollout file needs"
         )
-    if version is not None and version.decode() != SCHEMA_VERSION:
+    if version is not None and version.decode() not in READABLE_VERSIONS:
         raise RolloutFileError(
             f"{path}: rollout schema version {version.decode()} is not supported "
-            f"(this minpro reads version {SCHEMA_VERSION}); upgrade minpro or regenerate the file"
+            f"(this minpro reads versions {' and '.join(READABLE_VERSIONS)}); upgrade minpro or regenerate the file"
         )
     if missing:
         raise RolloutFileError(f"{path}: missing column(s) {', '.join(missing)}")
@@ -156,7 +171,8 @@ def open_rollout_file(path: Path) -> pq.ParquetFile:
         _warned_unversioned.add(path)
         warn(
             f"{path}: no '{VERSION_KEY.decode()}' metadata (dataframe writers drop it): reading it as schema "
-            f"version {SCHEMA_VERSION}; which recipe sampled it cannot be checked"
+            f"version {SCHEMA_VERSION if BEHAVIOR_VERSIONS in schema.names else 1}; which recipe sampled it cannot be "
+            "checked"
         )
     return parquet
 
@@ -223,10 +239,22 @@ def with_partition_columns(path: Path, table: pa.Table) -> pa.Table:
     return table
 
 
+def with_versions(table: pa.Table) -> pa.Table:
+    """A schema-1 table (no `behavior_versions`) with the column made: each token the row's
+    `policy_version`. Tables that have it, or lack what it is made from, are returned as they are."""
+    if BEHAVIOR_VERSIONS in table.column_names or not {"policy_version", "response_token_ids"} <= set(table.column_names):
+        return table
+    lengths = pc.list_value_length(table["response_token_ids"]).to_numpy(zero_copy_only=False)
+    values = np.repeat(table["policy_version"].to_numpy(), lengths)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int64()))
+    return table.append_column(_ARROW[BEHAVIOR_VERSIONS], column)
+
+
 def read_rollout_file(path: Path) -> pa.Table:
     parquet = open_rollout_file(path)
     try:
-        table = conform(path, with_partition_columns(path, parquet.read()))
+        table = with_versions(conform(path, with_partition_columns(path, parquet.read())))
     except (pa.ArrowException, OSError) as exc:
         raise RolloutFileError(f"{path}: cannot read ({exc}); it may be truncated or corrupt") from None
     check_rows(path, table)
@@ -242,10 +270,12 @@ def iter_rollout_batches(
     for path in rollout_files(spec):
         parquet = open_rollout_file(path)
         present = [c for c in columns if c in parquet.schema_arrow.names]
+        if BEHAVIOR_VERSIONS in columns and BEHAVIOR_VERSIONS not in present:  # schema 1: made from these
+            present = list(dict.fromkeys([*present, "policy_version", "response_token_ids"]))
         offset = 0
         try:
             for batch in parquet.iter_batches(batch_size=batch_size, columns=present):
-                table = conform(path, with_partition_columns(path, pa.Table.from_batches([batch])))
+                table = with_versions(conform(path, with_partition_columns(path, pa.Table.from_batches([batch]))))
                 check_rows(path, table, offset)
                 if vocab_size is not None:
                     check_token_ids(str(path), table, vocab_size, offset)
@@ -264,7 +294,7 @@ def check_rows(path: Path, table: pa.Table, offset: int = 0) -> None:
             row = pc.index(pc.is_null(table[name]), True).as_py()
             raise RolloutFileError(f"{path}: row {offset + row} has no value in column '{name}'; drop the row")
     n_tokens = pc.list_value_length(table["response_token_ids"])
-    for column in ("behavior_logprobs", TARGET_LOGPROBS_FIELD.name):
+    for column in ("behavior_logprobs", BEHAVIOR_VERSIONS, TARGET_LOGPROBS_FIELD.name):
         if column not in table.column_names:
             continue
         n_logprobs = pc.list_value_length(table[column])
@@ -276,6 +306,8 @@ def check_rows(path: Path, table: pa.Table, offset: int = 0) -> None:
                 f"sample_index={table['sample_index'][row].as_py()}) has {n_logprobs[row].as_py()} "
                 f"{column} for {n_tokens[row].as_py()} response tokens; the lists must match"
             )
+    if BEHAVIOR_VERSIONS in table.column_names and "policy_version" in table.column_names:
+        check_versions(path, table, offset)
     empty = pc.equal(n_tokens, 0)
     if pc.any(empty).as_py():
         row = pc.index(empty, True).as_py()
@@ -290,6 +322,28 @@ def check_rows(path: Path, table: pa.Table, offset: int = 0) -> None:
     for column in ("behavior_logprobs", TARGET_LOGPROBS_FIELD.name):
         if column in table.column_names:
             check_logprobs(path, table, column, offset)
+
+
+def check_versions(path: Path, table: pa.Table, offset: int) -> None:
+    """A response's versions never go back (weights only move forward while it is drawn), and its
+    `policy_version` is its first token's: the oldest weights that wrote it."""
+    lengths = pc.list_value_length(table[BEHAVIOR_VERSIONS]).to_numpy(zero_copy_only=False)
+    values = pc.list_flatten(table[BEHAVIOR_VERSIONS]).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    first = values[np.minimum(starts, max(len(values) - 1, 0))] if len(values) else np.zeros(0, np.int64)
+    wrong_first = np.flatnonzero((lengths > 0) & (first != table["policy_version"].to_numpy()))
+    going_back = np.flatnonzero(np.diff(values) < 0) + 1  # flat index of a token older than the one before it
+    going_back = going_back[~np.isin(going_back, starts)]  # a new row may start older
+    rows = sorted([*wrong_first.tolist(), *(np.searchsorted(starts, going_back, side="right") - 1).tolist()])
+    if rows:
+        row, versions = rows[0], table[BEHAVIOR_VERSIONS][rows[0]].as_py()
+        shown = ", ".join(map(str, versions[:8])) + (", …" if len(versions) > 8 else "")
+        raise RolloutFileError(
+            f"{path}: row {offset + row} (prompt_id={table['prompt_id'][row].as_py()!r}) has behavior_versions "
+            f"that {'do not start at its policy_version' if row in wrong_first else 'go back'} "
+            f"([{shown}], policy_version {table['policy_version'][row].as_py()}); "
+            "a response's versions start at its policy_version and never decrease: fix the writer or drop the row"
+        )
 
 
 def check_logprobs(path: Path, table: pa.Table, column: str, offset: int) -> None:
