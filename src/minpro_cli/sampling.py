@@ -4,13 +4,15 @@ template. `Plugins` resolves a recipe's plugins once; a stage passes it down."""
 
 from __future__ import annotations
 
+import bisect
+import functools
 import itertools
 import json
 import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +25,7 @@ from minpro_cli.modeling import Policy, load_policy, model_fingerprint, tokenize
 from minpro_cli.objectives import Objective
 from minpro_cli.registry import load_plugin
 from minpro_cli.rollouts import RolloutRow
-from minpro_cli.samplers import Generation, Sampler
+from minpro_cli.samplers import Generation, Sampler, WeightSwitch
 from minpro_cli.tasks import Problem, load_problems, render_prompt
 from minpro_cli.verifiers import Verifier, VerifierCallError, VerifyResult, timed_out, verify_batch
 
@@ -95,11 +97,38 @@ class SamplingJob:
         return str(self.policy.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
 
 
+@dataclass(frozen=True)
+class VersionSchedule:
+    """Weights that change while responses are drawn (`train.partial_rollout`): segment i's
+    weights draw every response token from `starts[i]` on (`starts[0]` is 0). `load(i)` puts
+    them into the sampling policy and returns their policy version; it may wait until the
+    trainer publishes them."""
+
+    starts: tuple[int, ...]
+    load: Callable[[int], int]
+
+    def switches(self, versions: dict[int, int]) -> list[WeightSwitch]:
+        """The sampler's switches; each records the version it loaded in `versions`."""
+        def load(i: int) -> None:
+            versions[i] = self.load(i)
+
+        return [WeightSwitch(at, functools.partial(load, i)) for i, at in enumerate(self.starts)]
+
+    def token_versions(self, versions: dict[int, int], n_tokens: int) -> list[int]:
+        return [versions[bisect.bisect_right(self.starts, t) - 1] for t in range(n_tokens)]
+
+
 def sample_rows(
-    job: SamplingJob, problems: list[Problem], group_size: int, seed: int, label: str = "sampling"
-) -> tuple[list[RolloutRow], float]:
-    """Rows for `group_size` responses per problem, and tokens/s."""
+    job: SamplingJob, problems: list[Problem], group_size: int, seed: int, label: str = "sampling",
+    schedule: VersionSchedule | None = None,
+) -> tuple[list[RolloutRow], float]:  # fmt: skip
+    """Rows for `group_size` responses per problem, and tokens/s. With a `schedule` the weights
+    change mid-response (the sampler must declare `switches_weights`): each row's
+    `behavior_versions` says which version drew each token, its `policy_version` is the first."""
     tok = job.policy.tokenizer
+    versions: dict[int, int] = {}
+    if schedule is not None:
+        job.policy_version = versions[0] = schedule.load(0)  # the fingerprint is the first weights'
     fingerprints = (model_fingerprint(job.policy.model), tokenizer_fingerprint(tok))
     prompts = [job.prompt(p) for p in problems]
     prompt_ids = [tok.encode(text, add_special_tokens=False) for text in prompts]
@@ -112,8 +141,9 @@ def sample_rows(
             chunk = list(range(start, min(start + per_call, len(problems))))
             chunk_seed = (seed * 1_000_003 + chunk_index) % 2**63  # any recipe seed: within torch's range
             expanded = [prompt_ids[i] for i in chunk for _ in range(group_size)]
+            switching = {"switches": schedule.switches(versions)} if schedule is not None else {}
             with job.sampler_lock, job.policy.autocast():  # μ is computed at the precision π_θ trains at
-                generations = job.sampler.generate(job.policy, expanded, seed=chunk_seed)
+                generations = job.sampler.generate(job.policy, expanded, seed=chunk_seed, **switching)
             check_generations(job, expanded, generations)
             responses = [tok.decode(gen.token_ids, skip_special_tokens=True) for gen in generations]
             owners = [problems[chunk[offset // group_size]] for offset in range(len(generations))]
@@ -142,6 +172,7 @@ def sample_rows(
                     top_p=job.sampler.top_p,
                     top_k=job.sampler.top_k,
                     seed=chunk_seed,
+                    behavior_versions=schedule.token_versions(versions, len(gen.token_ids)) if schedule else None,
                 ))  # fmt: skip
             bar.advance(len(generations))
     return rows, n_tokens / max(time.perf_counter() - started, 1e-9)

@@ -151,6 +151,36 @@ class OptimConfig(Section):
 Anchor = Literal["behavior", "sampling_weights", "round_start", "loglinear"]
 
 
+class PartialRollout(Section):
+    """Responses continued under newer weights mid-way (partial rollouts, docs/async.md): round r's
+    responses start with the weights of round r − staleness, and at each token of `switch_at`
+    move on to newer ones, reaching round r's own starting weights at the last switch."""
+
+    switch_at: list[int] = Field(
+        min_length=1,
+        description="response tokens (0-based) where the weights change, increasing; at most train.staleness of them",
+    )
+
+    @field_validator("switch_at")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if value[0] < 1 or any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(f"switch_at must be increasing token positions of at least 1, not {value}")
+        return value
+
+    def sources(self, round_: int, staleness: int) -> list[tuple[int, int]]:
+        """(first token, round whose starting weights draw from it) of each segment of round
+        `round_`'s responses: from round r − s to round r in len(switch_at) equal steps (rounded up),
+        never before round 0; a switch to the weights already in use is no switch."""
+        steps = len(self.switch_at)
+        rounds = [max(0, round_ - staleness + -(-i * staleness // steps)) for i in range(steps + 1)]
+        segments = [(0, rounds[0])]
+        for at, source in zip(self.switch_at, rounds[1:]):
+            if source != segments[-1][1]:
+                segments.append((at, source))
+        return segments
+
+
 class TrainConfig(Section):
     iterations: int = Field(20, ge=1, description="rounds of rollout → update")
     staleness: int = Field(
@@ -219,6 +249,12 @@ class TrainConfig(Section):
         description="with staleness >= 1: sample round r+1 (with the stale weights it uses anyway) in a background "
         "thread while round r trains; the same results as without. Single process only",
     )
+    partial_rollout: PartialRollout | None = Field(
+        None,
+        description="continue responses under newer weights mid-way (a response written by several policies, each "
+        "token stamped with its version): {switch_at: [k, ...]}, with train.staleness >= the number of switches; "
+        "null: every response is drawn by one policy",
+    )
     compile: bool = Field(
         False,
         description="torch.compile each decoder layer for training (dynamic shapes): fused kernels, faster training "
@@ -233,6 +269,16 @@ class TrainConfig(Section):
                 "train.max_staleness (bounded: the newest weights, too-old rounds dropped) and train.staleness (exact) "
                 "are two semantics of one knob, and it needs online sampling by a dedicated sampler: set one of them, "
                 "drop train.pipeline and train.rollouts"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _switches_need_newer_weights(self) -> TrainConfig:
+        if self.partial_rollout is not None and (len(self.partial_rollout.switch_at) > self.staleness or self.rollouts):
+            raise ValueError(
+                f"train.partial_rollout switches {len(self.partial_rollout.switch_at)} time(s) to newer weights while "
+                f"a response is drawn, and round r samples from round r − train.staleness ({self.staleness}): set "
+                "train.staleness to at least the number of switches (and sample online: no train.rollouts)"
             )
         return self
 

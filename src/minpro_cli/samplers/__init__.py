@@ -9,12 +9,15 @@ options come from `SamplingParams`, which a sampler extends with its own:
 (temperature and any top-p / top-k truncation applied), one per response token.
 
 Optional attributes a sampler may declare: `prompts_per_call` (prompts per `generate` call;
-None: a whole round) and `weights_dtype` (the torch dtype it holds weights in: minpro keeps
-the copies it makes only for sampling in that dtype).
+None: a whole round), `weights_dtype` (the torch dtype it holds weights in: minpro keeps
+the copies it makes only for sampling in that dtype) and `switches_weights` (True: `generate`
+takes `switches`, a list of `WeightSwitch`, and continues responses in flight under newer
+weights, as `train.partial_rollout` needs).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -30,6 +33,18 @@ class Generation:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class WeightSwitch:
+    """At response token `at` (0-based) the weights change while responses are in flight:
+    `load()` puts the next version's weights into the policy `generate` was given, waiting if
+    the trainer has not published them yet (at token 0: the weights each batch starts with). Tokens from `at` on are drawn with them, and the
+    prefix is read again under them (the KV cache is rebuilt), so each token's log μ is that of a
+    forward pass of the weights that drew it."""
+
+    at: int
+    load: Callable[[], None]
 
 
 class SamplingParams(BaseModel):

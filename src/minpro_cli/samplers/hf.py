@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, PrivateAttr
@@ -19,7 +20,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from minpro_cli.console import console
 from minpro_cli.logprobs import positions_from_mask
 from minpro_cli.modeling import Policy, eager, weights_written
-from minpro_cli.samplers import Generation, SamplingParams
+from minpro_cli.samplers import Generation, SamplingParams, WeightSwitch
 
 
 def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -42,6 +43,8 @@ class HFSampler(SamplingParams):
 
     The fields are the `hf` sampler's options: the shared sampling options and its batch size.
     """
+
+    switches_weights: ClassVar[bool] = True  # generate(…, switches=…): partial rollouts
 
     batch_size: int = Field(256, ge=1, description="prompts per generation batch")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
@@ -86,37 +89,49 @@ class HFSampler(SamplingParams):
         """Bytes of a sampling copy's weights and buffers."""
         return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
 
-    def generate(self, policy: Policy, prompts: list[list[int]], seed: int) -> list[Generation]:
-        return self._decode(policy, prompts, seed, None)
+    def generate(
+        self, policy: Policy, prompts: list[list[int]], seed: int, switches: Sequence[WeightSwitch] = ()
+    ) -> list[Generation]:
+        """`switches`: the weights change at these response tokens; every batch of `batch_size`
+        prompts replays them (a switch at token 0 sets the weights each batch starts with)."""
+        return self._decode(policy, prompts, seed, None, switches)
 
-    def replay(self, policy: Policy, prompts: list[list[int]], responses: list[list[int]]) -> list[Generation]:
+    def replay(
+        self, policy: Policy, prompts: list[list[int]], responses: list[list[int]],
+        switches: Sequence[WeightSwitch] = (),
+    ) -> list[Generation]:  # fmt: skip
         """Teacher-forced: the log-prob this sampler's decode path gives each of `responses`'
         tokens, batched as `generate` batched them. Same weights, precision and kernels, so a
         recorded log μ comes back (within 1e-4, tested): the check that it is the distribution
         sampled, which a different forward of low-precision weights cannot make."""
-        return self._decode(policy, prompts, 0, responses)
+        return self._decode(policy, prompts, 0, responses, switches)
 
     def _decode(
-        self, policy: Policy, prompts: list[list[int]], seed: int, forced: list[list[int]] | None
-    ) -> list[Generation]:
+        self, policy: Policy, prompts: list[list[int]], seed: int, forced: list[list[int]] | None,
+        switches: Sequence[WeightSwitch] = (),
+    ) -> list[Generation]:  # fmt: skip
         generator = torch.Generator(device=policy.model.device).manual_seed(seed)
-        model = self.sampling_model(policy)
         out: list[Generation] = []
-        with eager(model):  # blocks compiled for training (train.compile) would recompile at every cache length
-            for start in range(0, len(prompts), self.batch_size):
-                window = slice(start, start + self.batch_size)
-                out.extend(self._generate_batch(policy, model, prompts[window], generator,
-                                                None if forced is None else forced[window]))  # fmt: skip
+        for start in range(0, len(prompts), self.batch_size):
+            window = slice(start, start + self.batch_size)
+            out.extend(self._generate_batch(policy, prompts[window], generator,
+                                            None if forced is None else forced[window], switches))  # fmt: skip
         return out
 
     @torch.no_grad()
     def _generate_batch(
-        self, policy: Policy, model: torch.nn.Module, prompts: list[list[int]], generator: torch.Generator,
-        forced: list[list[int]] | None = None,
+        self, policy: Policy, prompts: list[list[int]], generator: torch.Generator,
+        forced: list[list[int]] | None = None, switches: Sequence[WeightSwitch] = (),
     ) -> list[Generation]:  # fmt: skip
         """Decode until every row has ended. Rows that ended leave the batch (and the KV cache)
         once they are 1/COMPACT_EVERY of it, so the cost follows the tokens actually sampled.
-        `forced`: take these tokens instead of drawing (each ends at its EOS or the length limit)."""
+        `forced`: take these tokens instead of drawing (each ends at its EOS or the length limit).
+        At a switch's token the new weights re-read prompt and response so far into a new cache
+        (as an engine that resumes an aborted request does), then decoding goes on."""
+        pending = sorted(switches, key=lambda s: s.at)
+        while pending and pending[0].at == 0:
+            pending.pop(0).load()
+        model = self.sampling_model(policy)
         device = model.device
         batch, prompt_len = len(prompts), max(len(p) for p in prompts)
         width = prompt_len + self.max_new_tokens
@@ -131,30 +146,37 @@ class HFSampler(SamplingParams):
         cache = preallocated_cache(model, width)
         step_ids = input_ids
         given = None if forced is None else padded_tokens(forced, self.max_new_tokens, policy.pad_token_id, device)
-        for t in range(self.max_new_tokens):
-            output = model(input_ids=step_ids, attention_mask=attention[:, : prompt_len + t], position_ids=step_pos,
-                           cache=cache, use_cache=True, logits_to_keep=1)
-            logp = self.sampling_logprobs(output.logits[:, -1])
-            # one uniform per original row, drawn whether or not it is still in the batch:
-            # a row's tokens do not depend on when the others end
-            uniform = torch.rand(batch, generator=generator, device=device)[rows]
-            next_tok = inverse_cdf_draw(logp, uniform) if given is None else given[rows, t]
-            done = ended[rows]
-            next_tok = torch.where(done, policy.pad_token_id, next_tok)
-            tokens[rows, t] = next_tok
-            logprobs[rows, t] = torch.where(done, 0.0, logp.gather(-1, next_tok[:, None]).squeeze(-1))
-            hit_eos = (next_tok == policy.eos_token_id) & ~done
-            lengths[rows] = torch.where(hit_eos, t + 1, lengths[rows])  # the first EOS is part of the response
-            still_running = ~(done | hit_eos)
-            ended[rows] = ~still_running
-            running = int(still_running.sum())  # the one host sync per step: stop, or drop ended rows
-            if running == 0:
-                break
-            step_ids, step_pos = next_tok[:, None], step_pos[:, -1:] + 1
-            if (len(rows) - running) * COMPACT_EVERY >= len(rows):
-                keep = still_running.nonzero().squeeze(-1)
-                rows, step_ids, step_pos, attention = rows[keep], step_ids[keep], step_pos[keep], attention[keep]
-                cache.batch_select_indices(keep)
+        with eager(model):  # blocks compiled for training (train.compile) would recompile at every cache length
+            for t in range(self.max_new_tokens):
+                if pending and pending[0].at == t:
+                    pending.pop(0).load()
+                    model = self.sampling_model(policy)
+                    cache = preallocated_cache(model, width)
+                    step_ids = torch.cat([input_ids[rows], tokens[rows, :t]], dim=1)
+                    step_pos = positions_from_mask(attention[:, : prompt_len + t])
+                output = model(input_ids=step_ids, attention_mask=attention[:, : prompt_len + t], position_ids=step_pos,
+                               cache=cache, use_cache=True, logits_to_keep=1)
+                logp = self.sampling_logprobs(output.logits[:, -1])
+                # one uniform per original row, drawn whether or not it is still in the batch:
+                # a row's tokens do not depend on when the others end
+                uniform = torch.rand(batch, generator=generator, device=device)[rows]
+                next_tok = inverse_cdf_draw(logp, uniform) if given is None else given[rows, t]
+                done = ended[rows]
+                next_tok = torch.where(done, policy.pad_token_id, next_tok)
+                tokens[rows, t] = next_tok
+                logprobs[rows, t] = torch.where(done, 0.0, logp.gather(-1, next_tok[:, None]).squeeze(-1))
+                hit_eos = (next_tok == policy.eos_token_id) & ~done
+                lengths[rows] = torch.where(hit_eos, t + 1, lengths[rows])  # the first EOS is part of the response
+                still_running = ~(done | hit_eos)
+                ended[rows] = ~still_running
+                running = int(still_running.sum())  # the one host sync per step: stop, or drop ended rows
+                if running == 0:
+                    break
+                step_ids, step_pos = next_tok[:, None], step_pos[:, -1:] + 1
+                if (len(rows) - running) * COMPACT_EVERY >= len(rows):
+                    keep = still_running.nonzero().squeeze(-1)
+                    rows, step_ids, step_pos, attention = rows[keep], step_ids[keep], step_pos[keep], attention[keep]
+                    cache.batch_select_indices(keep)
 
         return generations(tokens, logprobs, lengths, ended)
 
