@@ -54,7 +54,9 @@ def synthetic_minibatch(policy: Policy, dtype: torch.dtype) -> RolloutBatch:
     advantages = torch.randn(ROWS, generator=gen, dtype=dtype)
     anchor = {key: [(current[i, : len(r)] + scale * torch.randn(len(r), generator=gen, dtype=current.dtype)).tolist()
                     for i, r in enumerate(responses)] for key, scale in (("sampling_weights", 0.2), ("round_start", 0.25))}
-    versions = torch.randint(0, 3, (ROWS,), generator=gen).tolist()
+    # each row's version per token; every other row switches to a newer version mid-way (a partial rollout)
+    versions = [[v] * (len(r) // 2) + [v + i % 2] * (len(r) - len(r) // 2)
+                for i, (v, r) in enumerate(zip(torch.randint(0, 3, (ROWS,), generator=gen).tolist(), responses))]
     return RolloutBatch(prompts, responses, old, advantages, temperature=1.0, versions=versions, scores=anchor,
                         trained_from=2)
 

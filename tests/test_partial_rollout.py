@@ -4,9 +4,13 @@ version drew each token."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from minpro_cli.rollouts import read_rollout_rows
 from minpro_cli.samplers import WeightSwitch, policy_logprobs
 from minpro_cli.samplers.hf import HFSampler
 
@@ -62,3 +66,41 @@ def test_tokens_before_the_switch_are_those_drawn_without_one(policy, two_versio
     assert [g.token_ids[:SWITCH] for g in switched] == [g.token_ids[:SWITCH] for g in plain]
     assert [g.token_ids for g in switched] == [g.token_ids for g in again]  # reproducible for a seed
     assert [g.token_ids for g in switched] != [g.token_ids for g in plain]
+
+
+def test_a_partial_rollout_run_stamps_each_tokens_version_counts_staleness_and_pipelines_bit_for_bit(tmp_path):
+    """Staleness 2, switches at tokens 3 and 6, one optimizer step per round: round r's tokens
+    come from the weights of rounds r−2, r−1 and r (steps r−2, r−1, r, never before 0). The
+    staleness metrics equal a count made from the files; the pipelined twin is the same run."""
+    from test_pipeline import recipe
+
+    from minpro_cli.train import run_train
+
+    runs = {}
+    for mode in ("false", "true"):
+        final = run_train(recipe(tmp_path / mode, "train.staleness=2", "train.iterations=4", "train.minibatches=1",
+                                 "train.partial_rollout={switch_at: [3, 6]}", f"train.pipeline={mode}"))  # fmt: skip
+        metrics = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        rows = [read_rollout_rows(tmp_path / mode / "rollouts" / f"round_{r:05d}.parquet") for r in range(4)]
+        runs[mode] = (load_file(str(final / "model.safetensors")), metrics, rows)
+    weights, metrics, rounds = runs["false"]
+    expected_sources = {0: (0, 0, 0), 1: (0, 0, 1), 2: (0, 1, 2), 3: (1, 2, 3)}  # the round's weights at 0, 3, 6
+    for r, rows in enumerate(rounds):
+        assert [m["step"] for m in metrics][r] == r + 1
+        for row in rows:
+            n = len(row.response_token_ids)
+            by_token = [expected_sources[r][0]] * min(n, 3) + [expected_sources[r][1]] * max(0, min(n, 6) - 3) \
+                + [expected_sources[r][2]] * max(0, n - 6)  # fmt: skip
+            assert row.behavior_versions == by_token and row.policy_version == by_token[0]
+        ages = [r - v for row in rows for v in row.behavior_versions]  # round r trains the weights of step r
+        record = metrics[r]
+        assert record["staleness/token_mean"] == pytest.approx(sum(ages) / len(ages), abs=1e-9)
+        assert (record["staleness/oldest"], record["staleness/newest"]) == (max(ages), min(ages))
+        assert record["spans"] == pytest.approx(sum(len(set(row.behavior_versions)) for row in rows) / len(rows))
+    assert max(m["spans"] for m in metrics) > 2  # three versions wrote some responses
+    weights_p, metrics_p, rounds_p = runs["true"]
+    assert all(torch.equal(weights[k], weights_p[k]) for k in weights)
+    assert [{k: v for k, v in m.items() if k != "time_s"} for m in metrics] == [
+        {k: v for k, v in m.items() if k != "time_s"} for m in metrics_p
+    ]
+    assert rounds == rounds_p

@@ -15,6 +15,7 @@ import contextlib
 import gc
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from itertools import chain
@@ -191,20 +192,28 @@ def gradient_sync(module: torch.nn.Module, sync: bool) -> contextlib.AbstractCon
 
 
 def combine_metrics(parts: list[tuple[dict[str, float], float]]) -> dict[str, float]:
-    """(metrics, weight) pairs → one set: `*_min` the minimum, `*_max` the maximum, the rest
-    the weighted mean; NaN values and zero weights are left out."""
+    """(metrics, weight) pairs → one set: the extremes (`extreme`) by their minimum or maximum,
+    the rest the weighted mean; NaN values and zero weights are left out."""
     out: dict[str, float] = {}
     for key in sorted({k for m, _ in parts for k in m}):
         pairs = [(m[key], w) for m, w in parts if key in m and m[key] == m[key] and w > 0]  # skip NaN
         if not pairs:
             out[key] = float("nan")
-        elif key.endswith("_min"):
-            out[key] = min(v for v, _ in pairs)
-        elif key.endswith("_max"):
-            out[key] = max(v for v, _ in pairs)
+        elif pick := extreme(key):
+            out[key] = pick(v for v, _ in pairs)
         else:
             out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
     return out
+
+
+def extreme(key: str) -> Callable[[Iterable[float]], float] | None:
+    """How a metric combines over micro-batches, ranks and steps when not by its mean: `*_min`
+    and `staleness/newest` by their minimum, `*_max` and `staleness/oldest` by their maximum."""
+    if key.endswith(("_min", "/newest")):
+        return min
+    if key.endswith(("_max", "/oldest")):
+        return max
+    return None
 
 
 def reduce_step_metrics(metrics: dict[str, float], weight: float, world: World) -> dict[str, float]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from minpro_cli.errors import RolloutFileError
 from minpro_cli.modeling import Policy, model_fingerprint, tokenizer_fingerprint
 from minpro_cli.rollouts import RolloutRow, check_token_ids, read_rollout_rows, read_rollouts, write_rollouts
 from minpro_cli.rundir import ROLLOUTS_DIR
-from minpro_cli.sampling import Plugins, load_split, sample_rows, sampling_job
+from minpro_cli.sampling import Plugins, VersionSchedule, load_split, sample_rows, sampling_job
 from minpro_cli.tasks import Problem
 
 
@@ -36,9 +38,28 @@ class StaleWeights:
     staleness: int
     snapshots: dict[int, StateDict] = field(default_factory=dict)  # round → whole weights at its start
     steps: dict[int, int] = field(default_factory=dict)  # round → the optimizer step of those weights
+    # a pipelined round's later segments (train.partial_rollout) wait here for weights not yet taken
+    published: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    abandoned: bool = False
 
     def take(self, round_: int, weights: StateDict, step: int) -> None:
-        self.snapshots[round_], self.steps[round_] = weights, step
+        with self.published:
+            self.snapshots[round_], self.steps[round_] = weights, step
+            self.published.notify_all()
+
+    def wait_for(self, round_: int) -> tuple[StateDict, int]:
+        """Round `round_`'s starting weights and version, once the trainer has taken them."""
+        with self.published:
+            self.published.wait_for(lambda: round_ in self.snapshots or self.abandoned)
+            if round_ not in self.snapshots:
+                raise RuntimeError(f"training stopped before round {round_}'s weights were taken")
+            return self.snapshots[round_], self.steps[round_]
+
+    def abandon(self) -> None:
+        """Training stopped: a sampler waiting for weights gives up."""
+        with self.published:
+            self.abandoned = True
+            self.published.notify_all()
 
     def sampled_by(self, round_: int) -> int:
         return max(0, round_ - self.staleness)
@@ -52,9 +73,10 @@ class StaleWeights:
 
     def drop_before(self, round_: int) -> None:
         """Forget the snapshots no round from `round_` on samples with."""
-        for old in [r for r in self.snapshots if r < self.sampled_by(round_)]:
-            self.snapshots.pop(old)
-            self.steps.pop(old, None)
+        with self.published:
+            for old in [r for r in self.snapshots if r < self.sampled_by(round_)]:
+                self.snapshots.pop(old)
+                self.steps.pop(old, None)
 
 
 class OnlineRounds:
@@ -69,10 +91,16 @@ class OnlineRounds:
         self.stale_policy = policy
         self.job = sampling_job(recipe, self.stale_policy, plugins)
 
-    def rows(self, round_: int, weights: StateDict | None, version: int) -> list[RolloutRow]:
+    def rows(self, round_: int, weights: StateDict | None, version: int,
+             later: Sequence[LaterWeights] = ()) -> list[RolloutRow]:  # fmt: skip
+        """`later`: newer weights the responses continue under mid-way (`train.partial_rollout`)."""
         path = round_file(self.run_dir, round_)
         if weights is not None:  # whole: FSDP2 snapshots are gathered here (every rank samples each round)
             self.stale_policy.model.load_state_dict(whole_state(weights))
+        schedule = None
+        if later:
+            sources = [lambda: (weights, version), *(segment.fetch for segment in later)]
+            schedule = VersionSchedule((0, *(segment.at for segment in later)), lambda i: self.load(*sources[i]()))
         if path.exists():  # written before an interruption: same weights and seed, reuse it
             rows = read_rollout_rows(path)
             self.check_reused(path, rows, round_, version)
@@ -85,6 +113,7 @@ class OnlineRounds:
             self.recipe.train.group_size,
             seed=(self.recipe.seed * 100_003 + round_) * world.size + world.rank,
             label=f"round {round_} sampling",
+            schedule=schedule,
         )
         # every rank has checked `path` before rank 0 writes it; rows cross ranks as JSON records
         rows = mine if world.size == 1 else [
@@ -93,6 +122,11 @@ class OnlineRounds:
         if world.is_main:
             write_rollouts(path, rows, dump_recipe(self.recipe))
         return rows
+
+    def load(self, weights: StateDict | None, version: int) -> int:
+        if weights is not None:
+            self.stale_policy.model.load_state_dict(whole_state(weights))
+        return version
 
     def check_reused(self, path: Path, rows: list[RolloutRow], round_: int, version: int) -> None:
         """A round file is reused only if this run sampled it: the round's prompts, each
@@ -104,6 +138,15 @@ class OnlineRounds:
             "model_fingerprint": {model_fingerprint(policy.model)},
             "tokenizer_fingerprint": {tokenizer_fingerprint(policy.tokenizer)},
         })  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LaterWeights:
+    """Weights a round's responses continue under from response token `at` on; `fetch` gives
+    them whole with their version, waiting until the trainer has taken them."""
+
+    at: int
+    fetch: Callable[[], tuple[StateDict, int]]
 
 
 def round_file(run_dir: Path, round_: int) -> Path:

@@ -6,6 +6,7 @@ and wrong types are errors; `config.Recipe` puts them together.
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 from typing import Annotated, Any, Literal
 
 import torch
@@ -164,7 +165,7 @@ class PartialRollout(Section):
     @field_validator("switch_at")
     @classmethod
     def _increasing(cls, value: list[int]) -> list[int]:
-        if value[0] < 1 or any(b <= a for a, b in zip(value, value[1:])):
+        if value[0] < 1 or any(b <= a for a, b in pairwise(value)):
             raise ValueError(f"switch_at must be increasing token positions of at least 1, not {value}")
         return value
 

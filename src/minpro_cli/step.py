@@ -24,7 +24,7 @@ from minpro_cli.correction import (
     log_behavior_factor,
     scale_gradient,
 )
-from minpro_cli.distributed import SINGLE, World, combine_metrics, gradient_sync, reduce_step_metrics
+from minpro_cli.distributed import SINGLE, World, combine_metrics, extreme, gradient_sync, reduce_step_metrics
 from minpro_cli.errors import PluginError, RolloutFileError, TrainingDivergedError
 from minpro_cli.logprobs import autocast, micro_batches, pack, pad_rows, response_logprobs
 from minpro_cli.modeling import Policy
@@ -44,7 +44,7 @@ from minpro_cli.rollouts import RolloutRow
 @dataclass
 class RolloutBatch:
     """One round's training data: token ids, behaviour log-probs μ, advantages, the version that
-    sampled each row, and the trainer's own recomputed log-probs (`scores`, keyed by the weights
+    drew each response token, and the trainer's own recomputed log-probs (`scores`, keyed by the weights
     they were computed under: `sampling_weights`, `round_start`) where `train.anchor` or the
     factor metrics need them. `trained_from` is the version the round's first update starts from."""
 
@@ -53,7 +53,7 @@ class RolloutBatch:
     behavior_logprobs: list[list[float]]
     advantages: torch.Tensor  # (B,)
     temperature: float
-    versions: list[int] = field(default_factory=list)  # per row; empty: all 0
+    versions: list[list[int]] = field(default_factory=list)  # per response token (behavior_versions); empty: all 0
     scores: dict[str, list[list[float]]] = field(default_factory=dict)
     trained_from: int = 0
 
@@ -68,7 +68,7 @@ class RolloutBatch:
             behavior_logprobs=[list(r.behavior_logprobs) for r in rows],
             advantages=advantages,
             temperature=temperatures.pop(),
-            versions=[int(r.policy_version) for r in rows],
+            versions=[list(r.behavior_versions or []) for r in rows],
         )
 
     def select(self, index: list[int]) -> RolloutBatch:
@@ -128,6 +128,10 @@ def micro_batch_plan(minibatch: RolloutBatch, world: World, budget: int | None) 
     return plans[world.rank], max(len(plan) for plan in plans)
 
 
+STALENESS_TOKEN_MEAN, STALENESS_OLDEST, STALENESS_NEWEST = "staleness/token_mean", "staleness/oldest", "staleness/newest"
+SPANS = "spans"  # versions per response: 1 unless the weights changed mid-response
+
+
 @dataclass
 class StepTally:
     """Metrics of one optimizer step, accumulated over its micro-batches as device tensors and
@@ -139,6 +143,7 @@ class StepTally:
     entropy_sum: list[torch.Tensor] = field(default_factory=list)
     factors: dict[str, FactorTally] = field(default_factory=dict)  # mismatch, staleness, drift
     correction: CorrectionTally = field(default_factory=CorrectionTally.empty)
+    versions: list[torch.Tensor] = field(default_factory=list)  # per micro-batch: age sum, oldest, newest, spans, rows
 
     def add(
         self, metrics: dict[str, float | torch.Tensor], log_rho: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor
@@ -146,6 +151,28 @@ class StepTally:
         self.objective.append((metrics, mask.sum()))
         self.ratios.add(log_rho, mask)
         self.entropy_sum.append(torch.where(mask, entropy.double(), 0.0).sum())
+
+    def add_versions(self, versions: torch.Tensor, mask: torch.Tensor, current: int) -> None:
+        """The age (in optimizer steps) of each trained token: `current`, the version of the weights
+        this step updates, minus the version that drew it; and the versions per response."""
+        age = (current - versions).double()
+        self.versions.append(torch.stack([
+            torch.where(mask, age, 0.0).sum(),
+            torch.where(mask, age, -math.inf).max(),
+            torch.where(mask, age, math.inf).min(),
+            (((versions[:, 1:] != versions[:, :-1]) & mask[:, 1:]).sum(-1) + 1)[mask.any(-1)].double().sum(),
+            mask.any(-1).double().sum(),
+        ]))  # fmt: skip
+
+    def version_tensors(self) -> dict[str, torch.Tensor]:
+        """verl's trajectory_staleness and trajectory_spans, per optimizer step: the mean, oldest and
+        newest token age, and the mean number of versions that wrote a response."""
+        if not self.versions:
+            return {}
+        parts = torch.stack(self.versions)
+        tokens = torch.stack([n for _, n in self.objective]).double().sum()
+        return {STALENESS_TOKEN_MEAN: parts[:, 0].sum() / tokens, STALENESS_OLDEST: parts[:, 1].max(),
+                STALENESS_NEWEST: parts[:, 2].min(), SPANS: parts[:, 3].sum() / parts[:, 4].sum()}  # fmt: skip
 
     def metrics(self) -> tuple[dict[str, float], float]:
         """The step's metrics and its trained-token count, from one device-to-host transfer."""
@@ -156,7 +183,7 @@ class StepTally:
             return len(scalars) - 1
 
         parts = [({key: slot(v) for key, v in m.items()}, slot(n)) for m, n in self.objective]
-        tensors = self.ratios.tensors() | self.correction.tensors()
+        tensors = self.ratios.tensors() | self.correction.tensors() | self.version_tensors()
         for name, factor in self.factors.items():
             tensors |= factor.tensors(name)
         ratios = {key: slot(v) for key, v in tensors.items()}
@@ -275,6 +302,15 @@ def tally_factors(tally: StepTally, scores: dict[str, torch.Tensor], logprobs: t
             )
 
 
+def padded_versions(part: RolloutBatch, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) int64: the version that drew each response token, each row's last one repeated
+    over its padding (so a padded position is never a version boundary); all 0 when unknown."""
+    width = mask.shape[1]
+    rows = part.versions or [[0] for _ in part.prompts]
+    padded = [row[:width] + [row[-1] if row else 0] * (width - len(row)) for row in rows]
+    return torch.tensor(padded, dtype=torch.int64).to(mask.device, non_blocking=True)
+
+
 def micro_batch_backward(
     trainee: Trainee, objective: Objective, part: RolloutBatch, penalties: Penalties, tally: StepTally | None,
     scope: Scope,
@@ -292,7 +328,7 @@ def micro_batch_backward(
     behavior = pad_rows(part.behavior_logprobs, logprobs)
     mask = packed.response_mask.to(device)
     advantages = part.advantages.to(device)
-    versions = torch.tensor(part.versions or [0] * len(part.prompts), device=device)[:, None].expand(mask.shape)
+    versions = padded_versions(part, mask)
     scores = {key: pad_rows(rows, logprobs) for key, rows in part.scores.items()}  # once per micro-batch
     anchor = anchor_logprobs(scope, part, logprobs, behavior, versions, scores)
     trained = logprobs
@@ -311,6 +347,7 @@ def micro_batch_backward(
     if tally is not None:
         tally.add(out.metrics | penalty_metrics, log_token_ratio(logprobs.detach(), anchor), entropy.detach(), mask)
         tally_factors(tally, scores, logprobs.detach(), behavior, mask)
+        tally.add_versions(versions, mask, scope.version - 1)
         if corrected is not None:
             tally.correction.add(corrected, mask)
     return loss.detach().double()
@@ -356,16 +393,13 @@ def update_policy(
 
 
 def reduce_metrics(step_metrics: list[dict[str, float]]) -> dict[str, float]:
-    """Mean over the round's steps; `*_min` metrics take the minimum, `*_max` the maximum."""
+    """Mean over the round's steps; `*_min` (and `staleness/newest`) metrics take the minimum,
+    `*_max` (and `staleness/oldest`) the maximum."""
     out: dict[str, float] = {}
     for key in step_metrics[0] if step_metrics else []:
         values = [m[key] for m in step_metrics if not math.isnan(m[key])]
         if not values:
             out[key] = float("nan")
-        elif key.endswith("_min"):
-            out[key] = min(values)
-        elif key.endswith("_max"):
-            out[key] = max(values)
         else:
-            out[key] = sum(values) / len(values)
+            out[key] = extreme(key)(values) if extreme(key) else sum(values) / len(values)
     return out

@@ -7,6 +7,7 @@ under torchrun every rank runs the same loop (see `distributed`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import time
@@ -59,7 +60,7 @@ from minpro_cli.objectives import (
 from minpro_cli.penalties import penalties_of
 from minpro_cli.resume import forget_after, is_own_checkpoint, starting_checkpoint
 from minpro_cli.rollouts import RolloutRow
-from minpro_cli.rounds import OnlineRounds, StaleWeights, StoredRounds
+from minpro_cli.rounds import LaterWeights, OnlineRounds, StaleWeights, StoredRounds
 from minpro_cli.rundir import DIVERGED_FILE, owned
 from minpro_cli.sampling import (
     Plugins,
@@ -128,12 +129,26 @@ def check_placement(recipe: Recipe) -> None:
                           "--nproc (torchrun), or use placement=inline")  # fmt: skip
 
 
+def check_partial_rollout(recipe: Recipe, sampler: object) -> None:
+    """`train.partial_rollout` needs a sampler that switches weights mid-response, inline, in one process."""
+    if recipe.train.partial_rollout is None:
+        return
+    if not getattr(sampler, "switches_weights", False):
+        raise ConfigError(f"train.partial_rollout needs a sampler that switches weights mid-response; sampler "
+                          f"'{recipe.sampler.name}' does not (the hf sampler does): use sampler.name=hf")  # fmt: skip
+    if recipe.sampler.options.get("placement", "inline") != "inline" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("train.partial_rollout samples inline in one process for now: drop --nproc and "
+                          "sampler.options.placement=dedicated")  # fmt: skip
+
+
 @contextlib.contextmanager
-def _shut_down_on_exit(executor: ThreadPoolExecutor) -> Iterator[None]:
-    """An error or Ctrl-C in the loop drops queued sampling; a running batch finishes first."""
+def _shut_down_on_exit(executor: ThreadPoolExecutor, stale: StaleWeights) -> Iterator[None]:
+    """An error or Ctrl-C in the loop drops queued sampling; a running batch finishes first (or
+    stops, if it waits for weights the loop will not take now)."""
     try:
         yield
     finally:
+        stale.abandon()
         executor.shutdown(wait=True, cancel_futures=True)
 
 
@@ -201,6 +216,7 @@ class Trainer:
         plain (FSDP2 shards it in place, LoRA adapts it), the round source and the trainee."""
         recipe, cfg = self.recipe, self.cfg
         self.plugins = Plugins.of(recipe)  # one sampler for the rounds and the evaluations
+        check_partial_rollout(recipe, self.plugins.sampler)
         self.policy = load_recipe_policy(recipe, str(resume_from) if resume_from else None)
         sharded = self.world.size > 1 and recipe.distributed.strategy == "fsdp"
         # copies made only to sample are held in the sampler's own precision (bf16: half the memory)
@@ -284,7 +300,7 @@ class Trainer:
         sampler_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minpro-sampler")
         self.pending: dict[int, Future[list[RolloutRow]]] = {}
         dedicated = self.source if isinstance(self.source, DedicatedRounds) else None
-        with progress_bar("training", total=self.cfg.iterations) as bar, _shut_down_on_exit(sampler_thread), \
+        with progress_bar("training", total=self.cfg.iterations) as bar, _shut_down_on_exit(sampler_thread, self.stale), \
                 self.trackers, contextlib.closing(dedicated) if dedicated else contextlib.nullcontext():  # fmt: skip
             self.evaluate()  # before the first round, or the one an interruption skipped
             bar.advance(self.state.round)
@@ -300,7 +316,7 @@ class Trainer:
     def round_rows(self, round_: int, sampler_thread: ThreadPoolExecutor) -> list[RolloutRow]:
         """This round's rows (sampled ahead by the pipeline or a dedicated sampler, or now), and
         the rounds sampled ahead asked for."""
-        if self.stale.staleness:
+        if self.stale.staleness and round_ not in self.stale.snapshots:  # (a pipelined partial rollout took it)
             self.stale.take(round_, self.snapshot(), self.state.step)
         elif not self.cfg.rollouts and not isinstance(self.source, DedicatedRounds):
             self.refresh_plain()
@@ -309,12 +325,13 @@ class Trainer:
         elif round_ in self.pending:
             rows = self.pending.pop(round_).result()
         else:
-            rows = self.source.rows(round_, *self.stale.for_round(round_, self.state.step))
+            rows = self.source.rows(round_, *self.stale.for_round(round_, self.state.step), *self.later(round_))
         if self.cfg.pipeline and round_ + 1 < self.cfg.iterations:  # its weights (round r+1−s ≤ r) exist already
             ahead = self.stale.sampled_by(round_ + 1)
             self.pending[round_ + 1] = sampler_thread.submit(
-                self.source.rows, round_ + 1, self.stale.snapshots[ahead], self.stale.steps[ahead]
-            )
+                self.source.rows, round_ + 1, self.stale.snapshots[ahead], self.stale.steps[ahead],
+                *self.later(round_ + 1),
+            )  # fmt: skip
         if round_ == self.state.round:
             warn_truncated_sampling(rows, self.objective, self.recipe.objective.name)
             if self.objective.couples_rows and (self.cfg.micro_batch_tokens or self.world.size > 1):
@@ -322,6 +339,15 @@ class Trainer:
                      "update depends on how a minibatch is cut into micro-batches and ranks; set "
                      "train.micro_batch_tokens=null and train in one process for its exact minibatch form")  # fmt: skip
         return rows
+
+    def later(self, round_: int) -> tuple[list[LaterWeights], ...]:
+        """`train.partial_rollout`: the newer weights round `round_`'s responses continue under
+        (as an argument list: none without it). A pipelined round waits for the last of them."""
+        partial = self.cfg.partial_rollout
+        if partial is None:
+            return ()
+        segments = partial.sources(round_, self.cfg.staleness)[1:]
+        return ([LaterWeights(at, functools.partial(self.stale.wait_for, source)) for at, source in segments],)
 
     def dedicated_rows(self, round_: int, sampler: DedicatedRounds) -> list[RolloutRow]:
         """Ask the dedicated sampler for the rounds it may sample now, then take this round's.
@@ -367,6 +393,10 @@ class Trainer:
             self.rounds_with_signal += 1
         step_metrics = [] if batch is None else self.update(round_, batch)
         self.stale.drop_before(round_ + 1)
+        if self.cfg.partial_rollout and self.cfg.pipeline and round_ + 1 < self.cfg.iterations:
+            # the pipelined round r+1 continues under these weights mid-way: publish them now, not
+            # after the checkpoint and evaluation (which wait for the sampler)
+            self.stale.take(round_ + 1, self.snapshot(), self.state.step)
         self.state.round = round_ + 1
         sampled_version = min(r.policy_version for r in rows)
         record = {
@@ -411,16 +441,17 @@ class Trainer:
 
         if "round_start" in self.needs:
             batch.scores["round_start"] = score(current, list(range(len(batch.prompts))))
-        if "sampling_weights" in self.needs:
-            scores: list[list[float]] = [[] for _ in batch.prompts]
-            for version in sorted(set(batch.versions)):
-                rows = [i for i, v in enumerate(batch.versions) if v == version]
+        if "sampling_weights" in self.needs:  # each token under the weights that drew it
+            scores: list[list[float]] = [[0.0] * len(r) for r in batch.responses]
+            versions = batch.versions or [[0] * len(r) for r in batch.responses]
+            for version in sorted({v for row in versions for v in row}):
+                rows = [i for i, row in enumerate(versions) if version in row]
                 if version == self.state.step and "round_start" in batch.scores:  # the same weights: no second forward
                     values = [batch.scores["round_start"][i] for i in rows]
                 else:
                     values = score(self.weights_of(version, current), rows)
                 for i, row in zip(rows, values):
-                    scores[i] = row
+                    scores[i] = [new if v == version else old for old, new, v in zip(scores[i], row, versions[i])]
             batch.scores["sampling_weights"] = scores
 
     def update(self, round_: int, batch: RolloutBatch) -> list[dict[str, float]]:
