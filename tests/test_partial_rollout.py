@@ -104,3 +104,48 @@ def test_a_partial_rollout_run_stamps_each_tokens_version_counts_staleness_and_p
         {k: v for k, v in m.items() if k != "time_s"} for m in metrics_p
     ]
     assert rounds == rounds_p
+
+
+# One response whose μ changes at token 2 (versions 0, 0, 3, 3, 3): the old version was far from
+# π_θ (ρ = 0.5, 0.8), the new one close (ρ = 1.0, 1.1, 1.0). A = 1, token-mean over 5 tokens, so
+# ∂L/∂log π_θ(o_t) = −w_t / 5 with w_t each objective's weight, computed by hand:
+ACROSS_A_SWITCH = {
+    "cispo": [0.5, 0.8, 1.0, 1.1, 1.0],  # ρ_t: forgets the old version's mismatch at the switch
+    "grpo": [0.5, 0.8, 1.0, 1.1, 1.0],  # PPO clip: ρ_t where unclipped (A > 0, ρ < 1.2), likewise
+    "minpro": [0.5, 0.4, 0.5, 0.55, 0.5],  # ρ̲_t·ρ_t: min(0.5, 0.8) = 0.5 carried past the switch
+    "prefix": [0.5, 0.4, 0.4, 0.44, 0.44],  # ∏ ρ_i: the old version's product compounds on
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACROSS_A_SWITCH))
+def test_objectives_weigh_tokens_across_a_switch_as_their_formulas_say(name):
+    from minpro_cli.objectives import ObjectiveInputs
+    from minpro_cli.registry import load_plugin
+
+    pi = torch.tensor([[0.2, 0.4, 0.5, 0.55, 0.5]], dtype=torch.float64).log().requires_grad_()
+    mu = torch.tensor([[0.4, 0.5, 0.5, 0.5, 0.5]], dtype=torch.float64).log()
+    versions = torch.tensor([[0, 0, 3, 3, 3]])
+    inputs = ObjectiveInputs(pi, mu, torch.tensor([1.0], dtype=torch.float64), torch.ones(1, 5, dtype=torch.bool),
+                             behavior_logprobs=mu, behavior_versions=versions)  # fmt: skip
+    load_plugin("objectives", name, {"loss_agg": "token-mean"})(inputs).loss.backward()
+    expected = -torch.tensor([ACROSS_A_SWITCH[name]], dtype=torch.float64) / 5
+    torch.testing.assert_close(pi.grad, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_trainer_hands_each_tokens_version_to_the_objective(policy):
+    from minpro_cli.objectives import Objective, ObjectiveInputs, ObjectiveOutput
+    from minpro_cli.step import RolloutBatch, Trainee, update_step
+
+    seen = []
+
+    class Recording(Objective):
+        def __call__(self, inputs: ObjectiveInputs) -> ObjectiveOutput:
+            seen.append((inputs.behavior_versions.tolist(), inputs.response_mask.tolist()))
+            return ObjectiveOutput(loss=(inputs.logprobs * 0).sum())
+
+    batch = RolloutBatch(prompts=[[5, 6], [5]], responses=[[7, 8, 9, 2], [7, 2]],
+                         behavior_logprobs=[[-1.0] * 4, [-1.0] * 2], advantages=torch.tensor([1.0, -1.0]),
+                         temperature=1.0, versions=[[4, 4, 6, 6], [5, 5]])  # fmt: skip
+    optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.0)
+    update_step(Trainee(policy.model, policy.pad_token_id), optimizer, Recording(), batch, 1.0)
+    assert seen == [([[4, 4, 6, 6], [5, 5, 5, 5]], [[True] * 4, [True, True, False, False]])]
