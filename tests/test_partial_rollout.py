@@ -149,3 +149,32 @@ def test_the_trainer_hands_each_tokens_version_to_the_objective(policy):
     optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.0)
     update_step(Trainee(policy.model, policy.pad_token_id), optimizer, Recording(), batch, 1.0)
     assert seen == [([[4, 4, 6, 6], [5, 5, 5, 5]], [[True] * 4, [True, True, False, False]])]
+
+
+def test_inspect_ratios_by_version_boundary_by_hand(tmp_path):
+    """A response switched at token 3 (ρ = 0.5 before, 1 after) and one never switched: each
+    bin's statistics by hand, and the figure."""
+    import math
+
+    from minpro_cli.inspect_ratios import InspectOptions, inspect_ratios
+    from minpro_cli.rollouts import write_rollouts
+    from test_rollouts import make_row
+
+    half = math.log(0.5)
+    switched = make_row(n=6) | {"behavior_logprobs": [-1.0] * 6, "target_logprobs": [-1.0 + half] * 3 + [-1.0] * 3,
+                                "behavior_versions": [0, 0, 0, 2, 2, 2]}  # fmt: skip
+    plain = make_row(index=1, n=2) | {"target_logprobs": [-0.5] * 2}
+    write_rollouts(tmp_path / "r.parquet", [switched, plain], {})
+    report = inspect_ratios(str(tmp_path / "r.parquet"), None, InspectOptions(by="version_boundary"),
+                            plot_dir=tmp_path / "plots")  # fmt: skip
+    bins = {b["bin"]: b for b in report["version_boundary"]}
+    assert {k: b["count"] for k, b in bins.items()} == {"no switch": 2, "−4…−2": 2, "−1": 1, "0": 1, "1": 1, "2…4": 1}
+    expected = {  # (mean log ρ_t, mean ρ̲_t, mean log ρ_1:t)
+        "−4…−2": (half, (1 + 0.5) / 2, 1.5 * half), "−1": (half, 0.5, 3 * half), "0": (0.0, 0.5, 3 * half),
+        "1": (0.0, 0.5, 3 * half), "2…4": (0.0, 0.5, 3 * half), "no switch": (0.0, 1.0, 0.0),
+    }  # fmt: skip
+    for key, (log_rho, low, log_prefix) in expected.items():
+        got = bins[key]
+        assert (got["log_token_ratio_mean"], got["min_prefix_ratio_mean"], got["log_prefix_ratio_mean"]) == \
+            pytest.approx((log_rho, low, log_prefix), abs=1e-6), key  # fmt: skip
+    assert (tmp_path / "plots" / "ratios_by_version_boundary.png").stat().st_size > 10_000

@@ -161,7 +161,8 @@ def inspect_ratios(
     ] = None,
     by: Annotated[
         str | None,
-        typer.Option(help="split the statistics: policy_version or staleness; position: the by-position tables only"),
+        typer.Option(help="split the statistics: policy_version or staleness; position: the by-position tables only; "
+                     "version_boundary: by distance from each response's first version switch"),
     ] = None,
     anchor: Annotated[
         str | None,
@@ -183,8 +184,8 @@ def inspect_ratios(
     from minpro_cli.modeling import load_policy
     from minpro_cli.ratiostats import DEFAULT_THRESHOLDS
 
-    if by not in (None, "policy_version", "staleness", "position"):
-        raise ConfigError(f"--by must be policy_version, staleness or position, got {by!r}")
+    if by not in (None, "policy_version", "staleness", "position", "version_boundary"):
+        raise ConfigError(f"--by must be policy_version, staleness, position or version_boundary, got {by!r}")
     thresholds = tuple(threshold) if threshold else DEFAULT_THRESHOLDS
     if any(t <= 0 for t in thresholds):
         raise ConfigError(f"--threshold values must be positive ratios, got {list(thresholds)}")

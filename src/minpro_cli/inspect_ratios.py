@@ -22,7 +22,15 @@ from minpro_cli.errors import ConfigError, MinproError, RolloutFileError
 from minpro_cli.fileio import write_json_output
 from minpro_cli.logprobs import pack, pad_rows, response_logprobs
 from minpro_cli.modeling import Policy, tokenizer_fingerprint
-from minpro_cli.ratiostats import DEFAULT_THRESHOLDS, QUANTITIES, RatioStats
+from minpro_cli.ratiostats import (
+    BOUNDARY_LABELS,
+    DEFAULT_THRESHOLDS,
+    QUANTITIES,
+    PositionBins,
+    RatioStats,
+    boundary_bins,
+    log_quantities,
+)
 from minpro_cli.registry import load_plugin
 from minpro_cli.rollouts import (
     SCHEMA,
@@ -35,7 +43,8 @@ from minpro_cli.rollouts import (
     rollout_files,
 )
 
-GroupBy = Literal["policy_version", "staleness", "position"]
+GroupBy = Literal["policy_version", "staleness", "position", "version_boundary"]
+ROW_GROUPS = ("policy_version", "staleness")  # --by values that split the rows into groups
 FACTORS = {"mismatch": "mismatch π_anchor/μ", "drift": "drift π/π_anchor"}
 COLUMNS = [*SCHEMA.names, TARGET_LOGPROBS_FIELD.name]
 
@@ -134,12 +143,15 @@ def inspect_ratios(
             "--by staleness needs the policy's optimizer step: the checkpoint has no trainer_state.json, "
             "so pass --policy-step N"
         )
-    overall, groups, factors = score_rollouts(rollouts, policy, options, anchor)
+    overall, groups, factors, boundary = score_rollouts(rollouts, policy, options, anchor)
     report = overall.report()
     if factors:
         report["factors"] = {name: stats.report() for name, stats in factors.items()}
     report["worst"] = [decode_worst(item, policy) for item in report["worst"]]
-    if options.by not in (None, "position"):
+    if boundary is not None:
+        report["by"] = options.by
+        report["version_boundary"] = boundary.report(BOUNDARY_LABELS)
+    if options.by in ROW_GROUPS:
         report["by"] = options.by
         report["groups"] = {key: groups[key].report() for key in sorted(groups, key=int)}
         for group in report["groups"].values():
@@ -158,11 +170,13 @@ def inspect_ratios(
 
 def score_rollouts(
     rollouts: RolloutSpec, policy: Policy | None, options: InspectOptions, anchor: Policy | None = None
-) -> tuple[RatioStats, dict[str, RatioStats], dict[str, RatioStats]]:
+) -> tuple[RatioStats, dict[str, RatioStats], dict[str, RatioStats], PositionBins | None]:
     """Stream the rollout set in batches: the statistics of every token, of each `--by` group,
-    and with an anchor of each factor."""
+    with an anchor of each factor, and by `--by version_boundary` the ratios by distance from
+    each response's first version switch."""
     total = sum(open_rollout_file(p).metadata.num_rows for p in rollout_files(rollouts))
     overall, groups = options.new_stats(), dict[str, RatioStats]()
+    boundary = PositionBins(len(BOUNDARY_LABELS)) if options.by == "version_boundary" else None
     factors = {name: options.new_stats() for name in FACTORS} if anchor is not None else {}
     expected = tokenizer_fingerprint(policy.tokenizer) if policy is not None else None
     for model in (policy, anchor):
@@ -181,14 +195,25 @@ def score_rollouts(
             overall.add(log_rho, mask, rows, path.name)
             for name, log_f in log_factors.items():
                 factors[name].add(log_f, mask, rows, path.name)
-            if options.by not in (None, "position"):
+            if boundary is not None:
+                add_by_boundary(boundary, rows, log_rho, mask)
+            if options.by in ROW_GROUPS:
                 keys = [group_key(r, options) for r in rows]
                 for key in dict.fromkeys(keys):
                     index = [i for i, k in enumerate(keys) if k == key]
                     groups.setdefault(key, options.new_stats()).add(log_rho[index], mask[index],
                                                                     [rows[i] for i in index], path.name)
             bar.advance(len(rows))
-    return overall, groups, factors
+    return overall, groups, factors, boundary
+
+
+def add_by_boundary(bins: PositionBins, rows: list[RolloutRow], log_rho: torch.Tensor, mask: torch.Tensor) -> None:
+    """Each trained token's ρ_t, ρ̲_t and ρ_1:t into the bin of its distance from the switch."""
+    width = mask.shape[1]
+    versions = torch.tensor([v + [v[-1]] * (width - len(v)) for v in (list(r.behavior_versions or [0]) for r in rows)])
+    logs = log_quantities(log_rho, mask)
+    bins.add(boundary_bins(versions, mask)[mask], logs["token_ratio"][mask], logs["prefix_ratio"][mask],
+             logs["min_prefix_ratio"][mask])  # fmt: skip
 
 
 def clip_range(rollouts: RolloutSpec, eps_low: float | None, eps_high: float | None) -> tuple[float, float]:
@@ -245,6 +270,9 @@ def print_report(report: dict[str, Any], source: str, options: InspectOptions) -
         console.print(f"{FACTORS[name]}: KL k1 {factor['kl_k1']:.3g}, k3 {factor['kl_k3']:.3g}, "
                       f"ESS tokens {factor['ess']['token_ratio']:.3f}, sequences {factor['ess']['sequence']:.3f}")
         print_by_position(factor["by_position"]["absolute"], f"{FACTORS[name]} by position (ρ̲_t of this factor)")
+    if "version_boundary" in report:
+        print_by_position(report["version_boundary"], "by distance from the response's first version switch "
+                          "(0: the first token the newer weights drew)")  # fmt: skip
     print_first_breaks(report["first_break"])
     print_worst(report["worst"])
     if "groups" in report:

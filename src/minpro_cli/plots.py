@@ -96,11 +96,35 @@ def first_break_figure(report: dict[str, Any]) -> Figure:
 
 
 def plot_inspection(stats: RatioStats, report: dict[str, Any], directory: Path) -> list[Path]:
+    boundary = [save(boundary_figure(report), directory / "ratios_by_version_boundary.png")] \
+        if report.get("version_boundary") else []  # fmt: skip
     return [
         save(histogram_figure(stats), directory / "ratio_histograms.png"),
         save(position_figure(report), directory / "ratios_by_position.png"),
         save(first_break_figure(report), directory / "first_break.png"),
+        *boundary,
     ]
+
+
+def boundary_figure(report: dict[str, Any]) -> Figure:
+    """ρ_t, ρ̲_t and ρ_1:t by distance from the first version switch: where the token ratio
+    forgets the old version, the prefix minimum remembers it and the product compounds it."""
+    bins = [b for b in report["version_boundary"] if b["bin"] != "no switch"]
+    fig, ax = plt.subplots(figsize=(9, 4.5), layout="constrained")
+    x = range(len(bins))
+    ax.plot(x, [b["log_token_ratio_mean"] for b in bins], marker="o", label="mean log ρ_t")
+    ax.plot(x, [math.log(b["min_prefix_ratio_mean"]) for b in bins], marker="o", label="log mean ρ̲_t")
+    ax.plot(x, [b["log_prefix_ratio_mean"] for b in bins], marker="o", label="mean log ρ_1:t")
+    labels = [b["bin"] for b in bins]
+    ax.set_xticks(list(x), labels)
+    if "0" in labels:
+        ax.axvline(labels.index("0") - 0.5, color="grey", linestyle="--", linewidth=0.8)
+    ax.axhline(0.0, color="black", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("tokens from the response's first version switch (0: first token of the newer weights)")
+    ax.set_ylabel("log ratio")
+    ax.legend(fontsize=8)
+    fig.suptitle("ratios across the version boundary")
+    return fig
 
 
 TRAINING_PANELS = [

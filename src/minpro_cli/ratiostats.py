@@ -183,6 +183,23 @@ class PositionBins:
         return out
 
 
+# distance of a token from its response's first version switch (token 0: the first token the
+# newer weights drew), binned as `boundary_bin` does; responses without a switch are their own bin
+BOUNDARY_EDGES = (-16, -8, -4, -1, 0, 1, 2, 5, 9, 17)
+BOUNDARY_LABELS = ["no switch", "≤ −17", "−16…−9", "−8…−5", "−4…−2", "−1", "0", "1", "2…4", "5…8", "9…16", "≥ 17"]
+
+
+def boundary_bins(versions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bin index into BOUNDARY_LABELS of each token: by its distance t − k from the first
+    token k whose version differs from the response's first (bin 0: a response with none)."""
+    changed = (versions != versions[:, :1]) & mask
+    switched = changed.any(-1)
+    first = torch.where(switched, changed.float().argmax(-1), 0)
+    distance = torch.arange(versions.shape[1])[None, :] - first[:, None]
+    bins = torch.bucketize(distance, torch.tensor(BOUNDARY_EDGES), right=True) + 1
+    return torch.where(switched[:, None], bins, 0)
+
+
 @dataclass
 class FirstBreaks:
     """Where ρ̲_t first falls below τ in each sequence (1-based position among trained tokens)."""
