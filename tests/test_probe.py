@@ -215,13 +215,19 @@ def test_probe_command_along_a_run(tmp_path):
     run_train(load_recipe(QUICKSTART, [f"run_dir={tmp_path / 'run'}", "train.iterations=3", *tiny]))
     probe = ["probe", str(QUICKSTART), *tiny, "--run", str(tmp_path / "run"), "--objective", "minpro",
              "--objective", "grpo:loss_agg=token-mean", "--draws", "2", "--reference-multiple", "2"]  # fmt: skip
-    result = CliRunner().invoke(app, [*probe, "--staleness", "0,2", "--json", str(tmp_path / "p.json"),
-                                      "--plot", str(tmp_path / "plots")])  # fmt: skip
+    result = CliRunner().invoke(app, [*probe, "--staleness", "0,2", "--switch-at", "none,4", "--json",
+                                      str(tmp_path / "p.json"), "--plot", str(tmp_path / "plots")])  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "p.json").read_text())
     assert report["policy"].endswith("round_00003") and report["draws"] == 2
-    cells = {(c["staleness"], c["objective"]): c for c in report["results"]}
-    assert sorted(cells) == [(0, "grpo:loss_agg=token-mean"), (0, "minpro"), (2, "grpo:loss_agg=token-mean"), (2, "minpro")]
+    switched = {(c["staleness"], c["objective"]): c for c in report["results"] if c["switch_at"] == 4}
+    cells = {(c["staleness"], c["objective"]): c for c in report["results"] if c["switch_at"] is None}
+    assert sorted(cells) == sorted(switched) == [(0, "grpo:loss_agg=token-mean"), (0, "minpro"),
+                                                 (2, "grpo:loss_agg=token-mean"), (2, "minpro")]  # fmt: skip
+    assert switched[2, "minpro"]["behavior"] == "staleness 2, switch at 4"
+    # μ = π: switching to π's weights changes nothing (the prefix re-read under the same weights)
+    assert switched[0, "minpro"]["cosine"]["draws"] == pytest.approx(cells[0, "minpro"]["cosine"]["draws"], abs=1e-4)
+    assert switched[2, "minpro"]["cosine"]["draws"] != pytest.approx(cells[2, "minpro"]["cosine"]["draws"], abs=1e-6)
     for c in cells.values():
         assert len(c["cosine"]["draws"]) == 2 and all(-1 <= v <= 1 for v in c["cosine"]["draws"])
         assert c["reference_error"]["mean"] > 0

@@ -209,6 +209,11 @@ def probe(
     behavior: Annotated[list[str] | None, typer.Option(help="checkpoint μ that samples (repeatable)")] = None,
     run: Annotated[Path | None, typer.Option(help="a run directory whose checkpoints are the behaviours")] = None,
     staleness: Annotated[str, typer.Option(help="with --run: optimizer steps from μ to π, comma-separated")] = "0,4,8,16",
+    switch_at: Annotated[
+        str | None,
+        typer.Option(help="mixed-version samples: each behaviour's responses continue under π's weights from these "
+                     "tokens on, comma-separated (`none`: also unswitched), e.g. none,8,16"),
+    ] = None,
     objective: Annotated[
         list[str] | None, typer.Option(help="NAME or NAME:key=value,key=value (repeatable) [default: the recipe's]")
     ] = None,
@@ -235,6 +240,14 @@ def probe(
         raise ConfigError("--behavior needs --policy (the checkpoint whose gradient is estimated)")
     else:
         policy_path, behaviors = policy, [Behavior(b, b) for b in behavior or []]
+    if switch_at is not None:
+        try:
+            points = [None if k.strip() == "none" else int(k) for k in switch_at.split(",") if k.strip()]
+        except ValueError:
+            raise ConfigError(f"--switch-at must be comma-separated token positions or none, got {switch_at!r}") from None
+        if any(k is not None and k < 1 for k in points):
+            raise ConfigError(f"--switch-at positions are response tokens from 1 on, got {switch_at!r}")
+        behaviors = [b.switched(k) for b in behaviors for k in points]
     cells = run_probe(config, policy_path, behaviors, objective or [], draws, prompts, reference_multiple)
     print_cells(cells)
     settings = {"draws": draws, "prompts": prompts or config.train.prompts_per_iteration,

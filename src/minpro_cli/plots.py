@@ -212,15 +212,22 @@ def probe_figure(cells: list[Any]) -> Figure:
                 for i, b in enumerate(behaviors)}  # fmt: skip
     for ax, (quantity, floor, label) in zip(axes, [("cosine", "floor_cosine", "cos(g_obj, g★)"),
                                                     ("norm_ratio", "floor_norm_ratio", "‖g_obj‖ / ‖g★‖")]):  # fmt: skip
+        switches = list(dict.fromkeys(c.switch_at for c in cells))  # one line style each: mixed-version samples
         for k, objective in enumerate(dict.fromkeys(c.objective for c in cells)):
-            mine = sorted((c for c in cells if c.objective == objective), key=lambda c: position[c.behavior])
-            x = [position[c.behavior] for c in mine]
-            mean = [c.summaries[quantity].mean for c in mine]
-            se = [0.0 if math.isnan(c.summaries[quantity].se) else c.summaries[quantity].se for c in mine]
-            ax.plot(x, mean, marker="o", color=f"C{k}", label=objective, linewidth=1.4)
-            ax.fill_between(x, [m - 2 * s for m, s in zip(mean, se)], [m + 2 * s for m, s in zip(mean, se)],
-                            color=f"C{k}", alpha=0.15, linewidth=0)  # fmt: skip
-            ax.plot(x, [c.summaries[floor].mean for c in mine], linestyle="--", color=f"C{k}", alpha=0.6, linewidth=1)
+            for j, at in enumerate(switches):
+                mine = sorted((c for c in cells if c.objective == objective and c.switch_at == at),
+                              key=lambda c: position[c.behavior])  # fmt: skip
+                x = [position[c.behavior] for c in mine]
+                mean = [c.summaries[quantity].mean for c in mine]
+                se = [0.0 if math.isnan(c.summaries[quantity].se) else c.summaries[quantity].se for c in mine]
+                label = objective if at is None else f"{objective}, switch at {at}"
+                ax.plot(x, mean, marker="os^vD"[j % 5], color=f"C{k}", label=label, linewidth=1.4,
+                        linestyle=["-", "-.", ":", (0, (5, 1))][j % 4])  # fmt: skip
+                ax.fill_between(x, [m - 2 * s for m, s in zip(mean, se)], [m + 2 * s for m, s in zip(mean, se)],
+                                color=f"C{k}", alpha=0.15, linewidth=0)  # fmt: skip
+                if j == 0:
+                    ax.plot(x, [c.summaries[floor].mean for c in mine], linestyle="--", color=f"C{k}", alpha=0.6,
+                            linewidth=1)  # fmt: skip
         ax.set_xlabel("staleness (optimizer steps)" if any(c.staleness is not None for c in cells) else "behaviour")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -40,6 +40,7 @@ from minpro_cli.rollouts import RolloutRow
 from minpro_cli.sampling import (
     Plugins,
     SamplingJob,
+    VersionSchedule,
     load_recipe_policy,
     load_split,
     sample_rows,
@@ -119,6 +120,21 @@ def sample(setup: ProbeSetup, policy: Policy, seed: int, label: str) -> list[Rol
     return sample_rows(setup.job(policy), setup.problems, setup.group_size, seed, label)[0]
 
 
+def switching_sample(setup: ProbeSetup, behavior: Policy, at: int, seed: int) -> list[RolloutRow]:
+    """A sample whose responses μ starts and π continues from token `at` on (an in-flight update
+    to the newest weights, the prefix re-read under them): version 0 is μ's, version 1 π's."""
+    sampling = behavior.copy()
+    weights = [behavior.model.state_dict(), setup.policy.model.state_dict()]
+
+    def load(segment: int) -> int:
+        sampling.model.load_state_dict(weights[segment])
+        return segment
+
+    schedule = VersionSchedule((0, at), load)
+    label = f"behaviour sample, switched at token {at}"
+    return sample_rows(setup.job(sampling), setup.problems, setup.group_size, seed, label, schedule)[0]
+
+
 @dataclass
 class Reference:
     """The on-policy gradients an objective is compared with, in one draw."""
@@ -157,11 +173,13 @@ def reference_gradients(setup: ProbeSetup, objectives: list[ProbedObjective], se
 
 
 def behavior_gradients(
-    setup: ProbeSetup, behavior: Policy, objectives: list[ProbedObjective], seed: int
+    setup: ProbeSetup, behavior: Policy, objectives: list[ProbedObjective], seed: int, switch_at: int | None = None
 ) -> Iterator[tuple[ProbedObjective, torch.Tensor, float]]:
     """Each objective's g_obj on one fresh sample of μ (the same sample for all: paired), one at
-    a time, with KL(μ‖π) per token of that sample (how far μ drifted, whatever the steps say)."""
-    rows = sample(setup, behavior, seed * 1_009, "behaviour sample")
+    a time, with KL(μ‖π) per token of that sample (how far μ drifted, whatever the steps say).
+    `switch_at`: the responses switch to π's weights at that token (a mixed-version sample)."""
+    rows = sample(setup, behavior, seed * 1_009, "behaviour sample") if switch_at is None \
+        else switching_sample(setup, behavior, switch_at, seed * 1_009)  # fmt: skip
     for probed in objectives:
         g, metrics = gradient(setup, probed.objective, rows, probed.advantage)
         yield probed, g, metrics["ratios/kl_k1"]
@@ -198,6 +216,13 @@ class Behavior:
     label: str  # the checkpoint path, or `staleness N`
     path: str
     staleness: int | None = None
+    switch_at: int | None = None  # its responses continue under π's weights from this token on
+
+    def switched(self, at: int | None) -> Behavior:
+        """This behaviour, its responses switching to π at token `at` (None: not switching)."""
+        if at is None:
+            return self
+        return Behavior(f"{self.label}, switch at {at}", self.path, self.staleness, at)
 
 
 def behaviors_of_run(run_dir: Path, staleness: list[int], policy: str | None) -> tuple[str, list[Behavior]]:
@@ -242,7 +267,8 @@ def run_probe(
         micro_batch_tokens=recipe.train.micro_batch_tokens,
         length_budget=plugins.generation_budget,
     )
-    cells = {(b.label, p.label): Cell(b.label, b.staleness, p.label) for b in behaviors for p in objectives}
+    cells = {(b.label, p.label): Cell(b.label, b.staleness, p.label, switch_at=b.switch_at)
+             for b in behaviors for p in objectives}  # fmt: skip
     for draw in range(draws):
         seed = recipe.seed * 100_003 + draw
         console.print(f"draw {draw + 1}/{draws}: the on-policy reference")
@@ -250,7 +276,7 @@ def run_probe(
         for behavior in behaviors:
             console.print(f"draw {draw + 1}/{draws}: {behavior.label}")
             mu = setup.policy if behavior.path == policy_path else load_recipe_policy(recipe, behavior.path)
-            for probed, g, kl in behavior_gradients(setup, mu, objectives, seed):
+            for probed, g, kl in behavior_gradients(setup, mu, objectives, seed, behavior.switch_at):
                 cells[behavior.label, probed.label].add(draw_result(g, references[probed.on_policy], kl))
     return list(cells.values())
 

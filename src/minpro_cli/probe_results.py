@@ -48,16 +48,17 @@ class Cell:
     staleness: int | None  # optimizer steps between μ and π, when known
     objective: str
     summaries: dict[str, Summary] = field(default_factory=lambda: {q: Summary() for q in QUANTITIES})
+    switch_at: int | None = None  # the behaviour's responses switched to π's weights at this token
 
     def add(self, result: DrawResult) -> None:
         for q in QUANTITIES:
             self.summaries[q].draws.append(getattr(result, q))
 
     def as_json(self) -> dict[str, Any]:
-        return {"behavior": self.behavior, "staleness": self.staleness, "objective": self.objective,
-                **{q: s.as_json() for q, s in self.summaries.items()}}  # fmt: skip
+        return {"behavior": self.behavior, "staleness": self.staleness, "switch_at": self.switch_at,
+                "objective": self.objective, **{q: s.as_json() for q, s in self.summaries.items()}}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Cell:
         summaries = {q: Summary([float(x) for x in data[q]["draws"]]) for q in QUANTITIES}
-        return cls(str(data["behavior"]), data.get("staleness"), str(data["objective"]), summaries)
+        return cls(str(data["behavior"]), data.get("staleness"), str(data["objective"]), summaries, data.get("switch_at"))
