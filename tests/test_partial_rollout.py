@@ -156,9 +156,10 @@ def test_inspect_ratios_by_version_boundary_by_hand(tmp_path):
     bin's statistics by hand, and the figure."""
     import math
 
+    from test_rollouts import make_row
+
     from minpro_cli.inspect_ratios import InspectOptions, inspect_ratios
     from minpro_cli.rollouts import write_rollouts
-    from test_rollouts import make_row
 
     half = math.log(0.5)
     switched = make_row(n=6) | {"behavior_logprobs": [-1.0] * 6, "target_logprobs": [-1.0 + half] * 3 + [-1.0] * 3,
