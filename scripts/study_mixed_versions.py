@@ -61,21 +61,22 @@ def probe_tables(path: Path) -> list[str]:
     by = {(c.staleness, c.switch_at, c.objective): c for c in cells}
     behaviours = sorted({(c.staleness, c.switch_at) for c in cells}, key=lambda b: (b[0], -1 if b[1] is None else b[1]))
     objectives = list(dict.fromkeys(c.objective for c in cells))
-    lines = [f"Probe: {report['draws']} draws, {report['prompts']} prompts × {report['group_size']} responses per "
-             f"sample, g★ from {report['reference_multiple']} samples of that size; π = `{Path(report['policy']).name}`.",
-             "", "cos(g_obj, g★), mean ± s.e. over draws (floor: a fresh on-policy sample of the same size):", "",
-             "| μ (steps older than π) | switch to π at token | KL(μ‖π) per token | " + " | ".join(objectives)
-             + " | floor |", "|---|---|---|" + "---|" * (len(objectives) + 1)]  # fmt: skip
+    settings = (f"Probe: {report['draws']} draws, {report['prompts']} prompts × {report['group_size']} responses "
+                f"per sample, g★ from {report['reference_multiple']} samples of that size; π = "
+                f"`{Path(report['policy']).name}`.")  # fmt: skip
+    header = "| μ (steps older than π) | switch to π at token | KL(μ‖π) per token | " + " | ".join(objectives)
+    lines = [settings, "", "cos(g_obj, g★), mean ± s.e. over draws (floor: a fresh on-policy sample of the same size):",
+             "", header + " | floor |", "|---|---|---|" + "---|" * (len(objectives) + 1)]  # fmt: skip
     for staleness, at in behaviours:
         row = [by[staleness, at, o].summaries for o in objectives]
         lines.append(f"| {staleness} | {'none' if at is None else at} | {row[0]['kl'].mean:.4f} | "
                      + " | ".join(f"{s['cosine'].mean:.3f} ± {s['cosine'].se:.3f}" for s in row)
                      + f" | {row[0]['floor_cosine'].mean:.3f} |")  # fmt: skip
     draws = report["draws"]
-    lines += ["", f"Paired differences of cos(g_obj, g★) over the {draws} draws (each draw's objectives share "
-              f"its samples), mean and 95% t-interval:", "",
-              "| μ | switch at | " + " | ".join(f"{a} − {b}" for a, b in PAIRS) + " |",
-              "|---|---|" + "---|" * len(PAIRS)]  # fmt: skip
+    title = (f"Paired differences of cos(g_obj, g★) over the {draws} draws (each draw's objectives share its "
+             "samples), mean and 95% t-interval:")
+    header = "| μ | switch at | " + " | ".join(f"{a} − {b}" for a, b in PAIRS) + " |"
+    lines += ["", title, "", header, "|---|---|" + "---|" * len(PAIRS)]
     for staleness, at in behaviours:
         cells_text = []
         for a, b in PAIRS:
@@ -135,17 +136,19 @@ def main() -> None:
     probe_json = probe(work, args.quick, figures)
     inspected = inspect(work, args.quick, figures)
     sweep_report = sweep(work, args.quick, out)
-    text = ["# Responses written by two policies: the probe, a training sweep, the ratios at the switch", "",
-            "Made by `scripts/study_mixed_versions.py` on the quickstart model (2 CPU cores). A switch at token K: "
-            "μ draws tokens 0 … K−1, newer weights draw the rest, the prefix re-read under them "
-            "(`train.partial_rollout`, `minpro probe --switch-at`).", "", "## A. The probe", "",
-            *probe_tables(probe_json), "", f"![probe]({figures.name}/probe.png)", "",
-            "## B. The training sweep", "", f"Seeds, per-seed results and paired differences: [{sweep_report.name}]"
-            f"({sweep_report.name}).", "",
-            "## C. Ratios at the switch", "", "`minpro inspect-ratios --by version_boundary` of the last round of a "
-            "minpro run with train.staleness=16 and a switch at token 8, against the weights that trained on it:", "",
-            *boundary_table(inspected), "", f"![ratios at the switch]({figures.name}/ratios_by_version_boundary.png)",
-            ""]  # fmt: skip
+    intro = ("Made by `scripts/study_mixed_versions.py` on the quickstart model (2 CPU cores). A switch at token "
+             "K: μ draws tokens 0 … K−1, newer weights draw the rest, the prefix re-read under them "
+             "(`train.partial_rollout`, `minpro probe --switch-at`).")
+    inspected_text = ("`minpro inspect-ratios --by version_boundary` of the last round of a minpro run with "
+                      "train.staleness=16 and a switch at token 8, against the weights that trained on it:")
+    notes = out.with_suffix(".notes.md")  # the reading, written by hand once the numbers are in
+    text = ["# Responses written by two policies: the probe, a training sweep, the ratios at the switch", "", intro,
+            "", *([notes.read_text().strip(), ""] if notes.exists() else []),
+            "## A. The probe", "", *probe_tables(probe_json), "", f"![probe]({figures.name}/probe.png)", "",
+            "## B. The training sweep", "",
+            f"Seeds, per-seed results and paired differences: [{sweep_report.name}]({sweep_report.name}).", "",
+            "## C. Ratios at the switch", "", inspected_text, "", *boundary_table(inspected), "",
+            f"![ratios at the switch]({figures.name}/ratios_by_version_boundary.png)", ""]
     write_text_atomic(out, "\n".join(text))
     print("\n".join(text))
 

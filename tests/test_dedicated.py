@@ -173,3 +173,17 @@ def test_placement_refusals(tmp_path, extra, message):
 def test_bounded_and_exact_staleness_are_one_knob(tmp_path):
     with pytest.raises(ConfigError, match="two semantics of one knob"):
         load_recipe(QUICKSTART, [f"run_dir={tmp_path}", "train.staleness=1", "train.max_staleness=2"])
+
+
+def test_partial_rollouts_in_the_dedicated_sampler_give_the_inline_run(tmp_path):
+    """train.partial_rollout with a dedicated sampler: rounds sampled ahead wait there for the
+    newer weights they switch to, and the run is the inline run of the same seed, bit for bit
+    (round files, with their per-token versions, and final weights)."""
+    partial = ["train.staleness=2", "train.partial_rollout={switch_at: [3, 6]}"]
+    inline = run_train(load_recipe(QUICKSTART, [f"run_dir={tmp_path / 'i'}", *SMALL, *partial]))
+    final = run_train(load_recipe(QUICKSTART, dedicated(tmp_path / "d", *partial)))
+    assert all(a.equals(b) for a, b in zip(rounds_of(tmp_path / "i"), rounds_of(tmp_path / "d")))
+    versions = {v for t in rounds_of(tmp_path / "d") for row in t["behavior_versions"].to_pylist() for v in row}
+    assert versions == {0, 2, 4, 6}  # two optimizer steps a round: rounds 0-3 start at steps 0, 2, 4, 6
+    weights, weights_d = load_file(str(inline / "model.safetensors")), load_file(str(final / "model.safetensors"))
+    assert all(torch.equal(weights[k], weights_d[k]) for k in weights)

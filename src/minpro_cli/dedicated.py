@@ -16,6 +16,11 @@ newest weights at the time it is requested, rounds are requested up to ⌊k / st
 round⌋ ahead, and a round whose weights are more than k steps old when its training starts
 is dropped (moved to `rollouts/dropped/`), counted, and requested again with the newest.
 
+With `train.partial_rollout` (exact staleness only) each request also names the round whose
+starting weights it carries (`source`); a round's responses switch mid-way to the weights of
+newer sources, which the sampler takes from the requests that carry them, waiting for the
+trainer to send them if need be, and keeps until no round it still owes needs them.
+
 A sampler process that dies is started again and given the rounds it owed; it dies with the
 trainer (PR_SET_PDEATHSIG), and a rerun of the trainer resumes from its checkpoint and the
 round files already written.
@@ -23,6 +28,7 @@ round files already written.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -41,7 +47,7 @@ from minpro_cli.errors import DIE_WITH_PARENT, MinproError
 from minpro_cli.fileio import remove, write_json_atomic
 from minpro_cli.modeling import Policy, tokenizer_fingerprint
 from minpro_cli.rollouts import RolloutRow, read_rollout_rows
-from minpro_cli.rounds import OnlineRounds, RoundProblems, check_round_file, round_file, round_prompts
+from minpro_cli.rounds import LaterWeights, OnlineRounds, RoundProblems, check_round_file, round_file, round_prompts
 from minpro_cli.rundir import SAMPLER_DIR, SAMPLER_LOG
 from minpro_cli.sampling import Plugins, load_recipe_policy
 from minpro_cli.weightsync import WeightSegment, read_weights
@@ -63,6 +69,7 @@ class Request:
     rounds: list[int]
     weights: Weights
     nbytes: int  # what the weights take in the segment
+    source: int | None = None  # exact staleness: the round whose starting weights these are
 
 
 class DedicatedRounds:
@@ -74,6 +81,7 @@ class DedicatedRounds:
         self.tokenizer = tokenizer_fingerprint(policy.tokenizer)
         self.channel = run_dir / SAMPLER_DIR
         self.owed: dict[int, Request] = {}  # round → the request that asks for it, until its file is taken
+        self.carriers: dict[int, Request] = {}  # partial rollouts: source round → the request with its weights
         self.segments: dict[int, WeightSegment] = {}  # request seq → its weights, until acknowledged
         self.process: subprocess.Popen[bytes] | None = None
         self.seq, self.deaths, self.dropped = 0, 0, 0
@@ -93,16 +101,21 @@ class DedicatedRounds:
                 [sys.executable, "-m", "minpro_cli", "sample-driver", str(self.run_dir)],
                 stdout=log, stderr=subprocess.STDOUT, env=env,
             )  # fmt: skip
-        again = {id(r): r for r in self.owed.values()}.values()
-        for request in sorted(again, key=lambda r: min(r.rounds)):
+        again = {id(r): r for r in [*self.owed.values(), *self.carriers.values()]}.values()
+        for request in sorted(again, key=lambda r: min(r.rounds) if r.source is None else r.source):
             self.send(request)
 
-    def ask(self, rounds: list[int], weights: Weights, nbytes: int) -> None:
-        """Have `rounds` (those without a file or a request) sampled with these weights."""
+    def ask(self, rounds: list[int], weights: Weights, nbytes: int, source: int | None = None) -> None:
+        """Have `rounds` (those without a file or a request) sampled with these weights (round
+        `source`'s starting weights, under exact staleness). With `train.partial_rollout`, a
+        source's weights are sent even when none of its rounds is left: newer rounds switch to them."""
         rounds = [r for r in rounds if r not in self.owed and not round_file(self.run_dir, r).exists()]
-        if rounds:
-            request = Request(rounds, weights, nbytes)
+        carried = self.cfg.partial_rollout is not None and source is not None and source not in self.carriers
+        if rounds or carried:
+            request = Request(rounds, weights, nbytes, source)
             self.owed |= dict.fromkeys(rounds, request)
+            if carried:
+                self.carriers[source] = request  # type: ignore[index]
             if self.process is None:
                 self.start()  # sends what is owed
             else:
@@ -113,8 +126,8 @@ class DedicatedRounds:
         version, weights = request.weights()
         segment.write(weights, version, request.nbytes)
         self.segments[self.seq] = segment
-        write_json_atomic(request_path(self.channel, self.seq),
-                          {"rounds": request.rounds, "version": version, "table": str(segment.table)})  # fmt: skip
+        write_json_atomic(request_path(self.channel, self.seq), {"rounds": request.rounds, "version": version,
+                          "table": str(segment.table), "source": request.source})  # fmt: skip
         self.seq += 1
 
     def take(self, round_: int, expected_version: int | None) -> tuple[list[RolloutRow], float]:
@@ -132,6 +145,8 @@ class DedicatedRounds:
             expected["policy_version"] = {expected_version}
         check_round_file(path, rows, round_, expected)
         self.owed.pop(round_, None)
+        for source in [s for s in self.carriers if s < round_ + 1 - self.cfg.staleness]:  # no later round needs it
+            del self.carriers[source]
         self.deaths = 0
         return rows, time.perf_counter() - started
 
@@ -192,6 +207,43 @@ class DedicatedRounds:
         self.close_segments()
 
 
+class Requests:
+    """The sampler's side of the channel: request `seq`, once the trainer has written it, with its
+    weights copied out of the shared segment (and acknowledged, so the trainer frees it)."""
+
+    def __init__(self, channel: Path) -> None:
+        self.channel = channel
+        self.read: dict[int, dict[str, Any]] = {}  # seq → the request, its weights loaded
+        self.acked = -1
+
+    def __getitem__(self, seq: int) -> dict[str, Any]:
+        for k in range(self.acked + 1, seq + 1):  # in order: the acknowledgement covers all before it
+            path = request_path(self.channel, k)
+            while not path.exists():
+                time.sleep(POLL_S)
+            request = json.loads(path.read_text())
+            if not request.get("stop"):
+                request["version"], weights = read_weights(request["table"])
+                request["weights"] = {name: t.clone() for name, t in weights}  # out of the segment
+                write_json_atomic(self.channel / ACK, {"seq": k})
+            self.read[k], self.acked = request, k
+        return self.read[seq]
+
+    def weights_of(self, source: int, after: int) -> tuple[dict[str, torch.Tensor], int]:
+        """Round `source`'s starting weights and version, from the first request after `after`
+        that carries them (waiting for the trainer to send it)."""
+        k = after + 1
+        while self[k].get("source") != source:
+            if self[k].get("stop"):
+                raise MinproError(f"the trainer stopped before it sent round {source}'s weights")
+            k += 1
+        return self[k]["weights"], self[k]["version"]
+
+    def forget_before(self, seq: int) -> None:
+        for k in [k for k in self.read if k < seq]:
+            del self.read[k]
+
+
 def serve(run_dir: Path) -> None:
     """The sampler process (`minpro sample-driver RUN_DIR`): serve the trainer's requests in
     order, for as long as it lives."""
@@ -204,20 +256,20 @@ def serve(run_dir: Path) -> None:
     if held is not None:  # the sampler's precision is all this process needs: no float32 copy beside it
         policy.model.to(held)
     rounds = OnlineRounds(recipe, policy, plugins, run_dir)
-    channel, seq = run_dir / SAMPLER_DIR, 0
+    requests, seq, partial = Requests(run_dir / SAMPLER_DIR), 0, recipe.train.partial_rollout
     console.print(f"dedicated sampler: pid {os.getpid()}, {torch.get_num_threads()} threads, {recipe.model.device}")
     while True:
-        path = request_path(channel, seq)
-        while not path.exists():
-            time.sleep(POLL_S)
-        request = json.loads(path.read_text())
+        request = requests[seq]
         if request.get("stop"):
             console.print("dedicated sampler: stopped by the trainer")
             return
-        version, weights = read_weights(request["table"])
-        policy.model.load_state_dict(dict(weights))  # copies out of the segment
-        write_json_atomic(channel / ACK, {"seq": seq})
+        weights, version = request.pop("weights"), request["version"]
         for round_ in request["rounds"]:  # a file an earlier sampler wrote is checked and kept
-            rounds.rows(round_, None, version)
+            later = [] if partial is None else [
+                LaterWeights(at, functools.partial(requests.weights_of, source, seq))
+                for at, source in partial.sources(round_, recipe.train.staleness)[1:]
+            ]  # fmt: skip
+            rounds.rows(round_, weights, version, later)
+        requests.forget_before(seq + 1)
         seq += 1
 

@@ -130,15 +130,14 @@ def check_placement(recipe: Recipe) -> None:
 
 
 def check_partial_rollout(recipe: Recipe, sampler: object) -> None:
-    """`train.partial_rollout` needs a sampler that switches weights mid-response, inline, in one process."""
+    """`train.partial_rollout` needs a sampler that switches weights mid-response, in one process."""
     if recipe.train.partial_rollout is None:
         return
     if not getattr(sampler, "switches_weights", False):
         raise ConfigError(f"train.partial_rollout needs a sampler that switches weights mid-response; sampler "
                           f"'{recipe.sampler.name}' does not (the hf sampler does): use sampler.name=hf")  # fmt: skip
-    if recipe.sampler.options.get("placement", "inline") != "inline" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("train.partial_rollout samples inline in one process for now: drop --nproc and "
-                          "sampler.options.placement=dedicated")  # fmt: skip
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("train.partial_rollout samples in one process for now: drop --nproc (torchrun)")
 
 
 @contextlib.contextmanager
@@ -363,12 +362,14 @@ class Trainer:
             by_source: dict[int, list[int]] = {}
             for ahead in range(round_, min(round_ + cfg.staleness, last) + 1):
                 by_source.setdefault(self.stale.sampled_by(ahead), []).append(ahead)
+            if cfg.partial_rollout is not None:  # rounds sampled earlier switch to this round's weights
+                by_source.setdefault(round_, [])
             for source, rounds in by_source.items():
                 if not cfg.staleness:
                     sampler.ask(rounds, *live)
                     continue
                 snapshot, version = self.stale.snapshots[source], self.stale.steps[source]
-                sampler.ask(rounds, lambda w=snapshot, v=version: (v, w.items()), planned_bytes(snapshot))
+                sampler.ask(rounds, lambda w=snapshot, v=version: (v, w.items()), planned_bytes(snapshot), source)
             rows, waited = sampler.take(round_, self.stale.for_round(round_, step)[1])
         else:
             ahead = cfg.max_staleness // (cfg.epochs * cfg.minibatches)
