@@ -179,3 +179,36 @@ def test_inspect_ratios_by_version_boundary_by_hand(tmp_path):
         assert (got["log_token_ratio_mean"], got["min_prefix_ratio_mean"], got["log_prefix_ratio_mean"]) == \
             pytest.approx((log_rho, low, log_prefix), abs=1e-6), key  # fmt: skip
     assert (tmp_path / "plots" / "ratios_by_version_boundary.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(("extra", "env", "message"), [
+    (["train.staleness=1", "train.partial_rollout={switch_at: [4, 8]}"], {},
+     r"switches 2 time\(s\) .* set train.staleness to at least the number of switches"),
+    (["train.staleness=2", "train.partial_rollout={switch_at: [8, 4]}"], {}, "switch_at must be increasing"),
+    (["train.staleness=2", "train.partial_rollout={switch_at: [0]}"], {}, "of at least 1"),
+    (["train.staleness=1", "train.partial_rollout={switch_at: [4]}", "train.rollouts=x.parquet"], {},
+     "sample online: no train.rollouts"),
+    (["train.staleness=1", "train.partial_rollout={switch_at: [4]}"], {"WORLD_SIZE": "2"}, "drop --nproc"),
+])  # fmt: skip
+def test_partial_rollout_refusals_are_one_line(tmp_path, monkeypatch, extra, env, message):
+    from test_pipeline import recipe
+
+    from minpro_cli.errors import ConfigError
+    from minpro_cli.samplers.hf import HFSampler
+    from minpro_cli.train import check_partial_rollout
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=message) as caught:
+        check_partial_rollout(recipe(tmp_path, *extra), HFSampler())
+    assert "\n" not in str(caught.value)
+
+
+def test_a_sampler_that_cannot_switch_is_refused(tmp_path):
+    from test_pipeline import recipe
+
+    from minpro_cli.errors import ConfigError
+    from minpro_cli.train import check_partial_rollout
+
+    with pytest.raises(ConfigError, match="sampler 'hf' does not .* use sampler.name=hf"):
+        check_partial_rollout(recipe(tmp_path, "train.staleness=1", "train.partial_rollout={switch_at: [4]}"), object())

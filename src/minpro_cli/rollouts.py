@@ -102,8 +102,7 @@ _warned_unversioned: set[Path] = set()  # once per file and process, however oft
 def write_rollouts(path: Path, rows: Sequence[RolloutRow | Mapping[str, Any]], config: dict[str, Any]) -> None:
     """Write rows (typed, or dicts of the columns) atomically: the final path holds either nothing
     or a complete file. The optional `target_logprobs` column is written when every row has it."""
-    records = [r.as_record() if isinstance(r, RolloutRow) else RolloutRow.from_record(r).as_record() | dict(r)
-               for r in rows]  # fmt: skip
+    records = [r.as_record() if isinstance(r, RolloutRow) else with_row_versions(r) for r in rows]
     with_target = bool(records) and all(TARGET_LOGPROBS in r for r in records)
     table = pa.Table.from_pylist(records, schema=SCHEMA.append(TARGET_LOGPROBS_FIELD) if with_target else SCHEMA)
     table = table.replace_schema_metadata(
@@ -111,6 +110,13 @@ def write_rollouts(path: Path, rows: Sequence[RolloutRow | Mapping[str, Any]], c
     )
     with atomic_path(Path(path)) as tmp:
         pq.write_table(table, tmp)
+
+
+def with_row_versions(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record of the columns with `behavior_versions` made, when not given, as a typed row makes it."""
+    if record.get(BEHAVIOR_VERSIONS) is not None:
+        return dict(record)
+    return {**record, BEHAVIOR_VERSIONS: [record["policy_version"]] * len(record["response_token_ids"])}
 
 
 RolloutSpec = str | Path | list[str] | list[Path]

@@ -127,6 +127,9 @@ def sample_rows(
     `behavior_versions` says which version drew each token, its `policy_version` is the first."""
     tok = job.policy.tokenizer
     versions: dict[int, int] = {}
+    if schedule is not None and not getattr(job.sampler, "switches_weights", False):
+        raise ConfigError(f"sampler '{job.sampler_name}' cannot switch weights mid-response (partial rollouts, "
+                          "probe --switch-at): use sampler.name=hf")  # fmt: skip
     if schedule is not None:
         job.policy_version = versions[0] = schedule.load(0)  # the fingerprint is the first weights'
     fingerprints = (model_fingerprint(job.policy.model), tokenizer_fingerprint(tok))

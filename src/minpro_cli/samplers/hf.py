@@ -96,15 +96,12 @@ class HFSampler(SamplingParams):
         prompts replays them (a switch at token 0 sets the weights each batch starts with)."""
         return self._decode(policy, prompts, seed, None, switches)
 
-    def replay(
-        self, policy: Policy, prompts: list[list[int]], responses: list[list[int]],
-        switches: Sequence[WeightSwitch] = (),
-    ) -> list[Generation]:  # fmt: skip
+    def replay(self, policy: Policy, prompts: list[list[int]], responses: list[list[int]]) -> list[Generation]:
         """Teacher-forced: the log-prob this sampler's decode path gives each of `responses`'
         tokens, batched as `generate` batched them. Same weights, precision and kernels, so a
         recorded log μ comes back (within 1e-4, tested): the check that it is the distribution
         sampled, which a different forward of low-precision weights cannot make."""
-        return self._decode(policy, prompts, 0, responses, switches)
+        return self._decode(policy, prompts, 0, responses)
 
     def _decode(
         self, policy: Policy, prompts: list[list[int]], seed: int, forced: list[list[int]] | None,
