@@ -212,3 +212,20 @@ def test_a_sampler_that_cannot_switch_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="sampler 'hf' does not .* use sampler.name=hf"):
         check_partial_rollout(recipe(tmp_path, "train.staleness=1", "train.partial_rollout={switch_at: [4]}"), object())
+
+
+def test_the_sampling_weights_anchor_scores_each_token_under_its_own_version(tmp_path):
+    """The trainer's rescoring of a switched response under "the weights that sampled it" uses,
+    token by token, the version that drew the token: the mismatch it measures (sampler and trainer
+    share weights and precision here) is float noise, not the gap between versions."""
+    from test_pipeline import recipe
+
+    from minpro_cli.train import run_train
+
+    run_train(recipe(tmp_path, "train.staleness=2", "train.iterations=4", "train.minibatches=1",
+                     "train.partial_rollout={switch_at: [3, 6]}", "train.anchor=sampling_weights",
+                     "train.factor_metrics=true"))  # fmt: skip
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(m["spans"] for m in metrics) == 3
+    assert max(abs(m["mismatch/kl_k1"]) for m in metrics) < 1e-5
+    assert max(m["staleness/kl_k3"] for m in metrics) > 1e-4  # the versions did differ

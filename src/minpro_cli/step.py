@@ -401,5 +401,6 @@ def reduce_metrics(step_metrics: list[dict[str, float]]) -> dict[str, float]:
         if not values:
             out[key] = float("nan")
         else:
-            out[key] = extreme(key)(values) if extreme(key) else sum(values) / len(values)
+            pick = extreme(key)
+            out[key] = pick(values) if pick else sum(values) / len(values)
     return out

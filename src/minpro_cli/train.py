@@ -315,8 +315,9 @@ class Trainer:
     def round_rows(self, round_: int, sampler_thread: ThreadPoolExecutor) -> list[RolloutRow]:
         """This round's rows (sampled ahead by the pipeline or a dedicated sampler, or now), and
         the rounds sampled ahead asked for."""
-        if self.stale.staleness and round_ not in self.stale.snapshots:  # (a pipelined partial rollout took it)
-            self.stale.take(round_, self.snapshot(), self.state.step)
+        if self.stale.staleness:
+            if round_ not in self.stale.snapshots:  # (a pipelined partial rollout took it as the last round ended)
+                self.stale.take(round_, self.snapshot(), self.state.step)
         elif not self.cfg.rollouts and not isinstance(self.source, DedicatedRounds):
             self.refresh_plain()
         if isinstance(self.source, DedicatedRounds):
