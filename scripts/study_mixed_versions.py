@@ -54,12 +54,17 @@ def probe(work: Path, quick: bool, figures: Path) -> Path:
     return out
 
 
+def never_last(at: int | None) -> float:
+    """Switch points in order, no switch last (a switch after the response's end)."""
+    return float("inf") if at is None else at
+
+
 def probe_tables(path: Path) -> list[str]:
     """Each cell's cosine (mean ± s.e. over draws), and the paired differences between objectives."""
     report = json.loads(path.read_text())
     cells = [Cell.from_json(c) for c in report["results"]]
     by = {(c.staleness, c.switch_at, c.objective): c for c in cells}
-    behaviours = sorted({(c.staleness, c.switch_at) for c in cells}, key=lambda b: (b[0], -1 if b[1] is None else b[1]))
+    behaviours = sorted({(c.staleness, c.switch_at) for c in cells}, key=lambda b: (b[0], never_last(b[1])))
     objectives = list(dict.fromkeys(c.objective for c in cells))
     settings = (f"Probe: {report['draws']} draws, {report['prompts']} prompts × {report['group_size']} responses "
                 f"per sample, g★ from {report['reference_multiple']} samples of that size; π = "
@@ -69,7 +74,7 @@ def probe_tables(path: Path) -> list[str]:
              "", header + " | floor |", "|---|---|---|" + "---|" * (len(objectives) + 1)]  # fmt: skip
     for staleness, at in behaviours:
         row = [by[staleness, at, o].summaries for o in objectives]
-        lines.append(f"| {staleness} | {'none' if at is None else at} | {row[0]['kl'].mean:.4f} | "
+        lines.append(f"| {staleness} | {'never' if at is None else at} | {row[0]['kl'].mean:.4f} | "
                      + " | ".join(f"{s['cosine'].mean:.3f} ± {s['cosine'].se:.3f}" for s in row)
                      + f" | {row[0]['floor_cosine'].mean:.3f} |")  # fmt: skip
     draws = report["draws"]
@@ -86,8 +91,39 @@ def probe_tables(path: Path) -> list[str]:
             half = T975[len(diffs) - 1] * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
             verdict = "" if abs(mean) > half else " (does not separate)"
             cells_text.append(f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]{verdict}")
-        lines.append(f"| {staleness} | {'none' if at is None else at} | " + " | ".join(cells_text) + " |")
+        lines.append(f"| {staleness} | {'never' if at is None else at} | " + " | ".join(cells_text) + " |")
     return lines
+
+
+def switch_figure(path: Path, out: Path) -> None:
+    """cos(g_obj, g★) against the switch point, one panel per version gap, one line per objective
+    (±2 s.e. over draws); dashed, the noise floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [Cell.from_json(c) for c in json.loads(path.read_text())["results"]]
+    gaps = sorted({c.staleness for c in cells})
+    points = sorted({c.switch_at for c in cells}, key=never_last)
+    fig, axes = plt.subplots(1, len(gaps), figsize=(5.5 * len(gaps), 4), sharey=True, squeeze=False)
+    for ax, gap in zip(axes[0], gaps):
+        for k, objective in enumerate(dict.fromkeys(c.objective for c in cells)):
+            mine = {c.switch_at: c.summaries for c in cells if c.staleness == gap and c.objective == objective}
+            mean = [mine[at]["cosine"].mean for at in points]
+            se = [mine[at]["cosine"].se for at in points]
+            ax.errorbar(range(len(points)), mean, yerr=[2 * e for e in se], marker="o", capsize=3, color=f"C{k}",
+                        label=objective)  # fmt: skip
+        ax.axhline(mine[points[0]]["floor_cosine"].mean, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xticks(range(len(points)), ["never" if at is None else str(at) for at in points])
+        ax.set(xlabel="μ's responses continue under π's weights from token", title=f"μ {gap} steps older than π")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("cos(g_obj, g★)  (±2 s.e.; dashed: noise floor)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def sweep(work: Path, quick: bool, out: Path) -> Path:
@@ -134,6 +170,7 @@ def main() -> None:
     out = args.out or (work / "mixed-versions.md" if args.quick else ROOT / "docs/results/mixed-versions.md")
     figures = out.with_suffix("")
     probe_json = probe(work, args.quick, figures)
+    switch_figure(probe_json, figures / "probe_by_switch.png")
     inspected = inspect(work, args.quick, figures)
     sweep_report = sweep(work, args.quick, out)
     intro = ("Made by `scripts/study_mixed_versions.py` on the quickstart model (2 CPU cores). A switch at token "
@@ -144,7 +181,8 @@ def main() -> None:
     notes = out.with_suffix(".notes.md")  # the reading, written by hand once the numbers are in
     text = ["# Responses written by two policies: the probe, a training sweep, the ratios at the switch", "", intro,
             "", *([notes.read_text().strip(), ""] if notes.exists() else []),
-            "## A. The probe", "", *probe_tables(probe_json), "", f"![probe]({figures.name}/probe.png)", "",
+            "## A. The probe", "", *probe_tables(probe_json), "",
+            f"![the probe by switch point]({figures.name}/probe_by_switch.png)", "",
             "## B. The training sweep", "",
             f"Seeds, per-seed results and paired differences: [{sweep_report.name}]({sweep_report.name}).", "",
             "## C. Ratios at the switch", "", inspected_text, "", *boundary_table(inspected), "",

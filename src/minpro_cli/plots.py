@@ -220,8 +220,8 @@ def probe_figure(cells: list[Any]) -> Figure:
                 x = [position[c.behavior] for c in mine]
                 mean = [c.summaries[quantity].mean for c in mine]
                 se = [0.0 if math.isnan(c.summaries[quantity].se) else c.summaries[quantity].se for c in mine]
-                label = objective if at is None else f"{objective}, switch at {at}"
-                ax.plot(x, mean, marker="os^vD"[j % 5], color=f"C{k}", label=label, linewidth=1.4,
+                line = objective if at is None else f"{objective}, switch at {at}"
+                ax.plot(x, mean, marker="os^vD"[j % 5], color=f"C{k}", label=line, linewidth=1.4,
                         linestyle=["-", "-.", ":", (0, (5, 1))][j % 4])  # fmt: skip
                 ax.fill_between(x, [m - 2 * s for m, s in zip(mean, se)], [m + 2 * s for m, s in zip(mean, se)],
                                 color=f"C{k}", alpha=0.15, linewidth=0)  # fmt: skip
