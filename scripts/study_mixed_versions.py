@@ -8,8 +8,8 @@ Part A, the probe: a 24-step on-policy run of the quickstart model keeps a check
 behaviour samples whose responses μ starts and π continues from token K on (K = 8, 12, 24, or
 no switch): each objective's gradient cosine to π's on-policy gradient g★, and the paired
 differences between objectives over the draws (t-intervals). Part B, the training sweep:
-`recipes/mixed-versions.yaml` (cispo, minpro, prefix × staleness 4, 16 × one switch at token 8
-or 24, or none × 3 seeds), reported by `minpro report` with paired differences against cispo.
+`recipes/mixed-versions.yaml` (cispo, minpro, prefix × staleness 4, 16 × one switch at token 8,
+or none × 3 seeds), reported by `minpro report` with paired differences against cispo.
 Part C: `inspect-ratios --by version_boundary` of one partial-rollout run's last round.
 Every step is cached under --work, so a rerun finishes what is missing.
 """
