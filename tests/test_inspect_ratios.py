@@ -241,7 +241,7 @@ def test_cli_writes_json_with_the_documented_keys(trained, tmp_path):
     assert report["clip"]["eps_high"] == 0.28
     assert list(report["groups"]) == ["3"]  # step 3 read from final/trainer_state.json
     assert_one_line_error(invoke("inspect-ratios", str(rollouts), "--policy", str(checkpoint), "--by", "round"),
-                          "--by must be policy_version, staleness or position")
+                          "--by must be policy_version, staleness, position or version_boundary")
 
 
 def test_quantiles_resolve_near_one_and_far_from_it():
