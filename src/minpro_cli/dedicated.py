@@ -208,11 +208,12 @@ class DedicatedRounds:
 
 
 class Requests:
-    """The sampler's side of the channel: request `seq`, once the trainer has written it, with its
-    weights copied out of the shared segment (and acknowledged, so the trainer frees it)."""
+    """The sampler's side of the channel: request `seq`, once the trainer has written it, its
+    weights copied out of the shared segment (then acknowledged, so the trainer frees it): into
+    the policy, or, for partial rollouts (`keep`), into a copy a later round may switch to."""
 
-    def __init__(self, channel: Path) -> None:
-        self.channel = channel
+    def __init__(self, channel: Path, policy: Policy, keep: bool) -> None:
+        self.channel, self.policy, self.keep = channel, policy, keep
         self.read: dict[int, dict[str, Any]] = {}  # seq → the request, its weights loaded
         self.acked = -1
 
@@ -224,7 +225,11 @@ class Requests:
             request = json.loads(path.read_text())
             if not request.get("stop"):
                 request["version"], weights = read_weights(request["table"])
-                request["weights"] = {name: t.clone() for name, t in weights}  # out of the segment
+                if self.keep:
+                    request["weights"] = {name: t.clone() for name, t in weights}
+                else:  # served in order: straight into the policy, no copy held beside it
+                    self.policy.model.load_state_dict(dict(weights))
+                    request["weights"] = None
                 write_json_atomic(self.channel / ACK, {"seq": k})
             self.read[k], self.acked = request, k
         return self.read[seq]
@@ -256,7 +261,8 @@ def serve(run_dir: Path) -> None:
     if held is not None:  # the sampler's precision is all this process needs: no float32 copy beside it
         policy.model.to(held)
     rounds = OnlineRounds(recipe, policy, plugins, run_dir)
-    requests, seq, partial = Requests(run_dir / SAMPLER_DIR), 0, recipe.train.partial_rollout
+    partial = recipe.train.partial_rollout
+    requests, seq = Requests(run_dir / SAMPLER_DIR, policy, keep=partial is not None), 0
     console.print(f"dedicated sampler: pid {os.getpid()}, {torch.get_num_threads()} threads, {recipe.model.device}")
     while True:
         request = requests[seq]

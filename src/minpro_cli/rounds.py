@@ -95,8 +95,7 @@ class OnlineRounds:
              later: Sequence[LaterWeights] = ()) -> list[RolloutRow]:  # fmt: skip
         """`later`: newer weights the responses continue under mid-way (`train.partial_rollout`)."""
         path = round_file(self.run_dir, round_)
-        if weights is not None:  # whole: FSDP2 snapshots are gathered here (every rank samples each round)
-            self.stale_policy.model.load_state_dict(whole_state(weights))
+        self.load(weights, version)
         schedule = None
         if later:
             sources = [lambda: (weights, version), *(segment.fetch for segment in later)]
@@ -124,7 +123,8 @@ class OnlineRounds:
         return rows
 
     def load(self, weights: StateDict | None, version: int) -> int:
-        if weights is not None:
+        """Sample with `weights` (None: those already loaded) from now on; returns their version."""
+        if weights is not None:  # whole: FSDP2 snapshots are gathered here (every rank samples each round)
             self.stale_policy.model.load_state_dict(whole_state(weights))
         return version
 
