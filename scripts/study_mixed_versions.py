@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from minpro_cli.probe_results import Cell
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "mixed-versions.yaml"
 OBJECTIVES = ("grpo:loss_agg=token-mean", "cispo", "minpro", "prefix")
+BOUNDARY_FIGURE = "ratios_by_version_boundary.png"
 PAIRS = (("minpro", "cispo"), ("minpro", "prefix"), ("minpro", "grpo:loss_agg=token-mean"))
 
 
@@ -38,7 +40,7 @@ def minpro(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "minpro_cli", *args], check=True)
 
 
-def probe(work: Path, quick: bool, figures: Path) -> Path:
+def probe(work: Path, quick: bool) -> Path:
     """The on-policy run with a checkpoint per step, then the probe of its last checkpoint."""
     run, out = work / "probe-run", work / "probe.json"
     steps = 6 if quick else 24
@@ -50,7 +52,7 @@ def probe(work: Path, quick: bool, figures: Path) -> Path:
             ["--draws", "6", "--reference-multiple", "8"]  # fmt: skip
         minpro("probe", str(RECIPE), "--run", str(run), "--staleness", "2" if quick else "4,16",
                "--switch-at", "none,8" if quick else "none,8,12,24", *[a for o in OBJECTIVES for a in ("--objective", o)],
-               *size, "--json", str(out), "--plot", str(figures))  # fmt: skip
+               *size, "--json", str(out), "--plot", str(work / "probe-plots"))  # fmt: skip
     return out
 
 
@@ -148,7 +150,9 @@ def inspect(work: Path, quick: bool, figures: Path) -> Path:
     if not report.exists():
         minpro("inspect-ratios", str(run / "rollouts" / f"round_{last:05d}.parquet"), "--policy",
                str(run / "checkpoints" / f"round_{last:05d}"), "--by", "version_boundary", "--json", str(report),
-               "--plot", str(figures))  # fmt: skip
+               "--plot", str(work / "inspect-plots"))  # fmt: skip
+    figures.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(work / "inspect-plots" / BOUNDARY_FIGURE, figures / BOUNDARY_FIGURE)
     return report
 
 
@@ -169,7 +173,7 @@ def main() -> None:
     work = args.work or ROOT / ("runs/mixed-versions-quick" if args.quick else "runs/mixed-versions")
     out = args.out or (work / "mixed-versions.md" if args.quick else ROOT / "docs/results/mixed-versions.md")
     figures = out.with_suffix("")
-    probe_json = probe(work, args.quick, figures)
+    probe_json = probe(work, args.quick)
     switch_figure(probe_json, figures / "probe_by_switch.png")
     inspected = inspect(work, args.quick, figures)
     sweep_report = sweep(work, args.quick, out)
@@ -186,7 +190,7 @@ def main() -> None:
             "## B. The training sweep", "",
             f"Seeds, per-seed results and paired differences: [{sweep_report.name}]({sweep_report.name}).", "",
             "## C. Ratios at the switch", "", inspected_text, "", *boundary_table(inspected), "",
-            f"![ratios at the switch]({figures.name}/ratios_by_version_boundary.png)", ""]
+            f"![ratios at the switch]({figures.name}/{BOUNDARY_FIGURE})", ""]
     write_text_atomic(out, "\n".join(text))
     print("\n".join(text))
 
