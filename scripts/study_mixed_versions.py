@@ -37,7 +37,7 @@ PAIRS = (("minpro", "cispo"), ("minpro", "prefix"), ("minpro", "grpo:loss_agg=to
 
 
 def minpro(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "minpro_cli", *args], check=True)
+    subprocess.run([sys.executable, "-m", "minpro_cli", *args], check=True, cwd=ROOT)
 
 
 def probe(work: Path, quick: bool) -> Path:
@@ -128,12 +128,41 @@ def switch_figure(path: Path, out: Path) -> None:
     plt.close(fig)
 
 
-def sweep(work: Path, quick: bool, out: Path) -> Path:
-    minpro("sweep", str(RECIPE), f"run_dir={work / 'sweep'}", *(["--quick"] if quick else []))
+def sweep(work: Path, quick: bool, out: Path) -> tuple[Path, Path]:
+    """The sweep and its report (the recipe and the report's paths relative to the repository, as the
+    report prints them)."""
+    minpro("sweep", rel(RECIPE), f"run_dir={work / 'sweep'}", *(["--quick"] if quick else []))
     sweep_dir = work / ("sweep-quick" if quick else "sweep")  # --quick writes beside the full sweep
     report = out.with_name(out.stem + "-sweep.md")
-    minpro("report", str(sweep_dir), "--out", str(report), "--line", "objective", "--reference", "cispo")
-    return report
+    minpro("report", rel(sweep_dir), "--out", rel(report), "--line", "objective", "--reference", "cispo")
+    return sweep_dir, report
+
+
+def switch_effect(sweep_dir: Path) -> list[str]:
+    """Final held-out pass@1 with the switch minus without it, per objective and staleness, paired
+    by seed (a seed's runs share starting weights, prompts and evaluation problems)."""
+    final: dict[tuple, float] = {}
+    for run in json.loads((sweep_dir / "sweep.json").read_text())["runs"]:
+        evals = [json.loads(line) for line in (sweep_dir / "runs" / run["name"] / "evals.jsonl").read_text().splitlines()]
+        o = run["overrides"]
+        final[o["objective"]["name"], o["train.staleness"], o["train.partial_rollout"] is not None, o["seed"]] = \
+            evals[-1]["eval/pass@1"]  # fmt: skip
+    title = ("Final held-out pass@1 with a switch at token 8 minus without, paired by seed (a seed's runs share "
+             "starting weights, prompts and evaluation problems), mean and 95% t-interval:")
+    lines = [title, "", "| objective | staleness | switch − never | per seed |", "|---|---|---|---|"]
+    for objective, staleness in sorted({(k[0], k[1]) for k in final}, key=lambda k: (k[1], k[0])):
+        seeds = sorted(k[3] for k in final if k[:3] == (objective, staleness, True))
+        diffs = [final[objective, staleness, True, s] - final[objective, staleness, False, s] for s in seeds]
+        mean = statistics.fmean(diffs)
+        half = T975[len(diffs) - 1] * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        verdict = "" if abs(mean) > half else " (does not separate)"
+        lines.append(f"| {objective} | {staleness} | {mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]{verdict} | "
+                     + ", ".join(f"{d:+.3f}" for d in diffs) + " |")  # fmt: skip
+    return lines
+
+
+def rel(path: Path) -> str:
+    return str(Path(path).resolve().relative_to(ROOT))
 
 
 def inspect(work: Path, quick: bool, figures: Path) -> Path:
@@ -176,7 +205,7 @@ def main() -> None:
     probe_json = probe(work, args.quick)
     switch_figure(probe_json, figures / "probe_by_switch.png")
     inspected = inspect(work, args.quick, figures)
-    sweep_report = sweep(work, args.quick, out)
+    sweep_dir, sweep_report = sweep(work, args.quick, out)
     intro = ("Made by `scripts/study_mixed_versions.py` on the quickstart model (2 CPU cores). A switch at token "
              "K: μ draws tokens 0 … K−1, newer weights draw the rest, the prefix re-read under them "
              "(`train.partial_rollout`, `minpro probe --switch-at`).")
@@ -188,9 +217,12 @@ def main() -> None:
             "## A. The probe", "", *probe_tables(probe_json), "",
             f"![the probe by switch point]({figures.name}/probe_by_switch.png)", "",
             "## B. The training sweep", "",
-            f"Seeds, per-seed results and paired differences: [{sweep_report.name}]({sweep_report.name}).", "",
+            (f"Every run, per-seed results and paired differences between objectives: [{sweep_report.name}]"
+             f"({sweep_report.name})."), "", *switch_effect(sweep_dir), "",
             "## C. Ratios at the switch", "", inspected_text, "", *boundary_table(inspected), "",
             f"![ratios at the switch]({figures.name}/{BOUNDARY_FIGURE})", ""]
+    for data in (probe_json, inspected):  # the numbers behind the tables, beside the page
+        shutil.copyfile(data, figures / data.name)
     write_text_atomic(out, "\n".join(text))
     print("\n".join(text))
 
