@@ -184,7 +184,7 @@ class PositionBins:
 
 
 # distance of a token from its response's first version switch (token 0: the first token the
-# newer weights drew), binned as `boundary_bin` does; responses without a switch are their own bin
+# newer weights drew), binned as `boundary_bins` does; responses without a switch are their own bin
 BOUNDARY_EDGES = (-16, -8, -4, -1, 0, 1, 2, 5, 9, 17)
 BOUNDARY_LABELS = ["no switch", "≤ −17", "−16…−9", "−8…−5", "−4…−2", "−1", "0", "1", "2…4", "5…8", "9…16", "≥ 17"]
 

@@ -2,12 +2,12 @@
 
 One row per sampled response (a `RolloutRow` in memory). The file metadata holds
 `minpro.schema_version` and the resolved config. Schema 2 adds `behavior_versions`, the policy
-version that drew each response token (a response written by several policies, docs/rollout-
-format.md); a schema-1 file reads as if every token had its row's `policy_version`. Readers validate the version, the columns and the per-row contents, and
-ignore columns they do not know. A file written back by a dataframe tool (pandas, polars,
-`datasets`) is read too: compatible column types (large strings and lists, other integer
-and float widths) are cast, and a file whose minpro metadata such a tool dropped is read as
-the current schema version, with a warning.
+version that drew each response token (a response written by several policies); a schema-1
+file reads as if every token had its row's `policy_version`. Readers validate the version, the
+columns and the per-row contents, and ignore columns they do not know. A file written back by a
+dataframe tool (pandas, polars, `datasets`) is read too: compatible column types (large strings
+and lists, other integer and float widths) are cast, and a file whose minpro metadata such a
+tool dropped is read as schema 2 (schema 1 without `behavior_versions`), with a warning.
 """
 
 from __future__ import annotations

@@ -153,9 +153,9 @@ Anchor = Literal["behavior", "sampling_weights", "round_start", "loglinear"]
 
 
 class PartialRollout(Section):
-    """Responses continued under newer weights mid-way (partial rollouts, docs/partial-rollouts.md): round r's
-    responses start with the weights of round r − staleness, and at each token of `switch_at`
-    move on to newer ones, reaching round r's own starting weights at the last switch."""
+    """Responses continued under newer weights mid-way (partial rollouts, docs/partial-rollouts.md):
+    round r's responses start with the weights of round r − staleness, and at each token of
+    `switch_at` move on to newer ones, reaching round r's own starting weights at the last switch."""
 
     switch_at: list[int] = Field(
         min_length=1,
