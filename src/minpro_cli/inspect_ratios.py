@@ -20,7 +20,7 @@ from minpro_cli.console import console, progress_bar, titled_table
 from minpro_cli.correction import log_behavior_factor
 from minpro_cli.errors import ConfigError, MinproError, RolloutFileError
 from minpro_cli.fileio import write_json_output
-from minpro_cli.logprobs import pack, pad_rows, response_logprobs
+from minpro_cli.logprobs import pack, pad_rows, pad_versions, response_logprobs
 from minpro_cli.modeling import Policy, tokenizer_fingerprint
 from minpro_cli.ratiostats import (
     BOUNDARY_LABELS,
@@ -209,8 +209,7 @@ def score_rollouts(
 
 def add_by_boundary(bins: PositionBins, rows: list[RolloutRow], log_rho: torch.Tensor, mask: torch.Tensor) -> None:
     """Each trained token's ρ_t, ρ̲_t and ρ_1:t into the bin of its distance from the switch."""
-    width = mask.shape[1]
-    versions = torch.tensor([v + [v[-1]] * (width - len(v)) for v in (list(r.behavior_versions or [0]) for r in rows)])
+    versions = pad_versions([list(r.behavior_versions or []) for r in rows], mask)
     logs = log_quantities(log_rho, mask)
     bins.add(boundary_bins(versions, mask)[mask], logs["token_ratio"][mask], logs["prefix_ratio"][mask],
              logs["min_prefix_ratio"][mask])  # fmt: skip

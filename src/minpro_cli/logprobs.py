@@ -46,6 +46,15 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> P
     )
 
 
+def pad_versions(rows: list[list[int]], mask: torch.Tensor) -> torch.Tensor:
+    """Per-token policy versions (`behavior_versions`) as a (B, T) int64 tensor on `mask`'s device,
+    each row's last version repeated over its padding (a padded position is never a version
+    boundary); an empty row is all 0."""
+    width = mask.shape[1]
+    padded = [row[:width] + [row[-1] if row else 0] * (width - len(row)) for row in rows]
+    return torch.tensor(padded, dtype=torch.int64).to(mask.device, non_blocking=True)
+
+
 def pad_rows(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
     """Per-row lists right-padded with zeros into a tensor of the shape, dtype and device of `like`."""
     width = like.shape[1]

@@ -26,7 +26,7 @@ from minpro_cli.correction import (
 )
 from minpro_cli.distributed import SINGLE, World, combine_metrics, extreme, gradient_sync, reduce_step_metrics
 from minpro_cli.errors import PluginError, RolloutFileError, TrainingDivergedError
-from minpro_cli.logprobs import autocast, micro_batches, pack, pad_rows, response_logprobs
+from minpro_cli.logprobs import autocast, micro_batches, pack, pad_rows, pad_versions, response_logprobs
 from minpro_cli.modeling import Policy
 from minpro_cli.objectives import (
     AdvantageEstimator,
@@ -302,15 +302,6 @@ def tally_factors(tally: StepTally, scores: dict[str, torch.Tensor], logprobs: t
             )
 
 
-def padded_versions(part: RolloutBatch, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) int64: the version that drew each response token, each row's last one repeated
-    over its padding (so a padded position is never a version boundary); all 0 when unknown."""
-    width = mask.shape[1]
-    rows = part.versions or [[0] for _ in part.prompts]
-    padded = [row[:width] + [row[-1] if row else 0] * (width - len(row)) for row in rows]
-    return torch.tensor(padded, dtype=torch.int64).to(mask.device, non_blocking=True)
-
-
 def micro_batch_backward(
     trainee: Trainee, objective: Objective, part: RolloutBatch, penalties: Penalties, tally: StepTally | None,
     scope: Scope,
@@ -328,7 +319,7 @@ def micro_batch_backward(
     behavior = pad_rows(part.behavior_logprobs, logprobs)
     mask = packed.response_mask.to(device)
     advantages = part.advantages.to(device)
-    versions = padded_versions(part, mask)
+    versions = pad_versions(part.versions or [[] for _ in part.prompts], mask)  # unknown: all 0
     scores = {key: pad_rows(rows, logprobs) for key, rows in part.scores.items()}  # once per micro-batch
     anchor = anchor_logprobs(scope, part, logprobs, behavior, versions, scores)
     trained = logprobs
