@@ -167,10 +167,13 @@ def mean_mismatch_kl(work: Path) -> float:
 def mean_curve(runs: list[Path], key: str) -> list[float]:
     """`key` step by step, averaged over the runs that logged it, as long as the shortest of them."""
     logs = [(run / "metrics.jsonl").read_text().splitlines() for run in runs if (run / "metrics.jsonl").exists()]
-    curves = [[m[key] for m in map(json.loads, filter(str.strip, log)) if key in m] for log in logs]
+    return average_curves([[m[key] for m in map(json.loads, filter(str.strip, log)) if key in m] for log in logs])
+
+
+def average_curves(curves: list[list[float]]) -> list[float]:
+    """Step by step mean of the non-empty curves, as long as the shortest of them."""
     curves = [c for c in curves if c]
-    n = min(map(len, curves), default=0)
-    return [statistics.fmean(c[i] for c in curves) for i in range(n)]
+    return [statistics.fmean(c[i] for c in curves) for i in range(min(map(len, curves), default=0))]
 
 
 def training_figure(work: Path, seeds: int, out: Path) -> None:

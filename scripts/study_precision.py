@@ -8,9 +8,10 @@ correction layer's recommendation for a sampler that is not the trainer (`train.
 sampling_weights` + token TIS, verl's default). Seeds are paired: a seed's two runs share the
 starting weights, prompts and evaluation problems. Reported: held-out pass@1 before and after,
 the paired difference bf16 − float32 with a t-interval over seeds, wall time per run, and the
-mismatch the bf16 runs logged per step. Every run is cached under --work (`minpro train`
-resumes an interrupted one), so a rerun finishes what is missing. smollm2-rl needs
-`bash scripts/setup_smollm2.sh`.
+mismatch the bf16 runs logged per step. A finished run leaves a small record (pass@1, wall time,
+per-step curves) under docs/results/precision/runs/, to commit: a rerun, even on a fresh machine,
+trains only the runs without one, and `minpro train` resumes an interrupted one under --work.
+smollm2-rl needs `bash scripts/setup_smollm2.sh`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from study_mismatch import T975, mean_curve, mean_se
+from study_mismatch import T975, average_curves, mean_curve, mean_se
 
 from minpro_cli.fileio import write_json_atomic, write_text_atomic
 
@@ -36,14 +37,18 @@ ARMS = {
     ],
 }  # fmt: skip
 MISMATCH = ("mismatch/kl_k3", "mismatch/log_ppl_abs_diff", "correction/truncated_frac")  # ≥ 0: a log scale
+CURVES = ("reward_mean", "mismatch/kl_k1", *MISMATCH)  # what a run's record keeps of its metrics.jsonl
 
 
 def run_dir(work: Path, recipe: str, arm: str, seed: int) -> Path:
     return work / recipe / f"{arm.split()[0]}_seed{seed}"
 
 
-def train(recipe: str, arm: str, seed: int, run: Path) -> dict:
-    """One run (resumed if interrupted); its evaluations, per-step metrics and wall time."""
+def train(recipe: str, arm: str, seed: int, run: Path, record: Path) -> dict:
+    """One run's evaluations, per-step curves and wall time: from its committed record if there is one,
+    else trained (resumed if interrupted) and recorded, so a later session on a fresh machine keeps it."""
+    if record.exists():
+        return json.loads(record.read_text())
     timing = run / "wall_seconds.json"
     if not (run / "final" / "model.safetensors").exists():
         resumed = run.exists()  # started before: its wall time would not be that of one run, so left out
@@ -56,9 +61,12 @@ def train(recipe: str, arm: str, seed: int, run: Path) -> dict:
         if not resumed:
             write_json_atomic(timing, {"seconds": time.perf_counter() - started})
     evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines() if line.strip()]
-    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"before": evals[0]["eval/pass@1"], "after": evals[-1]["eval/pass@1"], "steps": steps,
-            "seconds": json.loads(timing.read_text())["seconds"] if timing.exists() else None}  # fmt: skip
+    result = {"before": evals[0]["eval/pass@1"], "after": evals[-1]["eval/pass@1"],
+              "seconds": json.loads(timing.read_text())["seconds"] if timing.exists() else None,
+              "curves": {key: mean_curve([run], key) for key in CURVES}}  # fmt: skip
+    record.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record, result)
+    return result
 
 
 def load_iterations(recipe: str) -> int:
@@ -70,7 +78,7 @@ def load_iterations(recipe: str) -> int:
 def arm_row(arm: str, results: list[dict]) -> str:
     after, se = mean_se([r["after"] for r in results])
     minutes = [r["seconds"] / 60 for r in results if r["seconds"]]
-    kl = [m["mismatch/kl_k1"] for r in results for m in r["steps"] if "mismatch/kl_k1" in m]
+    kl = [value for r in results for value in r["curves"]["mismatch/kl_k1"]]
     cells = [arm, str(len(results)), f"{statistics.fmean(r['before'] for r in results):.3f}", f"{after:.3f} ± {se:.3f}",
              ", ".join(f"{r['after']:.3f}" for r in results), f"{statistics.median(minutes):.1f}" if minutes else "–",
              f"{statistics.fmean(kl):.1e}" if kl else "–"]  # fmt: skip
@@ -99,7 +107,7 @@ def section(recipe: str, runs: dict[str, list[dict]]) -> list[str]:
     return lines + [""]
 
 
-def figure(recipe: str, work: Path, seeds: int, out: Path) -> None:
+def figure(recipe: str, runs: dict[str, list[dict]], out: Path) -> None:
     """Training reward by round for both arms, and the bf16 arm's mismatch per step (means over seeds)."""
     import matplotlib
 
@@ -107,12 +115,12 @@ def figure(recipe: str, work: Path, seeds: int, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (reward, mismatch) = plt.subplots(1, 2, figsize=(11, 4))
-    for arm in ARMS:
-        runs = [run_dir(work, recipe, arm, seed) for seed in range(seeds)]
-        reward.plot(mean_curve(runs, "reward_mean"), label=arm)
+    for arm, results in runs.items():
+        reward.plot(average_curves([r["curves"]["reward_mean"] for r in results]), label=arm)
         for key in MISMATCH:
-            if curve := mean_curve(runs, key):
+            if curve := average_curves([r["curves"][key] for r in results]):
                 mismatch.plot(curve, label=f"{key} ({arm.split()[0]})")
+    seeds = len(next(iter(runs.values())))
     reward.set(xlabel="round", ylabel=f"training reward (mean of {seeds} seeds)", title=recipe)
     mismatch.set(xlabel="optimizer step", yscale="log", title="sampler–trainer mismatch logged per step")
     reward.legend(fontsize=8)
@@ -139,9 +147,10 @@ def main() -> None:
         runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
         for seed in range(args.seeds):  # seed by seed, so a study cut short still has whole pairs
             for arm in ARMS:
-                runs[arm].append(train(recipe, arm, seed, run_dir(args.work, recipe, arm, seed)))
+                record = args.out.with_suffix("") / "runs" / recipe / f"{arm.split()[0]}_seed{seed}.json"
+                runs[arm].append(train(recipe, arm, seed, run_dir(args.work, recipe, arm, seed), record))
         picture = args.out.with_suffix("") / f"{recipe}.png"
-        figure(recipe, args.work, args.seeds, picture)
+        figure(recipe, runs, picture)
         text += section(recipe, runs) + [f"![{recipe}: reward and mismatch]({args.out.stem}/{picture.name})", ""]
     write_text_atomic(args.out, "\n".join(text))
     print("\n".join(text))
