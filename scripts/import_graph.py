@@ -25,7 +25,7 @@ LAYERS: dict[str, list[str]] = {
     "models": ["attention", "lora", "weightsync", "logprobs", "modeling", "samplers", "distributed", "checkpoints", "trackers", "plots"],
     "work": ["sampling", "heldout", "penalties", "anchors", "step", "rounds", "dedicated", "resume"],
     "stages": ["rollout", "train", "eval", "inspect_ratios", "probe", "sweep", "report", "convert", "export", "verl_rollouts", "scaffold",
-               "conformance", "launcher"],
+               "conformance", "launcher", "doctor"],
     "cli": ["cli_support", "cli_tools", "cli", "__main__"],
 }
 STAGES = "stages"

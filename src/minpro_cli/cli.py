@@ -262,6 +262,23 @@ def probe(
 
 @app.command()
 @user_errors
+def doctor(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    policy: Annotated[str | None, typer.Option(help="checkpoint to check [default: model.path]")] = None,
+    prompts: Annotated[int, typer.Option(min=1, help="training prompts drawn, × train.group_size responses")] = 8,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the verdicts as JSON (- : stdout)")] = None,
+    html: Annotated[Path | None, typer.Option(help="write a self-contained HTML page of the verdicts and tokens")] = None,
+    strict: Annotated[bool, typer.Option(help="a warning fails too (exit 2)")] = False,
+) -> None:
+    """Whether the sampler, trainer and data agree: ok / warn / fail per check, exit code 0 / 1 / 2."""
+    from minpro_cli.doctor import run_doctor
+
+    raise typer.Exit(run_doctor(_recipe(recipe, overrides), recipe, policy, prompts, json_path, html, strict))
+
+
+@app.command()
+@user_errors
 def sweep(
     recipe: RecipeArg,
     overrides: OverridesArg = None,

@@ -58,6 +58,11 @@ class VerifierOptions(BaseModel):
     def __call__(self, response: str, reference: str) -> VerifyResult:
         raise NotImplementedError
 
+    def reference_response(self, reference: str) -> str:
+        """A response that states `reference` as this verifier expects an answer: it must score 1
+        (`minpro doctor` checks the data's references with it)."""
+        return reference
+
     def score(self, response: str, reference: str, context: Mapping[str, Any]) -> VerifyResult:
         """A call with the row's context (`prompt`, `prompt_id`, `completion_ids`, `columns`)."""
         return self(response, reference)

@@ -85,6 +85,9 @@ class MathVerifier(VerifierOptions):
         details = {"extracted": answer} | ({} if correct else {"failure": "not equal to reference"})
         return VerifyResult(1.0 if correct else 0.0, details)
 
+    def reference_response(self, reference: str) -> str:
+        return f"The answer is \\boxed{{{reference}}}."
+
     def _equal(self, answer: str, reference: str) -> bool:
         if len(answer) > self.max_answer_chars:
             raise _Unparsable(f"answer longer than {self.max_answer_chars} characters")
