@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from minpro_cli.cli import app
 from minpro_cli.config import load_recipe
-from minpro_cli.doctor import diagnose, forward
+from minpro_cli.doctor import PAGE_RESPONSES, diagnose, forward
 from minpro_cli.doctor.findings import Finding, exit_code
 from minpro_cli.logprobs import pack
 from minpro_cli.samplers import Generation, policy_logprobs
@@ -151,7 +151,7 @@ def test_cli_reports(tmp_path):
     assert all(set(c) == {"key", "title", "verdict", "value", "threshold", "advice", "details"} for c in report["checks"])
     text = page.read_text()
     assert "<script" not in text and "http://" not in text and "https://" not in text and "src=" not in text
-    assert text.count('class="p"') == report["settings"]["responses"] and 'class="t"' in text
+    assert text.count('class="p"') == min(report["settings"]["responses"], PAGE_RESPONSES) and 'class="t"' in text
 
 
 def test_cli_warning_exit_code_and_strict(tmp_path):
