@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -152,6 +155,13 @@ def test_cli_reports(tmp_path):
     text = page.read_text()
     assert "<script" not in text and "http://" not in text and "https://" not in text and "src=" not in text
     assert text.count('class="p"') == min(report["settings"]["responses"], PAGE_RESPONSES) and 'class="t"' in text
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser:  # a real headless browser renders it offline (apt install chromium)
+        shot = tmp_path / "doctor.png"
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                        "--window-size=1200,900", page.as_uri()], capture_output=True, timeout=120, check=True)  # fmt: skip
+        pixels = matplotlib.image.imread(shot)
+        assert pixels.shape[:2] == (900, 1200) and pixels[..., :3].std() > 0.05  # drawn, not blank
 
 
 def test_cli_warning_exit_code_and_strict(tmp_path):

@@ -68,9 +68,7 @@ def diagnose(recipe: Recipe, job: SamplingJob, plugins: Plugins, n_prompts: int)
     findings = [checks.parity(main, trainer, reference, policy.compute_dtype)]
     varied = probe_sampler(job.sampler)
     if varied is None:
-        findings.append(Finding("processed_logprobs", "processed vs raw log-probs", "warn", None, "a sampler whose "
-                                "temperature and top_p can be set", "the sampler's options cannot be copied with "
-                                "another temperature: make it a Pydantic model (docs/plugins.md)"))  # fmt: skip
+        findings.append(checks.processed_unavailable())
     else:
         tempered = draw(dataclasses.replace(job, sampler=varied), problems, 2, recipe.seed + 1, "doctor: T = 0.7, top-p")
         findings.append(checks.processed(policy, tempered))

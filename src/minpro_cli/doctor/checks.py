@@ -109,6 +109,7 @@ def parity(draw: Draw, trainer: list[torch.Tensor], reference: list[torch.Tensor
     details = {"abs_delta": dict(zip(("p50", "p90", "p99"), quantiles)) | {"max": float(delta.max())},
                "kl_k1": stats["kl_k1"], "kl_k3": stats["kl_k3"], "chi2_token": stats["chi2_token"],
                "chi2_seq": stats["chi2_seq"], "ess_token": stats["ess_token"], "ess_seq": stats["ess_seq"],
+               "token_mult_prob_error": float(delta.exp().mean()),  # NeMo-RL's: > 1.05 "a framework bug"
                "tokens": int(mask.sum()), "by_position": by_position(log_f.abs(), mask),
                "compared_with": "processed forward (truncated)" if draw.truncated else "trainer path",
                "recommended": recommendation(verdict)}  # fmt: skip
@@ -151,6 +152,12 @@ def processed(policy: Policy, draw: Draw) -> Finding:
         advice, {"mean_abs_delta": fits, "best_fit": best, "tokens_outside_support": outside,
                  "tokens": int(recorded.numel())},
     )  # fmt: skip
+
+
+def processed_unavailable() -> Finding:
+    return Finding("processed_logprobs", "processed vs raw log-probs", "warn", None,
+                   "a sampler whose temperature and top_p can be set", "the sampler's options cannot be copied with "
+                   "another temperature: make it a Pydantic model (docs/plugins.md)")  # fmt: skip
 
 
 # --- 3. batch and micro-batch invariance ---------------------------------------------------------
@@ -277,14 +284,13 @@ def references(verifier: Verifier, name: str, problems: list[Problem]) -> Findin
     """The verifier on each reference, written as a correct response would write it."""
     render = getattr(verifier, "reference_response", lambda reference: reference)
     results = verify_batch(verifier, [render(p.answer) for p in problems], [p.answer for p in problems])
-    missed = [p.id for p, r in zip(problems, results) if r.reward < 1.0]
-    fraction = 1.0 - len(missed) / max(len(problems), 1)
+    missed = [p for p, r in zip(problems, results) if r.reward < 1.0]
     advice = ("every reference scores 1" if not missed else
-              f"verifier '{name}' does not reward the reference of problem '{missed[0]}' "
-              f"({render(problems[[p.id for p in problems].index(missed[0])].answer)[:60]!r}): fix the verifier or "
-              "the data's answer field")  # fmt: skip
-    return Finding("reference_reward", "verifier on the references", "ok" if not missed else "fail", fraction,
-                   "every reference scores 1", advice, {"problems": len(problems), "missed": missed[:10]})
+              f"verifier '{name}' does not reward the reference of problem '{missed[0].id}' "
+              f"({render(missed[0].answer)[:60]!r}): fix the verifier or the data's answer field")  # fmt: skip
+    return Finding("reference_reward", "verifier on the references", "ok" if not missed else "fail",
+                   1.0 - len(missed) / max(len(problems), 1), "every reference scores 1", advice,
+                   {"problems": len(problems), "missed": [p.id for p in missed[:10]]})  # fmt: skip
 
 
 def signal(draw: Draw) -> Finding:
