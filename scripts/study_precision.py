@@ -9,7 +9,7 @@ sampling_weights` + token TIS, verl's default). Seeds are paired: a seed's two r
 starting weights, prompts and evaluation problems. Reported: held-out pass@1 before and after,
 the paired difference bf16 − float32 with a t-interval over seeds, wall time per run, and the
 mismatch the bf16 runs logged per step. A finished run leaves a small record (pass@1, wall time,
-per-step curves) under docs/results/precision/runs/, to commit: a rerun, even on a fresh machine,
+per-step curves) under docs/results/precision/records/, to commit: a rerun, even on a fresh machine,
 trains only the runs without one, and `minpro train` resumes an interrupted one under --work.
 smollm2-rl needs `bash scripts/setup_smollm2.sh`.
 """
@@ -147,7 +147,7 @@ def main() -> None:
         runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
         for seed in range(args.seeds):  # seed by seed, so a study cut short still has whole pairs
             for arm in ARMS:
-                record = args.out.with_suffix("") / "runs" / recipe / f"{arm.split()[0]}_seed{seed}.json"
+                record = args.out.with_suffix("") / "records" / recipe / f"{arm.split()[0]}_seed{seed}.json"
                 runs[arm].append(train(recipe, arm, seed, run_dir(args.work, recipe, arm, seed), record))
         picture = args.out.with_suffix("") / f"{recipe}.png"
         figure(recipe, runs, picture)
