@@ -51,9 +51,11 @@ class Clipping:
 
 
 def ppo_clip_surrogate(
-    ratio: torch.Tensor, advantages: torch.Tensor, low: float, high: float, dual_clip: float | None = None
-) -> tuple[torch.Tensor, Clipping]:
+    ratio: torch.Tensor, advantages: torch.Tensor, low: float | torch.Tensor, high: float | torch.Tensor,
+    dual_clip: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Clipping]:  # fmt: skip
     """ℓ_t = max(−A_t·r_t, −A_t·clip(r_t, low, high)); with dual clip c, ℓ_t = min(ℓ_t, −A_t·c) where A_t < 0.
+    The bounds may be per-token tensors (CTPO-LA's band widens with position).
 
     A token counts as clipped where the clip zeroes its gradient: r_t > high with A_t > 0,
     r_t < low with A_t < 0, or (dual clip, counted as high) r_t > c with A_t < 0. At a bound
