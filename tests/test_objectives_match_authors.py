@@ -3,6 +3,7 @@ loss_agg the authors support), same loss and gradient.
 
 References (tests/reference/, each with its source, commit and license):
   CTPO, CTPO-LA, PNPO: horizon-llm/CTPO verl/trainer/ppo/core_algos.py
+  GMPO: verl's `geo_mean` (adapted from callsys/GMPO), from the same file of that verl fork
 """
 
 from __future__ import annotations
@@ -88,3 +89,15 @@ def test_ctpo_family_matches_the_authors_code(name, options, fn, mode, config, a
     want = theirs(fn, logp, old, adv, mask, loss_agg_mode=agg, config=verl_config(**config), ratio_mode=mode)
     assert_same(got, want, TOLERANCE.get(agg, 1e-12))
     assert got[1].abs().sum() > 0  # the batch moves the loss: a zero gradient would match trivially
+
+
+@pytest.mark.parametrize("drift", [0.1, 0.4, 3.0])
+@pytest.mark.parametrize("eps", [(0.4, 0.4), (0.2, 0.6)])
+def test_gmpo_matches_verl_geo_mean(eps, drift):
+    """The authors aggregate by the sequence mean only: GMPO's default `seq-mean-token-sum`."""
+    logp, old, adv, mask = batch(seed=7, drift=drift)
+    got = ours("gmpo", logp, old, adv, mask, eps_low=eps[0], eps_high=eps[1])
+    want = theirs(ctpo_code.compute_policy_loss_geo_mean, logp, old, adv, mask,
+                  config=verl_config(clip_ratio_low=eps[0], clip_ratio_high=eps[1]))  # fmt: skip
+    assert_same(got, want)
+    assert got[1].abs().sum() > 0
