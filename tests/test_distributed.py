@@ -236,4 +236,6 @@ def test_fsdp_checkpoint_resumes_in_one_process(tmp_path, rollouts):
     lines = (run_dir / "metrics.jsonl").read_text()
     assert lines.startswith(by_two_ranks) and len(lines.splitlines()) == 3  # rounds 0–1 kept, round 2 added
     run_train(load_recipe(QUICKSTART, [f"run_dir={tmp_path / 'straight'}", *SMALL, *common, "train.iterations=3"]))
-    assert_same_training(tmp_path / "straight", run_dir)
+    # two ranks then one sum their gradients in another order than one process throughout:
+    # on an AVX2 EPYC the grad norm came 1.03e-5 apart (relative), just past the default 1e-5
+    assert_same_training(tmp_path / "straight", run_dir, slack=3.0)
