@@ -274,4 +274,10 @@ def test_objective_defaults_are_the_published_ones():
     assert (load_objective("gspo").eps_low, load_objective("gspo").eps_high) == (3e-4, 4e-4)
     assert (load_objective("minpro").eps_low, load_objective("minpro").eps_high) == (1.0, 0.2)
     assert load_objective("m2po").m2_threshold == 0.04
-    assert {n for n in discover("objectives") if load_objective(n).uses_prefix_weight} == {"minpro", "prefix"}
+    assert {n for n in discover("objectives") if load_objective(n).uses_prefix_weight} == {
+        "minpro", "prefix", "ctpo", "pnpo", "ctpo_la"}
+    assert (load_objective("ctpo").eps_low, load_objective("ctpo").eps_high, load_objective("ctpo").dual_clip) == (
+        0.2, 0.2, 3.0)  # verl's actor defaults, which the CTPO authors keep
+    la = load_objective("ctpo_la")
+    assert (la.la_clip_low, la.la_clip_high, la.la_clip_c, la.la_power) == (0.025, 0.05, 0.05, 0.5)  # ctpo.sh
+    assert (load_objective("gmpo").eps_low, load_objective("gmpo").eps_high) == (0.4, 0.4)  # verl's GMPO example

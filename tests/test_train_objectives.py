@@ -27,7 +27,8 @@ SMALL = ["rollout.num_prompts=6", "rollout.group_size=4", "sampler.options.max_n
 OBJECTIVE_METRICS = {
     "minpro": "min_prefix_ratio_mean", "prefix": "prefix_ratio_mean", "gspo": "seq_ratio_mean",
     "m2po": "m2_masked_frac", "grpo": "clip_frac_high", "dapo": "clip_frac_high", "dr_grpo": "clip_frac_high",
-    "cispo": "weight_mean",
+    "cispo": "weight_mean", "ctpo": "weight_p50", "pnpo": "weight_p50", "ctpo_la": "weight_p50",
+    "gmpo": "sequence_ratio_mean",
 }
 
 

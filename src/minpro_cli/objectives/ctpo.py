@@ -60,7 +60,8 @@ class CTPO(ClippedObjective):
 class PNPO(CTPO):
     """PNPO: the prefix's geometric-mean ratio in CTPO's surrogate (CTPO's `cum-token-geomean`).
 
-        S_t = (1/t) Σ_{i≤t} log ρ_i,   w_t = exp(min(S_t, 10)),   ℓ_t and L as CTPO's
+        S_t = (1/t) Σ_{i≤t} log ρ_i,   w_t = exp(min(S_t, 10))
+        ℓ_t = max(−Â·w_t, −Â·clip(w_t, 1 − ε_low, 1 + ε_high));   Â < 0: ℓ_t = min(ℓ_t, −Â·c)
 
     The geometric mean does not grow with t as the product does, so one clip band fits every
     position.
