@@ -128,7 +128,7 @@ def run_doctor(
             "checks": [dataclasses.asdict(f) for f in diagnosis.findings],
         })  # fmt: skip
     if html_path is not None:
-        scale = 10 * checks.PARITY_TOLERANCE.get(policy.compute_dtype, 1e-3)
+        scale = 10 * checks.tolerance(checks.PARITY_TOLERANCE, policy.compute_dtype)
         write_text_atomic(html_path, render(f"minpro doctor {recipe_path.name}", diagnosis.findings, diagnosis.views,
                                             scale))  # fmt: skip
         console.print(f"html: {html_path}")

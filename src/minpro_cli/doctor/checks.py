@@ -3,6 +3,7 @@ function returns `Finding`s (docs/doctor.md has each threshold and why)."""
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -28,6 +29,11 @@ from minpro_cli.verifiers import Verifier, verify_batch
 PARITY_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.02}
 # on-policy ratios of the same rows scored in other arrangements: batch-variant kernels only
 INVARIANCE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.05, torch.float16: 0.01}
+
+
+def tolerance(table: dict[torch.dtype, float], dtype: torch.dtype) -> float:
+    """The precision's entry of `table` (float32's for any other dtype)."""
+    return table.get(dtype, table[torch.float32])
 # verl's documented alarm levels for a sampler–trainer mismatch (rollout correction)
 VERL_ESS, VERL_KL, VERL_CHI2 = 0.3, 0.1, 1.0
 PROBE_TEMPERATURE, PROBE_TOP_P = 0.7, 0.9  # check 2 draws with these, whatever the recipe's
@@ -54,7 +60,7 @@ class Draw:
     def responses(self) -> list[list[int]]:
         return [r.response_token_ids for r in self.rows]
 
-    @property
+    @functools.cached_property
     def recorded(self) -> list[torch.Tensor]:
         return [torch.tensor(r.behavior_logprobs, dtype=torch.float32) for r in self.rows]
 
@@ -101,10 +107,10 @@ def parity(draw: Draw, trainer: list[torch.Tensor], reference: list[torch.Tensor
     tally.add(log_f, mask)
     stats = {k.removeprefix("mismatch/"): float(v) for k, v in tally.tensors("mismatch").items()}
     delta = log_f.abs()[mask]
-    tolerance = PARITY_TOLERANCE.get(dtype, PARITY_TOLERANCE[torch.float32])
+    bound = tolerance(PARITY_TOLERANCE, dtype)
     alarms = [name for name, bad in (("ESS", stats["ess_token"] < VERL_ESS), ("|KL|", abs(stats["kl_k1"]) > VERL_KL),
                                      ("χ²", stats["chi2_token"] > VERL_CHI2)) if bad]  # fmt: skip
-    verdict = "fail" if alarms else graded(float(delta.max()), tolerance, float("inf"))
+    verdict = "fail" if alarms else graded(float(delta.max()), bound, float("inf"))
     quantiles = torch.quantile(delta, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
     details = {"abs_delta": dict(zip(("p50", "p90", "p99"), quantiles)) | {"max": float(delta.max())},
                "kl_k1": stats["kl_k1"], "kl_k3": stats["kl_k3"], "chi2_token": stats["chi2_token"],
@@ -116,7 +122,7 @@ def parity(draw: Draw, trainer: list[torch.Tensor], reference: list[torch.Tensor
     why = f"verl's alarm: {', '.join(alarms)}; " if alarms else ""
     return Finding(
         "parity", "sampler vs trainer: recorded log μ against the trainer's forward", verdict, float(delta.max()),
-        f"max |Δ log p| ≤ {tolerance:g} ({str(dtype).removeprefix('torch.')} trainer); ESS ≥ {VERL_ESS}, |KL| ≤ "
+        f"max |Δ log p| ≤ {bound:g} ({str(dtype).removeprefix('torch.')} trainer); ESS ≥ {VERL_ESS}, |KL| ≤ "
         f"{VERL_KL}, χ² ≤ {VERL_CHI2}", why + recommendation(verdict), details,
     )  # fmt: skip
 
@@ -182,14 +188,14 @@ def invariance(policy: Policy, draw: Draw, temperature: float, budget: int | Non
     reference = torch.cat(alone).double()
     worst_by = {name: float((torch.cat(v).double() - reference).abs().max()) for name, v in variants.items()}
     value = max(worst_by.values())
-    tolerance = INVARIANCE_TOLERANCE.get(policy.compute_dtype, INVARIANCE_TOLERANCE[torch.float32])
-    verdict = graded(value, tolerance, 10 * tolerance)
+    bound = tolerance(INVARIANCE_TOLERANCE, policy.compute_dtype)
+    verdict = graded(value, bound, 10 * bound)
     worst_name = max(worst_by, key=worst_by.__getitem__)
     advice = ("on-policy ratios are 1 within the precision's tolerance however rows are batched" if verdict == "ok"
               else f"log-probs change with the batching ({worst_name}): on-policy ratios are not 1; check position ids "
               "under padding and batch-variant kernels, or train in float32")  # fmt: skip
     return Finding("invariance", "batch and micro-batch invariance of the trainer's log-probs", verdict, value,
-                   f"max |Δ log p| ≤ {tolerance:g} against each row alone", advice,
+                   f"max |Δ log p| ≤ {bound:g} against each row alone", advice,
                    {"max_abs_delta": worst_by, "rows": len(prompts)})  # fmt: skip
 
 
