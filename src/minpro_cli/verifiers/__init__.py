@@ -18,17 +18,16 @@ deadline, so a plugin that hangs costs a timeout, not the run.
 from __future__ import annotations
 
 import atexit
-import multiprocessing as mp
 import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from multiprocessing.pool import Pool
 from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from minpro_cli.errors import MinproError
+from minpro_cli.verifiers.workers import CallFailed, Lost, StartFailed, WorkerPool
 
 PARALLEL_MIN_BATCH = 64  # below this, starting work in other processes costs more than it saves
 
@@ -72,53 +71,23 @@ class VerifierOptions(BaseModel):
         return verify_batch(self, responses, references, workers)
 
 
-_POOL: dict[str, Any] = {}
 WORKER_START_S = 300.0  # a spawned worker's interpreter and imports, however loaded the machine
+_pool: WorkerPool | None = None  # one per process, reused while the verifier and worker count stay
 
 
-def _worker_pool(workers: int) -> Pool:
-    """One pool per process, reused across batches. `spawn`: a forked copy of a process that
-    has run torch's thread pool can deadlock."""
-    pool = _POOL.get("pool")
-    if pool is None or _POOL.get("workers") != workers:
-        if pool is not None:
-            pool.terminate()
-        pool = mp.get_context("spawn").Pool(workers)
-        _POOL.update(pool=pool, workers=workers, warmed=None)
-    return pool
-
-
-def _warm(verifier: Verifier) -> None:
-    """Runs in a worker: unpickling `verifier` imported its module there; held a moment so
-    that each worker takes one."""
-    time.sleep(0.2)
-
-
-def _warmed_pool(verifier: Verifier, workers: int, offset: int) -> Pool:
-    """The pool, with every worker's interpreter started and the verifier's module imported
-    before any call is timed: a cold spawn under load can take longer than a call's bound,
-    and every call would be abandoned with reward 0. A verifier that cannot reach the workers
-    (one that cannot be pickled) fails here as its first call, item `offset`, would have."""
-    pool = _worker_pool(workers)
-    kind = (type(verifier).__module__, type(verifier).__qualname__)
-    if _POOL.get("warmed") != kind:
-        try:
-            pool.map_async(_warm, [verifier] * workers, chunksize=1).get(timeout=WORKER_START_S)
-        except mp.TimeoutError:
-            _discard_pool()
-            raise MinproError(f"the verifier's {workers} worker processes did not start within {WORKER_START_S:.0f} s") from None
-        except Exception as exc:  # noqa: BLE001 — raised by the verifier or its pickling, reported with the item
-            _discard_pool()
-            raise VerifierCallError(offset, exc) from None
-        _POOL["warmed"] = kind
-    return pool
+def _pool_for(verifier: Verifier, workers: int) -> WorkerPool:
+    global _pool
+    if _pool is None or _pool.size != workers or not (_pool.state is verifier or _pool.state == verifier):
+        _discard_pool()
+        _pool = WorkerPool(_call, verifier, workers, WORKER_START_S)
+    return _pool
 
 
 def _discard_pool() -> None:
-    pool = _POOL.pop("pool", None)
-    if pool is not None:
-        pool.terminate()
-        pool.join()
+    global _pool
+    if _pool is not None:
+        _pool.close()
+        _pool = None
 
 
 atexit.register(_discard_pool)
@@ -155,8 +124,8 @@ def verify_batch(
     A verifier that is `bounded_in_process` runs its first `probe` calls here, timed; if the
     rest would take under a second at that pace (a plain-number check takes microseconds), they
     run here too. Otherwise, and always for any other verifier, calls go to `workers`
-    processes, where each gets 2·timeout_s + 5 s before it is abandoned with reward 0 and the
-    pool is replaced.
+    processes, where each gets 2·timeout_s + 5 s before it is abandoned with reward 0 and its
+    worker replaced (a worker that dies abandons its call the same way).
     """
     if len(responses) != len(references):
         raise ValueError(f"{len(responses)} responses for {len(references)} references")
@@ -186,21 +155,25 @@ def _in_process(verifier: Verifier, items: list[tuple[str, str, Mapping[str, Any
 def _in_workers(
     verifier: Verifier, items: list[tuple[str, str, Mapping[str, Any]]], offset: int, workers: int
 ) -> list[VerifyResult]:
+    """The workers start and import the verifier's module before any call is timed: a cold
+    spawn under load can take longer than a call's bound. A verifier that cannot reach them
+    (one that cannot be pickled) fails as its first call, item `offset`, would have."""
     if not items:
         return []
-    pool = _warmed_pool(verifier, workers, offset)
-    pending = [pool.apply_async(_call, (verifier, *item)) for item in items]
     bound = 2 * float(getattr(verifier, "timeout_s", 5.0)) + 5.0
-    results, stalled = [], False
-    for index, handle in enumerate(pending, start=offset):  # a hung worker holds one call; the others go on
-        try:
-            results.append(handle.get(timeout=bound))
-        except mp.TimeoutError:
-            stalled = True
-            results.append(VerifyResult(0.0, {"extracted": None, "failure": f"verifier timed out after {bound:.0f} s"}))
-        except Exception as exc:  # noqa: BLE001 — raised in the worker, re-raised here
-            _discard_pool()
-            raise VerifierCallError(index, exc) from None
-    if stalled:
-        _discard_pool()  # its hung worker must not serve the next batch
-    return results
+    try:
+        outcomes = _pool_for(verifier, workers).run(items, bound)
+    except StartFailed as exc:
+        _discard_pool()
+        if exc.cause is None:
+            raise MinproError(f"the verifier's {workers} worker processes did not start within {WORKER_START_S:.0f} s") from None
+        raise VerifierCallError(offset, exc.cause) from None
+    except CallFailed as exc:
+        raise VerifierCallError(offset + exc.index, exc.cause) from None
+    except BaseException:
+        _discard_pool()  # e.g. Ctrl-C: calls left running in the workers must not answer the next batch
+        raise
+    return [
+        VerifyResult(0.0, {"extracted": None, "failure": f"verifier {outcome.reason}"}) if isinstance(outcome, Lost) else outcome
+        for outcome in outcomes
+    ]
