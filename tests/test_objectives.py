@@ -281,3 +281,7 @@ def test_objective_defaults_are_the_published_ones():
     la = load_objective("ctpo_la")
     assert (la.la_clip_low, la.la_clip_high, la.la_clip_c, la.la_power) == (0.025, 0.05, 0.05, 0.5)  # ctpo.sh
     assert (load_objective("gmpo").eps_low, load_objective("gmpo").eps_high) == (0.4, 0.4)  # verl's GMPO example
+    for name, delta in (("dppo_tv", 0.15), ("dppo_kl", 0.05)):  # examples/dppo_trainer in verl
+        dppo = load_objective(name)
+        assert (dppo.delta_low, dppo.delta_high, dppo.truncation, dppo.loss_agg) == (
+            delta, delta, 10000.0, "seq-mean-token-sum-norm")

@@ -4,6 +4,7 @@ loss_agg the authors support), same loss and gradient.
 References (tests/reference/, each with its source, commit and license):
   CTPO, CTPO-LA, PNPO: horizon-llm/CTPO verl/trainer/ppo/core_algos.py
   GMPO: verl's `geo_mean` (adapted from callsys/GMPO), from the same file of that verl fork
+  DPPO (Binary-TV, Binary-KL): verl's `dppo_tv`, `dppo_kl` (added by DPPO's authors), verl-project/verl
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import ctpo_core_algos as ctpo_code
+from reference import verl_core_algos as verl_code
 
 from minpro_cli.objectives import ObjectiveInputs
 from minpro_cli.registry import load_objective
@@ -101,3 +103,27 @@ def test_gmpo_matches_verl_geo_mean(eps, drift):
                   config=verl_config(clip_ratio_low=eps[0], clip_ratio_high=eps[1]))  # fmt: skip
     assert_same(got, want)
     assert got[1].abs().sum() > 0
+
+
+DPPO_CASES = [  # (ours, options, verl's config: clip_ratio is δ, clip_ratio_c is the truncation)
+    ("dppo_tv", {}, {"clip_ratio": 0.15, "clip_ratio_c": 10000.0}),
+    ("dppo_tv", {"delta_low": 0.05, "delta_high": 0.2, "truncation": 1.5},
+     {"clip_ratio_low": 0.05, "clip_ratio_high": 0.2, "clip_ratio_c": 1.5}),
+    ("dppo_kl", {}, {"clip_ratio": 0.05, "clip_ratio_c": 10000.0}),
+    ("dppo_kl", {"delta_low": 0.02, "delta_high": 0.1, "truncation": 1.5},
+     {"clip_ratio_low": 0.02, "clip_ratio_high": 0.1, "clip_ratio_c": 1.5}),
+]  # fmt: skip
+DPPO_CODE = {"dppo_tv": verl_code.compute_policy_loss_dppo_tv, "dppo_kl": verl_code.compute_policy_loss_dppo_kl}
+
+
+@pytest.mark.parametrize("drift", [0.4, 3.0])
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+@pytest.mark.parametrize(("name", "options", "config"), DPPO_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(DPPO_CASES)])
+def test_dppo_matches_verl(name, options, config, agg, drift):
+    """This verl's seq-mean-token-sum-norm divides by B'·T: minpro's B·L with no empty rows."""
+    logp, old, adv, mask = batch(seed=11, drift=drift)
+    got = ours(name, logp, old, adv, mask, loss_agg=agg, **options)
+    want = theirs(DPPO_CODE[name], logp, old, adv, mask, loss_agg_mode=agg, config=verl_config(**config))
+    assert_same(got, want, TOLERANCE.get(agg, 1e-12))
+    masked = load_objective(name, **options)(ObjectiveInputs(logp, old, adv, mask)).metrics
+    assert 0 < masked["masked_frac_positive"] and 0 < masked["masked_frac_negative"] and masked["masked_frac"] < 1

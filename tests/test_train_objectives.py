@@ -28,7 +28,7 @@ OBJECTIVE_METRICS = {
     "minpro": "min_prefix_ratio_mean", "prefix": "prefix_ratio_mean", "gspo": "seq_ratio_mean",
     "m2po": "m2_masked_frac", "grpo": "clip_frac_high", "dapo": "clip_frac_high", "dr_grpo": "clip_frac_high",
     "cispo": "weight_mean", "ctpo": "weight_p50", "pnpo": "weight_p50", "ctpo_la": "weight_p50",
-    "gmpo": "sequence_ratio_mean",
+    "gmpo": "sequence_ratio_mean", "dppo_tv": "masked_frac", "dppo_kl": "masked_frac",
 }
 
 
