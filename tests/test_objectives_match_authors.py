@@ -5,6 +5,7 @@ References (tests/reference/, each with its source, commit and license):
   CTPO, CTPO-LA, PNPO: horizon-llm/CTPO verl/trainer/ppo/core_algos.py
   GMPO: verl's `geo_mean` (adapted from callsys/GMPO), from the same file of that verl fork
   DPPO (Binary-TV, Binary-KL): verl's `dppo_tv`, `dppo_kl` (added by DPPO's authors), verl-project/verl
+  CE-GPPO: Kwai-Klear/CE-GPPO verl/trainer/ppo/core_algos.py `compute_gppo_loss_general_beta`
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import ctpo_core_algos as ctpo_code
+from reference import gppo_core_algos as gppo_code
 from reference import verl_core_algos as verl_code
 
 from minpro_cli.objectives import ObjectiveInputs
@@ -127,3 +129,24 @@ def test_dppo_matches_verl(name, options, config, agg, drift):
     assert_same(got, want, TOLERANCE.get(agg, 1e-12))
     masked = load_objective(name, **options)(ObjectiveInputs(logp, old, adv, mask)).metrics
     assert 0 < masked["masked_frac_positive"] and 0 < masked["masked_frac_negative"] and masked["masked_frac"] < 1
+
+
+@pytest.mark.parametrize("drift", [0.4, 3.0])
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+@pytest.mark.parametrize(("options", "theirs_options"), [
+    ({}, {"cliprange": 0.2, "clip_ratio_c": 10.0, "gppo_loss_beta1": 0.75, "gppo_loss_beta2": 1.0}),
+    ({"eps_low": 0.1, "eps_high": 0.3, "beta_low": 0.5, "beta_high": 0.25, "dual_clip": 3.0},
+     {"cliprange_low": 0.1, "cliprange_high": 0.3, "clip_ratio_c": 3.0, "gppo_loss_beta1": 0.5, "gppo_loss_beta2": 0.25}),
+])  # fmt: skip
+def test_ce_gppo_matches_the_authors_code(options, theirs_options, agg, drift):
+    """This verl's token-mean divides by the token count + 1e-8 (a relative 1e-8 apart)."""
+    logp, old, adv, mask = batch(seed=5, drift=drift)
+    got = in_verl_terms(ours("ce_gppo", logp, old, adv, mask, loss_agg=agg, **options), agg, len(adv))
+
+    def authors(old, x, adv, mask, **kwargs):
+        return gppo_code.compute_gppo_loss_general_beta(old, x, adv, mask, **kwargs)[0]
+
+    want = theirs(authors, logp, old, adv, mask, loss_agg_mode=agg, **theirs_options)
+    assert_same(got, want, 1e-7 if agg in ("token-mean", "seq-mean-token-mean") else 1e-12)
+    clipped = load_objective("ce_gppo", **options)(ObjectiveInputs(logp, old, adv, mask)).metrics
+    assert clipped["clip_frac_low"] > 0 and clipped["clip_frac_high"] > 0  # every branch is taken
