@@ -281,6 +281,8 @@ def test_objective_defaults_are_the_published_ones():
     la = load_objective("ctpo_la")
     assert (la.la_clip_low, la.la_clip_high, la.la_clip_c, la.la_power) == (0.025, 0.05, 0.05, 0.5)  # ctpo.sh
     assert (load_objective("gmpo").eps_low, load_objective("gmpo").eps_high) == (0.4, 0.4)  # verl's GMPO example
+    gipo = load_objective("gipo")  # RLinf's GIPO design note; the paper's authors published no code
+    assert (gipo.sigma, gipo.rho_min, gipo.rho_max, gipo.loss_agg) == (1.0, 0.0067, 148.0, "token-mean")
     gppo = load_objective("ce_gppo")  # the authors' 7B math recipe
     assert (gppo.beta_low, gppo.beta_high, gppo.eps_low, gppo.eps_high, gppo.dual_clip) == (0.75, 1.0, 0.2, 0.2, 10.0)
     for name, delta in (("dppo_tv", 0.15), ("dppo_kl", 0.05)):  # examples/dppo_trainer in verl

@@ -6,9 +6,12 @@ References (tests/reference/, each with its source, commit and license):
   GMPO: verl's `geo_mean` (adapted from callsys/GMPO), from the same file of that verl fork
   DPPO (Binary-TV, Binary-KL): verl's `dppo_tv`, `dppo_kl` (added by DPPO's authors), verl-project/verl
   CE-GPPO: Kwai-Klear/CE-GPPO verl/trainer/ppo/core_algos.py `compute_gppo_loss_general_beta`
+  GIPO: no code from its authors; an independent per-token loop from the paper's formula instead
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -150,3 +153,31 @@ def test_ce_gppo_matches_the_authors_code(options, theirs_options, agg, drift):
     assert_same(got, want, 1e-7 if agg in ("token-mean", "seq-mean-token-mean") else 1e-12)
     clipped = load_objective("ce_gppo", **options)(ObjectiveInputs(logp, old, adv, mask)).metrics
     assert clipped["clip_frac_low"] > 0 and clipped["clip_frac_high"] > 0  # every branch is taken
+
+
+def gipo_by_loop(logp, old, adv, mask, agg: str, sigma: float, rho_min: float, rho_max: float):
+    """GIPO's loss and its gradient in log π_θ, one token at a time in Python floats (float64):
+    ℓ = −ω·ρ·Â with ω = exp(−(log clamp(ρ))²/2σ²) held constant, so ∂ℓ/∂log π_θ = ℓ."""
+    rows = [[t for t in range(mask.shape[1]) if mask[i, t]] for i in range(mask.shape[0])]
+    total, grad = 0.0, torch.zeros_like(logp)
+    tokens = sum(len(r) for r in rows)
+    for i, kept in enumerate(rows):
+        for t in kept:
+            rho = math.exp(float(logp[i, t]) - float(old[i, t]))
+            omega = math.exp(-math.log(min(max(rho, rho_min), rho_max)) ** 2 / (2 * sigma * sigma))
+            term = -omega * rho * float(adv[i])
+            scale = 1 / tokens if agg == "token-mean" else 1 / (len(kept) * len(rows))  # seq-mean-token-mean
+            total += term * scale
+            grad[i, t] = term * scale
+    return total, grad
+
+
+@pytest.mark.parametrize("drift", [0.1, 0.4, 3.0])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("options", [{}, {"sigma": 0.5, "rho_min": 0.5, "rho_max": 1.5}])
+def test_gipo_matches_a_loop_from_the_paper(options, agg, drift):
+    logp, old, adv, mask = batch(seed=3, drift=drift)
+    got = ours("gipo", logp, old, adv, mask, loss_agg=agg, **options)
+    want = gipo_by_loop(logp, old, adv, mask, agg, **({"sigma": 1.0, "rho_min": 0.0067, "rho_max": 148.0} | options))
+    assert_same(got, want)
+    assert got[1].abs().sum() > 0

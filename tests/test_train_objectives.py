@@ -29,7 +29,7 @@ OBJECTIVE_METRICS = {
     "m2po": "m2_masked_frac", "grpo": "clip_frac_high", "dapo": "clip_frac_high", "dr_grpo": "clip_frac_high",
     "cispo": "weight_mean", "ctpo": "weight_p50", "pnpo": "weight_p50", "ctpo_la": "weight_p50",
     "gmpo": "sequence_ratio_mean", "dppo_tv": "masked_frac", "dppo_kl": "masked_frac",
-    "ce_gppo": "clip_frac_high",
+    "ce_gppo": "clip_frac_high", "gipo": "weight_mean",
 }
 
 
