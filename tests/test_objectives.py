@@ -281,6 +281,9 @@ def test_objective_defaults_are_the_published_ones():
     la = load_objective("ctpo_la")
     assert (la.la_clip_low, la.la_clip_high, la.la_clip_c, la.la_power) == (0.025, 0.05, 0.05, 0.5)  # ctpo.sh
     assert (load_objective("gmpo").eps_low, load_objective("gmpo").eps_high) == (0.4, 0.4)  # verl's GMPO example
+    cppo = load_objective("cppo")  # CPPOConfig of the authors' verl PR, with DPPO's δ and c
+    assert (cppo.delta, cppo.w_min, cppo.delta_b, cppo.delta_b_q, cppo.delta_b_k, cppo.delta_b_max_mult,
+            cppo.truncation) == (0.15, 0.8, 0.02, 0.9, 1.0, 5.0, 20.0)  # fmt: skip
     gipo = load_objective("gipo")  # RLinf's GIPO design note; the paper's authors published no code
     assert (gipo.sigma, gipo.rho_min, gipo.rho_max, gipo.loss_agg) == (1.0, 0.0067, 148.0, "token-mean")
     gppo = load_objective("ce_gppo")  # the authors' 7B math recipe

@@ -6,6 +6,7 @@ References (tests/reference/, each with its source, commit and license):
   GMPO: verl's `geo_mean` (adapted from callsys/GMPO), from the same file of that verl fork
   DPPO (Binary-TV, Binary-KL): verl's `dppo_tv`, `dppo_kl` (added by DPPO's authors), verl-project/verl
   CE-GPPO: Kwai-Klear/CE-GPPO verl/trainer/ppo/core_algos.py `compute_gppo_loss_general_beta`
+  CPPO: the per-token loop its authors test their verl PR (#6731) against
   GIPO: no code from its authors; an independent per-token loop from the paper's formula instead
 """
 
@@ -15,6 +16,7 @@ import math
 
 import pytest
 import torch
+from reference import cppo_reference as cppo_code
 from reference import ctpo_core_algos as ctpo_code
 from reference import gppo_core_algos as gppo_code
 from reference import verl_core_algos as verl_code
@@ -181,3 +183,44 @@ def test_gipo_matches_a_loop_from_the_paper(options, agg, drift):
     want = gipo_by_loop(logp, old, adv, mask, agg, **({"sigma": 1.0, "rho_min": 0.0067, "rho_max": 148.0} | options))
     assert_same(got, want)
     assert got[1].abs().sum() > 0
+
+
+CPPO_CASES = [  # (ours, the authors' config): δ_b_k 0 pins the budget's rate to its floor
+    ({}, {}),
+    ({"delta": 0.3, "w_min": 0.5, "delta_b": 0.01, "delta_b_k": 0.0, "truncation": 1.5},
+     {"delta": 0.3, "w_min": 0.5, "delta_b": 0.01, "delta_b_k": 0.0, "clip_ratio_c": 1.5}),
+    ({"delta": 0.08, "delta_b": 0.01, "delta_b_q": 0.5, "delta_b_k": 2.0, "delta_b_max_mult": 2.0},
+     {"delta": 0.08, "delta_b": 0.01, "delta_b_q": 0.5, "delta_b_k": 2.0, "delta_b_max_mult": 2.0}),
+    # a budget that never binds: the position weight alone decides (its span: each row's length)
+    ({"delta": 0.1, "w_min": 0.3, "delta_b": 100.0, "delta_b_k": 0.0},
+     {"delta": 0.1, "w_min": 0.3, "delta_b": 100.0, "delta_b_k": 0.0}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("drift", [0.4, 3.0])
+@pytest.mark.parametrize(("options", "config"), CPPO_CASES)
+def test_cppo_matches_the_authors_loop(options, config, drift):
+    """Mask, loss and gradient against the loop the CPPO authors check their PR with (its loss
+    is seq-mean-token-mean); the mask is also checked alone, token by token."""
+    logp, old, adv, mask = batch(seed=13, drift=drift)
+    cfg = cppo_code.config(**config)
+    token_adv = adv[:, None].expand_as(logp) * mask
+    keep, _ = load_objective("cppo", **options).kept(ObjectiveInputs(logp, old, adv, mask))
+    assert torch.equal(keep.double(), cppo_code._reference_mask(logp, old, token_adv, mask, cfg).double())
+    got = ours("cppo", logp, old, adv, mask, loss_agg="seq-mean-token-mean", **options)
+    x = logp.clone().requires_grad_(True)
+    loss = cppo_code._reference_loss(x, old, token_adv, mask, cfg)
+    loss.backward()
+    assert_same(got, (loss.item(), x.grad))
+    assert 0 < (~keep & mask).sum() < mask.sum()  # the mask drops some tokens, not all
+
+
+def test_cppo_budget_masks_tokens_the_token_bound_alone_would_keep():
+    """δ large, the budget's rate tiny: a drifted prefix spends the budget, and later tokens
+    under δ are dropped (the authors' own case: D = 0.3, 0.3, 0.3, then 0.05)."""
+    old = torch.log(torch.full((1, 4), 0.5, dtype=torch.float64))
+    logp = torch.log(torch.tensor([[0.8, 0.8, 0.8, 0.55]], dtype=torch.float64))
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    keep, _ = load_objective("cppo", delta=0.5, delta_b=0.001, delta_b_k=0.0, w_min=1.0).kept(
+        ObjectiveInputs(logp, old, torch.ones(1, dtype=torch.float64), mask))
+    assert keep.tolist() == [[True, False, False, False]]
