@@ -47,7 +47,8 @@ def random_batch(seed: int, per_token_adv: bool) -> ObjectiveInputs:
     mask[0, 0] = True  # a row whose first token is trained
     shape = (rows, width) if per_token_adv else (rows,)
     adv = torch.randn(*shape, generator=gen, dtype=torch.float64)
-    return ObjectiveInputs(logp.requires_grad_(True), old, adv, mask)
+    rewards = torch.randint(0, 2, (rows,), generator=gen, dtype=torch.float64)  # TOPR splits on them
+    return ObjectiveInputs(logp.requires_grad_(True), old, adv, mask, rewards=rewards)
 
 
 def check_against_reference(name: str, options: dict, inputs: ObjectiveInputs) -> dict[str, float]:
@@ -107,7 +108,7 @@ def batch_from_ratios(ratios, mask, adv=1.0, logp=None):
     logp = torch.full_like(ratios, -1.0) if logp is None else torch.tensor([logp], dtype=torch.float64)
     return ObjectiveInputs(
         logp.requires_grad_(True), logp.detach() - ratios.log(), torch.tensor([adv], dtype=torch.float64),
-        torch.tensor([mask]),
+        torch.tensor([mask]), rewards=torch.tensor([float(adv > 0)], dtype=torch.float64),
     )
 
 
@@ -284,6 +285,8 @@ def test_objective_defaults_are_the_published_ones():
     cppo = load_objective("cppo")  # CPPOConfig of the authors' verl PR, with DPPO's δ and c
     assert (cppo.delta, cppo.w_min, cppo.delta_b, cppo.delta_b_q, cppo.delta_b_k, cppo.delta_b_max_mult,
             cppo.truncation) == (0.15, 0.8, 0.02, 0.9, 1.0, 5.0, 20.0)  # fmt: skip
+    topr = load_objective("topr")  # ROLL's pg_variant topr
+    assert (topr.positive_weight, topr.negative_weight, topr.loss_agg) == (1.0, 1.0, "seq-mean-token-mean")
     gipo = load_objective("gipo")  # RLinf's GIPO design note; the paper's authors published no code
     assert (gipo.sigma, gipo.rho_min, gipo.rho_max, gipo.loss_agg) == (1.0, 0.0067, 148.0, "token-mean")
     gppo = load_objective("ce_gppo")  # the authors' 7B math recipe

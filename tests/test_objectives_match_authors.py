@@ -7,6 +7,7 @@ References (tests/reference/, each with its source, commit and license):
   DPPO (Binary-TV, Binary-KL): verl's `dppo_tv`, `dppo_kl` (added by DPPO's authors), verl-project/verl
   CE-GPPO: Kwai-Klear/CE-GPPO verl/trainer/ppo/core_algos.py `compute_gppo_loss_general_beta`
   CPPO: the per-token loop its authors test their verl PR (#6731) against
+  TOPR: ROLL's `pg_variant: topr` (alibaba/ROLL roll/pipeline/agentic/agentic_actor_pg_worker.py)
   GIPO: no code from its authors; an independent per-token loop from the paper's formula instead
 """
 
@@ -19,6 +20,7 @@ import torch
 from reference import cppo_reference as cppo_code
 from reference import ctpo_core_algos as ctpo_code
 from reference import gppo_core_algos as gppo_code
+from reference import roll_topr as topr_code
 from reference import verl_core_algos as verl_code
 
 from minpro_cli.objectives import ObjectiveInputs
@@ -224,3 +226,32 @@ def test_cppo_budget_masks_tokens_the_token_bound_alone_would_keep():
     keep, _ = load_objective("cppo", delta=0.5, delta_b=0.001, delta_b_k=0.0, w_min=1.0).kept(
         ObjectiveInputs(logp, old, torch.ones(1, dtype=torch.float64), mask))
     assert keep.tolist() == [[True, False, False, False]]
+
+
+@pytest.mark.parametrize("drift", [0.4, 3.0])
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.5, 2.0)])
+def test_topr_matches_roll(weights, agg, drift):
+    """Rewards of both signs and zeros, two of them against their advantage's sign (the split is
+    on the reward); ROLL divides seq-mean modes by B + 1e-8 and seq-mean-token-sum-norm by T alone."""
+    logp, old, adv, mask = batch(seed=17, drift=drift)
+    rewards = torch.tensor([1.0, 1.0, 0.0, -1.0, 0.0, 2.0], dtype=torch.float64)
+    x = logp.clone().requires_grad_(True)
+    extra = {"max_response_length": mask.shape[1]} if agg == "seq-mean-token-sum-norm" else {}
+    loss = load_objective("topr", positive_weight=weights[0], negative_weight=weights[1], loss_agg=agg, **extra)(
+        ObjectiveInputs(x, old, adv, mask, rewards=rewards)).loss
+    loss.backward()
+    got = in_verl_terms((loss.item(), x.grad), agg, len(adv))
+    y = logp.clone().requires_grad_(True)
+    token_adv = adv[:, None].expand_as(logp) * mask  # ROLL's advantages are 0 past the response
+    per_token = topr_code.topr_loss((y - old).exp(), y, token_adv, rewards, *weights)
+    want_loss = topr_code.agg_loss(per_token, mask.double(), agg)
+    want_loss.backward()
+    assert_same(got, (want_loss.item(), y.grad), 1e-12 if agg in ("token-mean", "seq-mean-token-sum-norm") else 1e-7)
+    assert got[1].abs().sum() > 0
+
+
+def test_topr_without_rewards_says_what_it_needs():
+    logp, old, adv, mask = batch(seed=17, drift=0.4)
+    with pytest.raises(ValueError, match="topr needs each response's reward"):
+        load_objective("topr")(ObjectiveInputs(logp, old, adv, mask))

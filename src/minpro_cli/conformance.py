@@ -79,7 +79,8 @@ def objective_batch(seed: int, pad: int = 0, on_policy: bool = False) -> Objecti
     lengths = torch.tensor([9, 4, 1, 6, 0])
     mask = torch.arange(width + pad)[None, :] < lengths[:, None]
     advantages = torch.tensor([1.5, -0.8, 0.6, -1.2, 2.0])
-    return ObjectiveInputs(logp.clone().requires_grad_(True), old.detach().clone(), advantages, mask)
+    rewards = (advantages > 0).float()
+    return ObjectiveInputs(logp.clone().requires_grad_(True), old.detach().clone(), advantages, mask, rewards=rewards)
 
 
 def _call(objective: Objective, inputs: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
@@ -141,8 +142,9 @@ def per_token_advantages(objective: Objective) -> None:
 
 
 def _rows(inputs: ObjectiveInputs, rows: slice, counts: MinibatchCounts) -> ObjectiveInputs:
+    rewards = inputs.rewards[rows] if inputs.rewards is not None else None
     return ObjectiveInputs(inputs.logprobs.detach()[rows].clone().requires_grad_(True), inputs.anchor_logprobs[rows],
-                           inputs.advantages[rows], inputs.response_mask[rows], counts=counts)  # fmt: skip
+                           inputs.advantages[rows], inputs.response_mask[rows], counts=counts, rewards=rewards)  # fmt: skip
 
 
 def split_invariance(objective: Objective) -> str | None:

@@ -56,6 +56,7 @@ class RolloutBatch:
     versions: list[list[int]] = field(default_factory=list)  # per response token (behavior_versions); empty: all 0
     scores: dict[str, list[list[float]]] = field(default_factory=dict)
     trained_from: int = 0
+    rewards: torch.Tensor | None = None  # (B,) each response's reward, for objectives that split on it
 
     @classmethod
     def from_rows(cls, rows: list[RolloutRow], advantages: torch.Tensor) -> RolloutBatch:
@@ -69,6 +70,7 @@ class RolloutBatch:
             advantages=advantages,
             temperature=temperatures.pop(),
             versions=[list(r.behavior_versions or []) for r in rows],
+            rewards=torch.tensor([float(r.reward) for r in rows]),
         )
 
     def select(self, index: list[int]) -> RolloutBatch:
@@ -81,6 +83,7 @@ class RolloutBatch:
             versions=[self.versions[i] for i in index] if self.versions else [],
             scores={key: [rows[i] for i in index] for key, rows in self.scores.items()},
             trained_from=self.trained_from,
+            rewards=self.rewards[index] if self.rewards is not None else None,
         )
 
 
@@ -327,8 +330,9 @@ def micro_batch_backward(
     if scope.off_policy.correction.enabled:
         corrected = correct(scope.off_policy.correction, anchor, behavior, logprobs, advantages, mask)
         trained = scale_gradient(logprobs, corrected.weights)
+    rewards = part.rewards.to(device) if part.rewards is not None else None
     inputs = ObjectiveInputs(trained, anchor, advantages, mask, behavior_logprobs=behavior,
-                             behavior_versions=versions, counts=scope.counts)  # fmt: skip
+                             behavior_versions=versions, counts=scope.counts, rewards=rewards)  # fmt: skip
     out = objective(inputs)
     check_loss(objective, out.loss)
     with autocast(device, trainee.compute_dtype):  # the reference computes as the policy does

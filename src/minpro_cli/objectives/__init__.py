@@ -49,6 +49,7 @@ class ObjectiveInputs:
     behavior_versions  (B, T) int64, the policy version (optimizer step) that drew each token,
                        or None when unknown
     counts             the whole minibatch's counts the loss is normalised by; None: this batch's
+    rewards            (B,) each response's reward (TOPR splits on its sign), or None when not given
     """
 
     logprobs: torch.Tensor
@@ -59,6 +60,7 @@ class ObjectiveInputs:
     behavior_versions: torch.Tensor | None
     counts: MinibatchCounts | None
     proximal_logprobs: torch.Tensor | None
+    rewards: torch.Tensor | None
 
     def __init__(
         self,
@@ -71,6 +73,7 @@ class ObjectiveInputs:
         behavior_logprobs: torch.Tensor | None = None,
         behavior_versions: torch.Tensor | None = None,
         counts: MinibatchCounts | None = None,
+        rewards: torch.Tensor | None = None,
         old_logprobs: torch.Tensor | None = None,
     ) -> None:
         if old_logprobs is not None:
@@ -83,6 +86,7 @@ class ObjectiveInputs:
         self.advantages, self.response_mask = advantages, response_mask
         self.behavior_logprobs = anchor_logprobs if behavior_logprobs is None else behavior_logprobs
         self.behavior_versions, self.counts, self.proximal_logprobs = behavior_versions, counts, proximal_logprobs
+        self.rewards = rewards
 
     @property
     def old_logprobs(self) -> torch.Tensor:
