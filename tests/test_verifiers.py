@@ -213,6 +213,17 @@ def test_a_call_that_raises_names_the_lowest_raising_item_and_keeps_the_workers(
     assert verifiers._pool.pids() == pids  # neither call that raised cost its worker
 
 
+def test_a_new_instance_of_the_same_verifier_reuses_the_workers():
+    """A stage that builds its verifier per batch (the probe does) must not restart the pool
+    each time: each call carries its verifier."""
+    verifiers._discard_pool()
+    scripted(["ok", "ok"])
+    assert verifiers._pool is not None
+    pids = verifiers._pool.pids()
+    assert [r.reward for r in verify_batch(Scripted(), ["ok"] * 3, ["1"] * 3, workers=2)] == [1, 1, 1]
+    assert verifiers._pool.pids() == pids
+
+
 def test_batches_whose_calls_raise_never_hang():
     """multiprocessing.Pool.terminate() after a raising call hung about one time in twenty
     (a worker killed while it held the shared result pipe's lock)."""

@@ -72,12 +72,14 @@ class VerifierOptions(BaseModel):
 
 
 WORKER_START_S = 300.0  # a spawned worker's interpreter and imports, however loaded the machine
-_pool: WorkerPool | None = None  # one per process, reused while the verifier and worker count stay
+_pool: WorkerPool | None = None  # one per process, reused while the verifier's class and worker count stay
 
 
 def _pool_for(verifier: Verifier, workers: int) -> WorkerPool:
+    """Each call carries its verifier, so a new instance of the same class (a stage that builds
+    its verifier per batch) reuses the pool; another class restarts it with that class imported."""
     global _pool
-    if _pool is None or _pool.size != workers or not (_pool.state is verifier or _pool.state == verifier):
+    if _pool is None or _pool.size != workers or type(_pool.warm) is not type(verifier):
         _discard_pool()
         _pool = WorkerPool(_call, verifier, workers, WORKER_START_S)
     return _pool
@@ -162,7 +164,7 @@ def _in_workers(
         return []
     bound = 2 * float(getattr(verifier, "timeout_s", 5.0)) + 5.0
     try:
-        outcomes = _pool_for(verifier, workers).run(items, bound)
+        outcomes = _pool_for(verifier, workers).run([(verifier, *item) for item in items], bound)
     except StartFailed as exc:
         _discard_pool()
         if exc.cause is None:

@@ -6,8 +6,8 @@ waits on it forever. A reward function that raised hung `minpro eval` that way a
 time in twenty (CPython 3.11). Here a worker shares nothing with the others, so killing one
 (a call past its deadline, calls abandoned after another call raised) blocks nothing.
 
-Each worker receives `(function, state)` once, when it starts (unpickling `state` imports
-its module there, before any call is timed), then runs `function(state, *item)` per item.
+Each worker receives `(function, warm)` once, when it starts (unpickling `warm` imports its
+module there, before any call is timed), then runs `function(*item)` per item.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class CallFailed(Exception):
 
 
 class StartFailed(Exception):
-    """A worker could not take `state` (it raised `cause`) or did not start within the bound."""
+    """A worker could not take `warm` (it raised `cause`) or did not start within the bound."""
 
     def __init__(self, cause: BaseException | None) -> None:
         super().__init__(cause)
@@ -57,8 +57,8 @@ def _serve(conn: Connection) -> None:
     """A worker's loop; it ends when the parent closes its end (or dies)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it kills us
     try:
-        function, state = conn.recv()
-    except BaseException as exc:  # noqa: BLE001 — e.g. the state's module fails to import here
+        function, _ = conn.recv()
+    except BaseException as exc:  # noqa: BLE001 — e.g. the warm-up object's module fails to import here
         _reply(conn, False, exc)
         return
     _reply(conn, True, None)
@@ -68,24 +68,24 @@ def _serve(conn: Connection) -> None:
         except EOFError:
             return
         try:
-            ok, value = True, function(state, *item)
+            ok, value = True, function(*item)
         except BaseException as exc:  # noqa: BLE001 — any error of the call is the caller's to report
             ok, value = False, exc
         _reply(conn, ok, value)
 
 
 class _Worker:
-    def __init__(self, function: Callable[..., Any], state: Any, start_s: float) -> None:
+    def __init__(self, function: Callable[..., Any], warm: Any, start_s: float) -> None:
         self.conn, child = _CONTEXT.Pipe()
         self.process = _CONTEXT.Process(target=_serve, args=(child,), daemon=True)
         self.process.start()
         child.close()
-        self.ready = False  # it answered that it holds `state`
+        self.ready = False  # it answered that it imported what `warm` needs
         self.index: int | None = None  # the item it is running
         self.deadline = time.monotonic() + start_s  # to be ready by, then to answer `index` by
         try:
-            self.conn.send((function, state))
-        except Exception as exc:  # noqa: BLE001 — e.g. a state that cannot be pickled
+            self.conn.send((function, warm))
+        except Exception as exc:  # noqa: BLE001 — e.g. an object that cannot be pickled
             self.kill()
             raise StartFailed(exc) from None
 
@@ -103,10 +103,11 @@ class _Worker:
 
 
 class WorkerPool:
-    """`workers` processes bound to `(function, state)`; `run` is the one call."""
+    """`workers` processes that run `function`, started with `warm` (an object whose module
+    every call will need); `run` is the one call."""
 
-    def __init__(self, function: Callable[..., Any], state: Any, workers: int, start_s: float) -> None:
-        self.function, self.state, self.size, self.start_s = function, state, workers, start_s
+    def __init__(self, function: Callable[..., Any], warm: Any, workers: int, start_s: float) -> None:
+        self.function, self.warm, self.size, self.start_s = function, warm, workers, start_s
         self.workers: list[_Worker] = []
 
     def close(self) -> None:
@@ -118,9 +119,9 @@ class WorkerPool:
         return [worker.process.pid for worker in self.workers]
 
     def _start(self) -> None:
-        """Top the pool up, then wait until every worker holds `state`."""
+        """Top the pool up, then wait until every worker is ready."""
         while len(self.workers) < self.size:
-            self.workers.append(_Worker(self.function, self.state, self.start_s))
+            self.workers.append(_Worker(self.function, self.warm, self.start_s))
         for worker in (w for w in self.workers if not w.ready):
             ready = worker.conn.poll(max(worker.deadline - time.monotonic(), 0.0))
             self._started(worker, worker.receive() if ready else None)
@@ -134,10 +135,10 @@ class WorkerPool:
     def _replace(self, worker: _Worker) -> None:
         """Kill `worker` (its call is abandoned) and start another in its place."""
         worker.kill()
-        self.workers[self.workers.index(worker)] = _Worker(self.function, self.state, self.start_s)
+        self.workers[self.workers.index(worker)] = _Worker(self.function, self.warm, self.start_s)
 
     def run(self, items: Sequence[tuple[Any, ...]], bound: float) -> list[Any]:
-        """`function(state, *item)` for each item, in item order, each call given `bound`
+        """`function(*item)` for each item, in item order, each call given `bound`
         seconds; a call past it is `Lost` and its worker replaced. When a call raises, no
         further items start, the calls running at lower indices finish, the others are
         killed, and `CallFailed` names the lowest index that raised."""
@@ -148,7 +149,14 @@ class WorkerPool:
         while True:
             for worker in self.workers:
                 if worker.ready and worker.index is None and queued < len(items) and not failures:
-                    worker.conn.send(items[queued])
+                    try:
+                        worker.conn.send(items[queued])
+                    except OSError:  # it died while idle: another takes its place, the item waits
+                        self._replace(worker)
+                        continue
+                    except Exception as exc:  # noqa: BLE001 — the item cannot be pickled: its call fails
+                        failures[queued] = exc
+                        break
                     worker.index, worker.deadline = queued, time.monotonic() + bound
                     queued += 1
             for worker in self.workers:  # calls that can no longer change the outcome
