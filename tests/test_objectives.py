@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from objective_reference import reference
 
 from minpro_cli.errors import PluginError
+from minpro_cli.fileio import read_yaml
 from minpro_cli.objectives import ObjectiveInputs
 from minpro_cli.registry import discover, load_objective
 
@@ -295,3 +297,16 @@ def test_objective_defaults_are_the_published_ones():
         dppo = load_objective(name)
         assert (dppo.delta_low, dppo.delta_high, dppo.truncation, dppo.loss_agg) == (
             delta, delta, 10000.0, "seq-mean-token-sum-norm")
+
+
+def test_the_arena_enters_every_builtin_objective():
+    """recipes/arena.yaml's sweep and scripts/arena.sh's probe name every built-in objective
+    (dapo and dr_grpo are GRPO's clip and aggregation variants, MinPRO enters in both clip modes):
+    a new objective must not be left out of the comparison."""
+    root = Path(__file__).resolve().parents[1]
+    grid = read_yaml(root / "recipes" / "arena.yaml")["sweep"]["grid"]["objective"]
+    swept = [o["name"] + "".join(f":{k}={v}" for k, v in o.get("options", {}).items()) for o in grid]
+    probed = re.search(r"for name in (.*?); do", (root / "scripts" / "arena.sh").read_text(), re.DOTALL).group(1).split()
+    assert [n for n in probed if n != "\\"] == swept
+    assert {n.split(":")[0] for n in swept} == set(discover("objectives")) - {"dapo", "dr_grpo"}
+    assert "minpro:clip_mode=ppo" in swept
