@@ -43,13 +43,7 @@ PROBE_RUN=runs/arena-probe$SUFFIX
 PROBE_JSON=$PROBE_RUN/probe.json
 
 # 1. the probe, along one on-policy run's checkpoints (one per optimizer step)
-if [ ! -e "$PROBE_RUN/final/.complete" ]; then
-    $MINPRO train "$RECIPE" "run_dir=$PROBE_RUN" train.checkpoint_every=1 "${PROBE_TRAIN[@]}"
-fi
-if [ ! -e "$PROBE_JSON" ]; then
-    $MINPRO probe "$RECIPE" --run "$PROBE_RUN" "${PROBE[@]}" "${OBJECTIVES[@]}" \
-        --json "$PROBE_JSON" --plot "$PROBE_RUN/plots"
-fi
+bash scripts/probe_along_run.sh "$RECIPE" "$PROBE_RUN" "${PROBE_TRAIN[@]}" -- "${PROBE[@]}" "${OBJECTIVES[@]}"
 
 # 2. and 3. the sweeps; each skips its finished runs and resumes the others
 $MINPRO sweep "$RECIPE" "${QUICK[@]}" --no-report
