@@ -4,6 +4,7 @@ raise or kill their worker cost that call, never the batch or the next one)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 
@@ -11,7 +12,7 @@ import pytest
 
 from minpro_cli import verifiers
 from minpro_cli.registry import load_verifier
-from minpro_cli.verifiers import VerifierCallError, VerifyResult, verify_batch
+from minpro_cli.verifiers import VerifierCallError, VerifyResult, verify_batch, workers
 from minpro_cli.verifiers.math import MathVerifier
 
 MATH_CASES = [
@@ -222,6 +223,16 @@ def test_a_new_instance_of_the_same_verifier_reuses_the_workers():
     pids = verifiers._pool.pids()
     assert [r.reward for r in verify_batch(Scripted(), ["ok"] * 3, ["1"] * 3, workers=2)] == [1, 1, 1]
     assert verifiers._pool.pids() == pids
+
+
+def test_a_worker_whose_parent_is_gone_ends_without_a_word(capfd):
+    """A parent that exits without killing its workers (os._exit, a crash): a worker finds its
+    pipe broken and ends; a traceback on the shared stderr would break the CLI's one error line."""
+    parent, child = multiprocessing.Pipe()
+    parent.send((len, None))
+    parent.close()
+    workers._serve(child)  # its "ready" finds no reader
+    assert capfd.readouterr().err == ""
 
 
 def test_batches_whose_calls_raise_never_hang():

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 _CONTEXT = mp.get_context("spawn")  # a forked copy of a process that has run torch's thread pool can deadlock
@@ -48,36 +49,43 @@ class StartFailed(Exception):
 
 def _reply(conn: Connection, ok: bool, value: Any) -> None:
     try:
-        conn.send((ok, value))
+        payload = ForkingPickler.dumps((ok, value))
     except Exception as exc:  # noqa: BLE001 — a value or exception that cannot be pickled
-        conn.send((False, RuntimeError(f"{type(value).__name__} could not be sent back: {exc}")))
+        payload = ForkingPickler.dumps((False, RuntimeError(f"{type(value).__name__} could not be sent back: {exc}")))
+    conn.send_bytes(payload)
+
+
+def _worker_main(conn: Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it kills us
+    _serve(conn)
 
 
 def _serve(conn: Connection) -> None:
-    """A worker's loop; it ends when the parent closes its end (or dies)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it kills us
+    """A worker's loop; it ends, quietly, when the parent closes its end or is gone."""
     try:
-        function, _ = conn.recv()
-    except BaseException as exc:  # noqa: BLE001 — e.g. the warm-up object's module fails to import here
-        _reply(conn, False, exc)
-        return
-    _reply(conn, True, None)
-    while True:
         try:
-            item = conn.recv()
-        except EOFError:
+            function, _ = conn.recv()
+        except (EOFError, OSError):
+            raise
+        except BaseException as exc:  # noqa: BLE001 — e.g. the warm-up object's module fails to import here
+            _reply(conn, False, exc)
             return
-        try:
-            ok, value = True, function(*item)
-        except BaseException as exc:  # noqa: BLE001 — any error of the call is the caller's to report
-            ok, value = False, exc
-        _reply(conn, ok, value)
+        _reply(conn, True, None)
+        while True:
+            item = conn.recv()
+            try:
+                ok, value = True, function(*item)
+            except BaseException as exc:  # noqa: BLE001 — any error of the call is the caller's to report
+                ok, value = False, exc
+            _reply(conn, ok, value)
+    except (EOFError, OSError):
+        return  # the parent is gone (it exited without killing us, e.g. through os._exit)
 
 
 class _Worker:
     def __init__(self, function: Callable[..., Any], warm: Any, start_s: float) -> None:
         self.conn, child = _CONTEXT.Pipe()
-        self.process = _CONTEXT.Process(target=_serve, args=(child,), daemon=True)
+        self.process = _CONTEXT.Process(target=_worker_main, args=(child,), daemon=True)
         self.process.start()
         child.close()
         self.ready = False  # it answered that it imported what `warm` needs
