@@ -255,3 +255,14 @@ def test_topr_without_rewards_says_what_it_needs():
     logp, old, adv, mask = batch(seed=17, drift=0.4)
     with pytest.raises(ValueError, match="topr needs each response's reward"):
         load_objective("topr")(ObjectiveInputs(logp, old, adv, mask))
+
+
+def test_cppo_decides_its_mask_in_float32_under_bf16():
+    """bf16 log-probs (autocast training): the quantile and prefix sums run in float32, so the
+    mask is the one the same values give in float32 (torch's quantile takes no bf16)."""
+    logp, old, adv, mask = batch(seed=13, drift=0.4)
+    low = ObjectiveInputs(logp.bfloat16(), old.bfloat16(), adv.bfloat16(), mask)
+    high = ObjectiveInputs(logp.bfloat16().float(), old.bfloat16().float(), adv.bfloat16().float(), mask)
+    objective = load_objective("cppo")
+    assert torch.equal(objective.kept(low)[0], objective.kept(high)[0])
+    assert torch.isfinite(objective(low).loss)

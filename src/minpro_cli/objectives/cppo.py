@@ -47,13 +47,14 @@ class CPPO(Objective):
     def kept(self, inputs: ObjectiveInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """M_t, and the numbers behind it."""
         mask = inputs.response_mask.bool()
-        maskf = mask.to(inputs.anchor_logprobs.dtype)
-        log_p, log_q = inputs.logprobs.detach(), inputs.anchor_logprobs
+        dtype = torch.promote_types(inputs.logprobs.dtype, torch.float32)  # quantile and prefix sums: not in bf16
+        maskf = mask.to(dtype)
+        log_p, log_q = inputs.logprobs.detach().to(dtype), inputs.anchor_logprobs.to(dtype)
         divergence = (log_p.exp() - log_q.exp()).abs() * maskf
         rate = torch.nanquantile(divergence.masked_fill(~mask, float("nan")), self.delta_b_q, dim=-1, keepdim=True)
         rate = (self.delta_b_k * rate).nan_to_num(self.delta_b).clamp(self.delta_b, self.delta_b_max_mult * self.delta_b)
         length = maskf.sum(-1, keepdim=True)
-        elapsed = (torch.arange(mask.shape[-1], dtype=maskf.dtype) / (length - 1).clamp(min=1)).clamp(0, 1)
+        elapsed = (torch.arange(mask.shape[-1], dtype=dtype, device=mask.device) / (length - 1).clamp(min=1)).clamp(0, 1)
         weight = (1 - (1 - self.w_min) * elapsed) * maskf
         spent = weight * divergence
         budget = torch.clamp(self.delta + rate * (weight.cumsum(-1) - weight) - (spent.cumsum(-1) - spent), max=self.delta)
