@@ -49,7 +49,7 @@ class ObjectiveInputs:
     behavior_versions  (B, T) int64, the policy version (optimizer step) that drew each token,
                        or None when unknown
     counts             the whole minibatch's counts the loss is normalised by; None: this batch's
-    rewards            (B,) each response's reward (TOPR splits on its sign), or None when not given
+    rewards            (B,) each response's reward (TOPR trains R > 0 apart), or None when not given
     """
 
     logprobs: torch.Tensor
