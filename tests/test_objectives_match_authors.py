@@ -42,10 +42,10 @@ def batch(seed: int, drift: float) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return logp, old, adv, mask
 
 
-def ours(name: str, logp, old, adv, mask, **options) -> tuple[float, torch.Tensor]:
+def ours(name: str, logp, old, adv, mask, rewards=None, **options) -> tuple[float, torch.Tensor]:
     x = logp.clone().requires_grad_(True)
     extra = {"max_response_length": mask.shape[1]} if options.get("loss_agg") == "seq-mean-token-sum-norm" else {}
-    loss = load_objective(name, **options, **extra)(ObjectiveInputs(x, old, adv, mask)).loss
+    loss = load_objective(name, **options, **extra)(ObjectiveInputs(x, old, adv, mask, rewards=rewards)).loss
     loss.backward()
     return loss.item(), x.grad
 
@@ -238,12 +238,8 @@ def test_topr_matches_roll(weights, agg, drift):
     on the reward); ROLL divides seq-mean modes by B + 1e-8 and seq-mean-token-sum-norm by T alone."""
     logp, old, adv, mask = batch(seed=17, drift=drift)
     rewards = torch.tensor([1.0, 1.0, 0.0, -1.0, 0.0, 2.0], dtype=torch.float64)
-    x = logp.clone().requires_grad_(True)
-    extra = {"max_response_length": mask.shape[1]} if agg == "seq-mean-token-sum-norm" else {}
-    loss = load_objective("topr", positive_weight=weights[0], negative_weight=weights[1], loss_agg=agg, **extra)(
-        ObjectiveInputs(x, old, adv, mask, rewards=rewards)).loss
-    loss.backward()
-    got = in_verl_terms((loss.item(), x.grad), agg, len(adv))
+    got = in_verl_terms(ours("topr", logp, old, adv, mask, rewards, positive_weight=weights[0],
+                             negative_weight=weights[1], loss_agg=agg), agg, len(adv))  # fmt: skip
     y = logp.clone().requires_grad_(True)
     token_adv = adv[:, None].expand_as(logp) * mask  # ROLL's advantages are 0 past the response
     per_token = topr_code.topr_loss((y - old).exp(), y, token_adv, rewards, *weights)

@@ -29,11 +29,6 @@ from minpro_cli.verifiers import Verifier, verify_batch
 PARITY_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.02}
 # on-policy ratios of the same rows scored in other arrangements: batch-variant kernels only
 INVARIANCE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.05, torch.float16: 0.01}
-
-
-def tolerance(table: dict[torch.dtype, float], dtype: torch.dtype) -> float:
-    """The precision's entry of `table` (float32's for any other dtype)."""
-    return table.get(dtype, table[torch.float32])
 # verl's documented alarm levels for a sampler–trainer mismatch (rollout correction)
 VERL_ESS, VERL_KL, VERL_CHI2 = 0.3, 0.1, 1.0
 PROBE_TEMPERATURE, PROBE_TOP_P = 0.7, 0.9  # check 2 draws with these, whatever the recipe's
@@ -41,6 +36,11 @@ ROUND_TRIP_WARN, ROUND_TRIP_FAIL = 0.98, 0.9  # responses whose ids survive deco
 TRUNCATED_WARN = 0.25  # responses that hit max_new_tokens
 NO_SIGNAL_WARN = 0.75  # groups whose rewards are all equal
 REWARD_SECONDS_WARN = 1.0  # verifier time per response
+
+
+def tolerance(table: dict[torch.dtype, float], dtype: torch.dtype) -> float:
+    """The precision's entry of `table` (float32's for any other dtype)."""
+    return table.get(dtype, table[torch.float32])
 
 
 @dataclass

@@ -63,10 +63,9 @@ def _worker_main(conn: Connection) -> None:
 def _serve(conn: Connection) -> None:
     """A worker's loop; it ends, quietly, when the parent closes its end or is gone."""
     try:
+        payload = conn.recv_bytes()
         try:
-            function, _ = conn.recv()
-        except (EOFError, OSError):
-            raise
+            function, _ = ForkingPickler.loads(payload)
         except BaseException as exc:  # noqa: BLE001 — e.g. the warm-up object's module fails to import here
             _reply(conn, False, exc)
             return
