@@ -26,24 +26,21 @@ MINIBATCHES=(--grid train.staleness=0 --grid train.minibatches=4,8)
 if [ "${1:-}" = "--quick" ]; then
     SUFFIX=-quick
     QUICK=(--quick)
-    PROBE_TRAIN=(train.iterations=4 train.keep_checkpoints=5 train.eval_every=4 train.prompts_per_iteration=16
-                 eval.max_problems=32)
-    PROBE=(--staleness 0,3 --draws 2 --prompts 8 --reference-multiple 2)
+    STALENESS=0,3
     OBJECTIVES=(--objective grpo --objective minpro --objective ctpo --objective cppo)
     MINIBATCHES=(--grid train.staleness=0 --grid train.minibatches=4)
     REPORTS=runs/arena-quick
 else
     SUFFIX=
     QUICK=()
-    PROBE_TRAIN=(train.iterations=40 train.keep_checkpoints=41 train.eval_every=40)
-    PROBE=(--staleness 0,4,16 --draws 3 --reference-multiple 16)
+    STALENESS=0,4,16
     REPORTS=docs/results
 fi
 PROBE_RUN=runs/arena-probe$SUFFIX
 PROBE_JSON=$PROBE_RUN/probe.json
 
 # 1. the probe, along one on-policy run's checkpoints (one per optimizer step)
-bash scripts/probe_along_run.sh "$RECIPE" "$PROBE_RUN" "${PROBE_TRAIN[@]}" -- "${PROBE[@]}" "${OBJECTIVES[@]}"
+bash scripts/probe_along_run.sh "${QUICK[@]}" "$RECIPE" "$PROBE_RUN" "$STALENESS" "${OBJECTIVES[@]}"
 
 # 2. and 3. the sweeps; each skips its finished runs and resumes the others
 $MINPRO sweep "$RECIPE" "${QUICK[@]}" --no-report

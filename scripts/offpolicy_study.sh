@@ -25,23 +25,20 @@ SGD=(optim.name=sgd optim.momentum=0.9 optim.lr=0.008
 if [ "${1:-}" = "--quick" ]; then
     SUFFIX=-quick
     QUICK=(--quick)
-    PROBE_TRAIN=(train.iterations=4 train.keep_checkpoints=5 train.eval_every=4 train.prompts_per_iteration=16
-                 eval.max_problems=32)
-    PROBE=(--staleness 0,3 --draws 2 --prompts 8 --reference-multiple 2)
+    STALENESS=0,3
     OBJECTIVES=(--objective grpo --objective minpro)
     REPORTS=runs/offpolicy-sweep-quick
 else
     SUFFIX=
     QUICK=()
-    PROBE_TRAIN=(train.iterations=40 train.keep_checkpoints=41 train.eval_every=40)
-    PROBE=(--staleness 0,4,8,16,32 --draws 3 --reference-multiple 16)
+    STALENESS=0,4,8,16,32
     REPORTS=docs/results
 fi
 PROBE_RUN=runs/offpolicy-probe$SUFFIX
 PROBE_JSON=$PROBE_RUN/probe.json
 
 # 1. the probe, along one on-policy run's checkpoints (one per optimizer step)
-bash scripts/probe_along_run.sh "$RECIPE" "$PROBE_RUN" "${PROBE_TRAIN[@]}" -- "${PROBE[@]}" "${OBJECTIVES[@]}"
+bash scripts/probe_along_run.sh "${QUICK[@]}" "$RECIPE" "$PROBE_RUN" "$STALENESS" "${OBJECTIVES[@]}"
 
 # 2. and 3. the training sweeps; each skips its finished runs and resumes the others
 $MINPRO sweep "$RECIPE" "${QUICK[@]}" --no-report
