@@ -2,14 +2,17 @@
 # The arena from a fresh clone (recipes/arena.yaml, the quickstart model):
 #   1. a 40-step on-policy run with a checkpoint per step, and `minpro probe` of its last checkpoint
 #      against the ones 0, 4 and 16 steps older, for every objective of the arena (3 draws);
-#   2. the staleness sweep: every objective × staleness 0, 4, 16 × the recipe's seeds;
-#   3. the CPPO paper's regime: every objective × 4 and 8 optimizer steps per rollout batch
-#      (train.minibatches) at staleness 0;
+#   2. staleness: every objective × staleness 4 (--full: 0, 4, 16) × 3 seeds;
+#   3. the CPPO paper's regime: every objective × 4 optimizer steps per rollout batch
+#      (train.minibatches; --full: 4 and 8) at staleness 0 × 3 seeds;
 #   4. the reports, each with its figures and the paired differences to MinPRO:
 #      docs/results/arena.md (staleness, with the probe) and docs/results/arena-minibatches.md.
-#   bash scripts/arena.sh            # the full arena
+#   bash scripts/arena.sh            # the arena: about 140 minutes on 2 cores
+#   bash scripts/arena.sh --full     # the whole grid of off-policyness: about 6 hours
 #   bash scripts/arena.sh --quick    # the smoke-sized version (minutes) → runs/arena-quick/
-# Interrupt it any time: rerunning finishes only what is missing.
+# Interrupt it any time: rerunning finishes only what is missing. Each finished run leaves its
+# record (and the probe its results) under docs/results/arena*/: commit them, and a rerun on
+# another machine trains only the runs without one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -21,30 +24,47 @@ for name in grpo gspo cispo m2po prefix minpro minpro:clip_mode=ppo ctpo ctpo_la
             gmpo ce_gppo topr gipo; do
     OBJECTIVES+=(--objective "$name")
 done
-MINIBATCHES=(--grid train.staleness=0 --grid train.minibatches=4,8)
-
-if [ "${1:-}" = "--quick" ]; then
-    SUFFIX=-quick
-    QUICK=(--quick)
-    STALENESS=0,3
-    OBJECTIVES=(--objective grpo --objective minpro --objective ctpo --objective cppo)
-    MINIBATCHES=(--grid train.staleness=0 --grid train.minibatches=4)
-    REPORTS=runs/arena-quick
-else
-    SUFFIX=
-    QUICK=()
-    STALENESS=0,4,16
-    REPORTS=docs/results
-fi
+STALENESS_GRID=()
+MINIBATCHES=(--grid train.staleness=0 --grid train.minibatches=4)
+SUFFIX=
+QUICK=()
+STALENESS=0,4,16
+REPORTS=docs/results
+case "${1:-}" in
+    --quick)
+        SUFFIX=-quick
+        QUICK=(--quick)
+        STALENESS=0,3
+        OBJECTIVES=(--objective grpo --objective minpro --objective ctpo --objective cppo)
+        REPORTS=runs/arena-quick ;;
+    --full)
+        STALENESS_GRID=(--grid train.staleness=0,4,16)
+        MINIBATCHES=(--grid train.staleness=0 --grid train.minibatches=4,8) ;;
+    "") ;;
+    *) echo "usage: bash scripts/arena.sh [--quick | --full]" >&2; exit 2 ;;
+esac
 PROBE_RUN=runs/arena-probe$SUFFIX
-PROBE_JSON=$PROBE_RUN/probe.json
+if [ -z "$SUFFIX" ]; then  # the full arena keeps what it measured where git sees it
+    PROBE_JSON=docs/results/arena/probe.json
+    RECORDS=(--records docs/results/arena/records)
+    MINIBATCH_RECORDS=(--records docs/results/arena-minibatches/records)
+else
+    PROBE_JSON=$PROBE_RUN/probe.json
+    RECORDS=()
+    MINIBATCH_RECORDS=()
+fi
 
 # 1. the probe, along one on-policy run's checkpoints (one per optimizer step)
-bash scripts/probe_along_run.sh "${QUICK[@]}" "$RECIPE" "$PROBE_RUN" "$STALENESS" "${OBJECTIVES[@]}"
+if [ ! -e "$PROBE_JSON" ]; then
+    bash scripts/probe_along_run.sh "${QUICK[@]}" "$RECIPE" "$PROBE_RUN" "$STALENESS" "${OBJECTIVES[@]}"
+    mkdir -p "$(dirname "$PROBE_JSON")"
+    cp "$PROBE_RUN/probe.json" "$PROBE_JSON"
+fi
 
-# 2. and 3. the sweeps; each skips its finished runs and resumes the others
-$MINPRO sweep "$RECIPE" "${QUICK[@]}" --no-report
-$MINPRO sweep "$RECIPE" "${MINIBATCHES[@]}" "${QUICK[@]}" --out "runs/arena-minibatches$SUFFIX" --no-report
+# 2. and 3. the sweeps; each skips its finished (or recorded) runs and resumes the others
+$MINPRO sweep "$RECIPE" "${STALENESS_GRID[@]}" "${QUICK[@]}" "${RECORDS[@]}" --no-report
+$MINPRO sweep "$RECIPE" "${MINIBATCHES[@]}" "${QUICK[@]}" "${MINIBATCH_RECORDS[@]}" \
+    --out "runs/arena-minibatches$SUFFIX" --no-report
 
 # 4. the reports, with their figures next to them (and the reading written by hand, once there is one)
 notes() { if [ -z "$SUFFIX" ] && [ -f "docs/results/$1.notes.md" ]; then echo "--notes=docs/results/$1.notes.md"; fi; }

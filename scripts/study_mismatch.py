@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from minpro_cli.report import T975
+
 ROOT = Path(__file__).resolve().parent.parent
 LENGTHS = (64, 256, 1024)
 SAMPLERS = ("float32", "bfloat16")
@@ -121,7 +123,6 @@ def part_b(work: Path, seeds: int, iterations: int) -> tuple[dict[str, list[floa
     return results, {arm: statistics.fmean(v) for arm, v in damping.items() if v}
 
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t_0.975 by d.o.f.
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:

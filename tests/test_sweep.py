@@ -19,7 +19,17 @@ from minpro_cli.config import load_recipe
 from minpro_cli.errors import ConfigError, MinproError
 from minpro_cli.eval import run_eval
 from minpro_cli.fileio import read_jsonl
-from minpro_cli.report import Cell, RunRecord, band, cells_of, collapse_step, compare, split_keys, write_report
+from minpro_cli.report import (
+    Cell,
+    RunRecord,
+    band,
+    cells_of,
+    collapse_step,
+    compare,
+    split_keys,
+    t975,
+    write_report,
+)
 from minpro_cli.rundir import run_name, value_label
 from minpro_cli.sweep import parse_grid, plan_runs, run_sweep, sweep_plan
 
@@ -177,7 +187,8 @@ def test_a_diverged_run_is_recorded_reported_and_not_rerun(tmp_path):
     """lr 1e25 blows the weights up in the first step: the second minibatch's loss is not finite."""
     path = sweep_recipe(tmp_path, {"optim.lr": [1e-4, 1e25]},
                         train={**SMALL["train"], "iterations": 3, "minibatches": 2, "prompts_per_iteration": 8})
-    proc = cli("sweep", str(path))
+    records = tmp_path / "records"
+    proc = cli("sweep", str(path), "--records", str(records))
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output
     sweep_dir = tmp_path / "sweep"
@@ -188,6 +199,29 @@ def test_a_diverged_run_is_recorded_reported_and_not_rerun(tmp_path):
     report = (sweep_dir / "report.md").read_text()
     row = next(line for line in report.splitlines() if line.startswith("| all runs | 1e+25 | 0 |"))
     assert "| diverged |" in row and f"| {diverged['step']} |" in row
+    # each finished run left its record: what the report reads, no weights
+    for run in run_dirs(sweep_dir).values():
+        kept = sorted(p.name for p in (records / run.name).iterdir())
+        assert kept == sorted([".complete", "recipe.yaml", "evals.jsonl"]
+                              + (["diverged.json"] if run == bad else ["metrics.jsonl"]))  # it diverged in round 0
+        for name in kept[1:]:
+            assert (records / run.name / name).read_text() == (run / name).read_text()
+    # another machine (a new sweep directory) with the records: nothing trains, the report is the same
+    proc = cli("sweep", str(path), "--records", str(records), "--out", str(tmp_path / "elsewhere"))
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "2 already finished" in output, output
+    elsewhere = tmp_path / "elsewhere"
+    assert not any((run / "train.log").exists() for run in run_dirs(elsewhere).values())
+    assert "| diverged |" in next(line for line in (elsewhere / "report.md").read_text().splitlines()
+                                  if line.startswith("| all runs | 1e+25 | 0 |"))
+    def below_settings(text: str) -> str:  # the settings name the sweep directory
+        return text[text.index("## Summary"):]
+
+    assert below_settings((elsewhere / "report.md").read_text()) == below_settings(report)
+    # a record of another recipe is refused, naming it, before anything is restored
+    with pytest.raises(ConfigError, match="the record .*optim.lr-0.0001__seed-0 was made with a different recipe"):
+        run_sweep(path, ["optim.warmup_steps=1"], [], None, False, None, tmp_path / "third", records)
+    assert not (tmp_path / "third" / "runs" / "optim.lr-0.0001__seed-0" / "metrics.jsonl").exists()
     log = (bad / "train.log").read_text()
     proc = cli("sweep", str(path), "--no-report")
     output, _ = proc.communicate(timeout=300)
@@ -224,23 +258,41 @@ def test_band_and_comparison_match_hand_computation():
     a = Cell("p", "minpro", [record("a", [0.1, f]) for f in (0.30, 0.34, 0.32)])
     g = Cell("p", "grpo", [record("g", [0.1, f]) for f in (0.10, 0.20, 0.12)])
     diff = statistics.fmean([0.30, 0.34, 0.32]) - statistics.fmean([0.10, 0.20, 0.12])
-    se = math.sqrt(statistics.variance([0.30, 0.34, 0.32]) / 3 + statistics.variance([0.10, 0.20, 0.12]) / 3)
+    va, vg = statistics.variance([0.30, 0.34, 0.32]) / 3, statistics.variance([0.10, 0.20, 0.12]) / 3
+    se = math.sqrt(va + vg)
+    welch = (va + vg) ** 2 / (va**2 / 2 + vg**2 / 2)  # 2.56 degrees of freedom: t at 2, 4.303
+    assert 2 < welch < 3
     text = compare(a, g)
-    assert f"{diff:+.3f}" in text and f"{se:.3f}" in text and "more than 2 standard errors" in text
+    assert f"{diff:+.3f}" in text and f"{se:.3f}" in text and "unpaired, Welch" in text
+    assert f"[{diff - 4.303 * se:+.3f}, {diff + 4.303 * se:+.3f}]" in text and text.endswith(": separates")
     close = Cell("p", "cispo", [record("c", [0.1, f]) for f in (0.25, 0.35, 0.31)])
-    assert "no clear difference" in compare(a, close) and "unpaired" in text
+    assert compare(a, close).endswith(": does not separate")
 
 
 def test_lines_that_ran_the_same_seeds_are_compared_seed_by_seed():
-    a = Cell("p", "minpro", [record("a", [0.1, f], seed=s) for s, f in enumerate((0.30, 0.34, 0.32))])
-    b = Cell("p", "cispo", [record("b", [0.1, f], seed=s) for s, f in enumerate((0.28, 0.33, 0.29))])
-    # per seed: +0.02, +0.01, +0.03 → mean +0.020, s.e. 0.010/√3 = 0.006: clear, where the unpaired
-    # s.e. √(0.0004/3 + 0.0007/3) = 0.019 would not be
+    def cell(line: str, finals: tuple[float, ...], seeds=None) -> Cell:
+        return Cell("p", line, [record(line, [0.1, f], seed=s) for s, f in zip(seeds or range(len(finals)), finals)])
+
+    a = cell("minpro", (0.30, 0.34, 0.32))
+    b = cell("cispo", (0.28, 0.33, 0.29))
+    # per seed: +0.02, +0.01, +0.03 → mean +0.020, s.e. 0.010/√3 = 0.0058, where the unpaired s.e.
+    # √(0.0004/3 + 0.0007/3) = 0.019; with 2 degrees of freedom t = 4.303: ±0.025, which holds 0
     text = compare(a, b)
-    assert "+0.020" in text and "0.006" in text and "paired over 3 seeds, ahead in 3" in text
-    assert "more than 2 standard errors" in text
-    shuffled = Cell("p", "cispo", [record("b", [0.1, f], seed=s) for s, f in zip((0, 1, 5), (0.28, 0.33, 0.29))])
-    assert "unpaired" in compare(a, shuffled) and "no clear difference" in compare(a, shuffled)
+    assert "+0.020, 95% interval [-0.005, +0.045]" in text and "0.006" in text
+    assert "paired over 3 seeds, ahead in 3" in text and text.endswith(": does not separate")
+    # two more seeds, both +0.02: s.e. 0.0071/√5 = 0.0032, t(4) = 2.776: ±0.009
+    text = compare(cell("minpro", (0.30, 0.34, 0.32, 0.30, 0.30)), cell("cispo", (0.28, 0.33, 0.29, 0.28, 0.28)))
+    assert "+0.020, 95% interval [+0.011, +0.029]" in text and text.endswith(": separates")
+    shuffled = cell("cispo", (0.28, 0.33, 0.29), seeds=(0, 1, 5))
+    assert "unpaired" in compare(a, shuffled) and compare(a, shuffled).endswith(": does not separate")
+
+
+def test_t_quantiles_match_published_tables():
+    """Student's t_0.975 (e.g. NIST/SEMATECH e-Handbook table 1.3.6.7.2); past 30 degrees the expansion."""
+    published = {1: 12.706, 2: 4.303, 5: 2.571, 10: 2.228, 20: 2.086, 30: 2.042, 40: 2.021, 60: 2.000, 100: 1.984}
+    for dof, value in published.items():
+        assert t975(dof) == pytest.approx(value, abs=1.5e-3), dof
+    assert t975(2.9) == t975(2) and t975(0.4) == t975(1)  # fractional Welch degrees round down: wider
 
 
 def test_report_refuses_a_directory_that_is_not_a_sweep(tmp_path):

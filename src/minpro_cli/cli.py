@@ -290,12 +290,15 @@ def sweep(
     quick: Annotated[bool, typer.Option(help="the recipe's smaller sweep.quick version, in RUN_DIR-quick")] = False,
     out: Annotated[Path | None, typer.Option(help="sweep directory (default: the recipe's run_dir)")] = None,
     report: Annotated[bool, typer.Option(help="write the report when every run has finished")] = True,
+    records: Annotated[Path | None, typer.Option(
+        help="keep each finished run's record here (kilobytes, to commit) and restore runs from it instead of training"
+    )] = None,
 ) -> None:
     """Train every combination of grid values × seeds; finished runs are kept, the rest resume."""
     from minpro_cli.report import write_report
     from minpro_cli.sweep import run_sweep
 
-    sweep_dir = run_sweep(recipe, overrides or [], grid or [], seeds, quick, jobs, out)
+    sweep_dir = run_sweep(recipe, overrides or [], grid or [], seeds, quick, jobs, out, records)
     if report:
         write_report(sweep_dir)
 

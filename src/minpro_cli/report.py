@@ -177,10 +177,27 @@ def cells_of(records: list[RunRecord], line: str, panel_keys: list[str]) -> list
     return sorted(cells.values(), key=lambda c: panels.index(c.panel))
 
 
+# t_0.975 by degrees of freedom: the half-width of a 95% interval in standard errors
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+        29: 2.045, 30: 2.042}  # fmt: skip
+
+
+def t975(dof: float) -> float:
+    """t_0.975 at `dof` rounded down (a wider interval, never a narrower one); past 30, the
+    Cornish–Fisher expansion around the normal quantile (within 1e-3)."""
+    whole = max(1, math.floor(dof))
+    if whole in T975:
+        return T975[whole]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * whole) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * whole**2)
+
+
 def compare(a: Cell, b: Cell) -> str:
-    """Difference of final held-out pass@1 (a − b) and whether it exceeds two standard errors.
-    When both lines ran the same seeds the difference is paired by seed (runs of one seed share
-    the starting weights and the sampling and evaluation seeds, so their noise partly cancels)."""
+    """Difference of final held-out pass@1 (a − b) with its 95% t-interval. When both lines ran the
+    same seeds the difference is paired by seed (runs of one seed share the starting weights and
+    the sampling and evaluation seeds, so their noise partly cancels); otherwise Welch's interval."""
     fa, fb = a.finals(), b.finals()
     if len(fa) < 2 or len(fb) < 2:
         return f"{a.line} vs {b.line}: too few finished seeds to compare"
@@ -188,13 +205,18 @@ def compare(a: Cell, b: Cell) -> str:
     if sa is not None and sb is not None and sa.keys() == sb.keys():
         diffs = [sa[seed] - sb[seed] for seed in sa]
         diff, stderr = statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+        dof: float = len(diffs) - 1
         how = f"paired over {len(diffs)} seeds, ahead in {sum(d > 0 for d in diffs)}"
     else:
-        diff = statistics.fmean(fa) - statistics.fmean(fb)
-        stderr = math.sqrt(statistics.variance(fa) / len(fa) + statistics.variance(fb) / len(fb))
-        how = "unpaired"
-    verdict = "more than 2 standard errors" if abs(diff) > 2 * stderr else "within 2 standard errors: no clear difference"
-    return f"{a.line} − {b.line}: {diff:+.3f} (standard error {stderr:.3f}, {how}; {verdict})"
+        va, vb = statistics.variance(fa) / len(fa), statistics.variance(fb) / len(fb)
+        diff, stderr = statistics.fmean(fa) - statistics.fmean(fb), math.sqrt(va + vb)
+        # Welch–Satterthwaite; two lines that never vary have no spread to estimate: one degree
+        dof = (va + vb) ** 2 / (va**2 / (len(fa) - 1) + vb**2 / (len(fb) - 1)) if va + vb > 0 else 1
+        how = "unpaired, Welch"
+    half = t975(dof) * stderr
+    verdict = "separates" if abs(diff) > half else "does not separate"
+    return (f"{a.line} − {b.line}: {diff:+.3f}, 95% interval [{diff - half:+.3f}, {diff + half:+.3f}] "
+            f"(standard error {stderr:.3f}, {how}): {verdict}")
 
 
 def seed_finals(cell: Cell) -> dict[Any, float] | None:

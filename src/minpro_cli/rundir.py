@@ -1,8 +1,9 @@
 """Run and sweep directories: the files that say what they are, and the names of runs.
 
 Directories minpro owns: a marker that says so, a lock against a second process, and the
-clean-up of what an interrupted write left behind. A run is done when `final/` is complete,
-diverged when it holds `diverged.json`; a sweep's runs are named after their grid values.
+clean-up of what an interrupted write left behind. A run is done when `final/` is complete (or a
+sweep restored it from its record), diverged when it holds `diverged.json`; a sweep's runs are
+named after their grid values.
 
 A run (or sweep) directory holds `.minpro-run`. minpro writes only into a directory that is
 new, empty or marked, so it never overwrites or deletes files it did not write; a directory
@@ -28,6 +29,8 @@ from minpro_cli.fileio import directory_done_marker, remove
 MARKER = ".minpro-run"
 LOCK = ".minpro-lock"
 DIVERGED_FILE = "diverged.json"  # written when a non-finite loss or gradient stops the run
+RECORD_FILES = ("recipe.yaml", "metrics.jsonl", "evals.jsonl", DIVERGED_FILE)  # what a report reads of a run
+RESTORED_FILE = "restored.json"  # a sweep run finished elsewhere, its record copied in (no weights)
 ROLLOUTS_DIR = "rollouts"  # a training run's round files, round_00000.parquet, …
 SAMPLER_DIR = "sampler"  # a dedicated sampler's requests and acknowledgements
 SAMPLER_LOG = "sampler.log"  # what a dedicated sampler printed
@@ -159,7 +162,9 @@ RunStatus = Literal["done", "diverged", "pending"]
 def run_status(directory: Path) -> RunStatus:
     if directory_done_marker(directory / "final").exists():
         return "done"
-    return "diverged" if (directory / DIVERGED_FILE).exists() else "pending"
+    if (directory / DIVERGED_FILE).exists():
+        return "diverged"
+    return "done" if (directory / RESTORED_FILE).exists() else "pending"
 
 
 def value_label(value: Any) -> str:

@@ -7,12 +7,17 @@ SWEEP_DIR/
 
 A run with final/ or diverged.json is finished and never rerun; any other run is (re)started
 with `minpro train`, which resumes from its last checkpoint.
+
+With `--records DIR` each finished run also leaves its record, DIR/<name>/ (recipe, metrics,
+evaluations, divergence: what `minpro report` reads, kilobytes, to commit), and a run whose record
+is there is restored from it instead of trained: a study can be finished on another machine.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,8 +30,25 @@ from typing import Any
 from minpro_cli.config import Recipe, dump_recipe, load_recipe, parse_override, recipe_from_data, set_dotted
 from minpro_cli.console import console, progress_bar
 from minpro_cli.errors import DIE_WITH_PARENT, ConfigError, MinproError
-from minpro_cli.fileio import read_jsonl, read_yaml, write_json_atomic, write_yaml_atomic
-from minpro_cli.rundir import SWEEP_MANIFEST, RunStatus, claim, owned, run_name, run_status
+from minpro_cli.fileio import (
+    directory_done_marker,
+    read_jsonl,
+    read_yaml,
+    write_directory_atomic,
+    write_json_atomic,
+    write_text_atomic,
+    write_yaml_atomic,
+)
+from minpro_cli.rundir import (
+    RECORD_FILES,
+    RESTORED_FILE,
+    SWEEP_MANIFEST,
+    RunStatus,
+    claim,
+    owned,
+    run_name,
+    run_status,
+)
 
 
 @dataclass(frozen=True)
@@ -51,8 +73,10 @@ def parse_grid(texts: list[str]) -> dict[str, list[Any]]:
     return grid
 
 
-def plan_runs(recipe_data: dict[str, Any], recipe: Recipe, sweep_dir: Path, where: str) -> list[SweepRun]:
-    """Every combination of grid values × seeds as a validated run recipe written to its directory."""
+def plan_runs(recipe_data: dict[str, Any], recipe: Recipe, sweep_dir: Path, where: str,
+              records: Path | None = None) -> list[SweepRun]:
+    """Every combination of grid values × seeds as a validated run recipe written to its directory
+    (or, when `records` holds the run's record, the record restored there)."""
     grid = recipe.sweep.grid
     runs = []
     for values in product(*grid.values(), range(recipe.sweep.seeds)):
@@ -67,15 +91,49 @@ def plan_runs(recipe_data: dict[str, Any], recipe: Recipe, sweep_dir: Path, wher
         run_recipe = recipe_from_data(data, f"{where}, run {name}")
         runs.append(SweepRun(name, overrides, directory, run_recipe.train.iterations))
         planned, written = dump_recipe(run_recipe), directory / "recipe.yaml"
+        if records is not None and run_status(directory) == "pending":
+            restore_record(records / name, directory, planned, where)
         if run_status(directory) == "pending":
             claim(directory)
             write_yaml_atomic(written, planned)
-        elif written.exists() and finished_recipe(written) != planned:
+        elif written.exists() and not same_recipe(finished_recipe(written), planned):
             raise ConfigError(
                 f"{where}: run {name} finished with a different recipe ({written}); a report would mix "
                 "settings: sweep into a new directory (--out) or delete that run"
             )
     return runs
+
+
+def restore_record(record: Path, directory: Path, planned: dict[str, Any], where: str) -> None:
+    """A record (complete: its writer finished) copied into the run's directory, marker last."""
+    if not directory_done_marker(record).exists():
+        return
+    if not same_recipe(finished_recipe(record / "recipe.yaml"), planned):
+        raise ConfigError(f"{where}: the record {record} was made with a different recipe; give --records a "
+                          "directory of this recipe's records, or delete that record to train the run again")
+    claim(directory)
+    for name in RECORD_FILES:
+        if (record / name).exists():
+            write_text_atomic(directory / name, (record / name).read_text(encoding="utf-8"))
+    write_json_atomic(directory / RESTORED_FILE, {"record": str(record)})
+
+
+def keep_record(run: SweepRun, records: Path) -> None:
+    """A finished run's record, written once (atomically: a complete directory or none)."""
+    if run.status() == "pending" or directory_done_marker(records / run.name).exists():
+        return
+
+    def fill(tmp: Path) -> None:
+        for name in RECORD_FILES:
+            if (run.directory / name).exists():
+                shutil.copyfile(run.directory / name, tmp / name)
+
+    write_directory_atomic(records / run.name, fill)
+
+
+def same_recipe(finished: dict[str, Any], planned: dict[str, Any]) -> bool:
+    """Equal but for run_dir (a record restored into another sweep directory keeps its first one)."""
+    return {**finished, "run_dir": None} == {**planned, "run_dir": None}
 
 
 def finished_recipe(path: Path) -> dict[str, Any]:
@@ -142,8 +200,9 @@ def stop(active: dict[subprocess.Popen[bytes], SweepRun]) -> None:
             proc.kill()
 
 
-def execute(runs: list[SweepRun], jobs: int) -> list[SweepRun]:
-    """Run every pending run, `jobs` at a time, under one progress bar; return the failed ones."""
+def execute(runs: list[SweepRun], jobs: int, records: Path | None = None) -> list[SweepRun]:
+    """Run every pending run, `jobs` at a time, under one progress bar; return the failed ones.
+    With `records`, each run that finishes leaves its record there at once."""
     pending = [r for r in runs if r.status() == "pending"]
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     active: dict[subprocess.Popen[bytes], SweepRun] = {}
@@ -167,6 +226,8 @@ def execute(runs: list[SweepRun], jobs: int) -> list[SweepRun]:
                     if proc.poll() is None:
                         continue
                     del active[proc]
+                    if records is not None:
+                        keep_record(run, records)
                     if proc.returncode != 0 and run.status() == "pending":
                         failed.append(run)
                         console.print(f"run {run.name} failed (exit {proc.returncode}); see {run.directory}/train.log")
@@ -178,15 +239,16 @@ def execute(runs: list[SweepRun], jobs: int) -> list[SweepRun]:
 
 
 def run_sweep(path: Path, overrides: list[str], grid: list[str], seeds: int | None, quick: bool,
-              jobs: int | None, out: Path | None) -> Path:
+              jobs: int | None, out: Path | None, records: Path | None = None) -> Path:
     recipe, data = sweep_plan(path, overrides, grid, seeds, quick)
     sweep_dir = out or Path(recipe.run_dir)
     with owned(sweep_dir, "sweep"):
-        return sweep_in(sweep_dir, recipe, data, path, quick, jobs)
+        return sweep_in(sweep_dir, recipe, data, path, quick, jobs, records)
 
 
-def sweep_in(sweep_dir: Path, recipe: Recipe, data: dict[str, Any], path: Path, quick: bool, jobs: int | None) -> Path:
-    runs = plan_runs(data, recipe, sweep_dir, str(path))
+def sweep_in(sweep_dir: Path, recipe: Recipe, data: dict[str, Any], path: Path, quick: bool, jobs: int | None,
+             records: Path | None = None) -> Path:
+    runs = plan_runs(data, recipe, sweep_dir, str(path), records)
     write_json_atomic(sweep_dir / SWEEP_MANIFEST, {
         "recipe": str(path),
         "quick": quick,
@@ -195,7 +257,10 @@ def sweep_in(sweep_dir: Path, recipe: Recipe, data: dict[str, Any], path: Path, 
         "config": data,
         "runs": [{"name": r.name, "overrides": r.overrides} for r in runs],
     })
-    failed = execute(runs, jobs or recipe.sweep.jobs)
+    if records is not None:  # runs finished before records were asked for
+        for run in runs:
+            keep_record(run, records)
+    failed = execute(runs, jobs or recipe.sweep.jobs, records)
     diverged = [r.name for r in runs if r.status() == "diverged"]
     if diverged:
         console.print(f"diverged (recorded, not rerun): {', '.join(diverged)}")
