@@ -21,7 +21,7 @@ MINPRO=.venv/bin/minpro
 RECIPE=recipes/arena.yaml
 OBJECTIVES=()
 for name in grpo gspo cispo m2po prefix minpro minpro:clip_mode=ppo ctpo ctpo_la pnpo cppo dppo_tv dppo_kl \
-            gmpo ce_gppo topr gipo; do
+            gmpo ce_gppo topr gipo sapo; do
     OBJECTIVES+=(--objective "$name")
 done
 STALENESS_GRID=()

@@ -129,17 +129,17 @@ def test_every_rank_makes_as_many_passes_as_the_busiest():
 
 
 def test_a_plugin_written_before_micro_batches_gets_the_same_update(monkeypatch):
-    """The example plugin's SAPO (written against `self.aggregate` before micro-batches existed)
+    """The example plugin's SPO (written against `self.aggregate` before micro-batches existed)
     takes the same step with one row per micro-batch as with the whole minibatch."""
     monkeypatch.syspath_prepend(str(HERE.parent / "plugins" / "minpro-example-plugins" / "src"))
-    from minpro_examples.sapo import SAPO
+    from minpro_examples.spo import SPO
 
     policy = load_policy("embedded")
     policy.model.to(torch.float64)
     batch = synthetic_minibatch(policy, torch.float64)
     start = {k: v.clone() for k, v in policy.model.state_dict().items()}
     for loss_agg in ("seq-mean-token-mean", "token-mean"):
-        objective = SAPO(loss_agg=loss_agg)
+        objective = SPO(loss_agg=loss_agg)
         whole = train_case(policy, batch, objective, budget_tokens(batch, "whole"))
         one_row = train_case(policy, batch, objective, budget_tokens(batch, "one-row"))
         assert relative_gap(one_row, whole, start) <= TOLERANCE[torch.float64], loss_agg

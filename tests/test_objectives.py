@@ -289,6 +289,8 @@ def test_objective_defaults_are_the_published_ones():
             cppo.truncation) == (0.15, 0.8, 0.02, 0.9, 1.0, 5.0, 20.0)  # fmt: skip
     topr = load_objective("topr")  # ROLL's pg_variant topr
     assert (topr.positive_weight, topr.negative_weight, topr.loss_agg) == (1.0, 1.0, "seq-mean-token-mean")
+    sapo = load_objective("sapo")  # verl's ActorConfig and TRL's GRPOConfig
+    assert (sapo.tau_pos, sapo.tau_neg, sapo.loss_agg) == (1.0, 1.05, "seq-mean-token-mean")
     gipo = load_objective("gipo")  # RLinf's GIPO design note; the paper's authors published no code
     assert (gipo.sigma, gipo.rho_min, gipo.rho_max, gipo.loss_agg) == (1.0, 0.0067, 148.0, "token-mean")
     gppo = load_objective("ce_gppo")  # the authors' 7B math recipe

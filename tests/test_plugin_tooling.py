@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "plugins" / "minpro-example-plugins"
 # package → the minpro plugins it registers (minpro-verl registers with verl, not minpro)
 PACKAGES = {
-    "minpro-example-plugins": ("sapo", "regex"),
+    "minpro-example-plugins": ("spo", "regex"),
     "minpro-openai": ("openai",),
     "minpro-vllm": ("vllm",),
     "minpro-verl": (),
@@ -120,7 +120,7 @@ def test_example_plugins_pass_the_conformance_checks(examples):
 
     # the example package subclasses the objective base by its old name, which stays an alias
     assert ObjectiveOptions is Objective
-    assert "ObjectiveOptions" in (ROOT / "plugins/minpro-example-plugins/src/minpro_examples/sapo.py").read_text()
+    assert "ObjectiveOptions" in (ROOT / "plugins/minpro-example-plugins/src/minpro_examples/spo.py").read_text()
     for name in PACKAGES["minpro-example-plugins"]:
         checked = run("-m", "minpro_cli.cli", "plugins", "check", name, path=examples)
         assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -128,12 +128,12 @@ def test_example_plugins_pass_the_conformance_checks(examples):
 
 
 def test_train_runs_a_recipe_naming_the_example_objective(examples, tmp_path):
-    result = run("-m", "minpro_cli.cli", "train", str(QUICKSTART), f"run_dir={tmp_path}", "objective.name=sapo",
-                 "objective.options={tau_neg: 2.0}", "rollout.num_prompts=4", "train.prompts_per_iteration=4",
+    result = run("-m", "minpro_cli.cli", "train", str(QUICKSTART), f"run_dir={tmp_path}", "objective.name=spo",
+                 "objective.options={epsilon: 0.1}", "rollout.num_prompts=4", "train.prompts_per_iteration=4",
                  "train.group_size=4", "train.iterations=1", "sampler.options.max_new_tokens=32", path=examples)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     metrics = (tmp_path / "metrics.jsonl").read_text()
-    assert '"gradient_weight_mean"' in metrics and (tmp_path / "final" / "model.safetensors").is_file()
+    assert '"beyond_epsilon_frac"' in metrics and (tmp_path / "final" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("kind", ["objective", "verifier", "sampler"])

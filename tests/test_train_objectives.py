@@ -30,7 +30,7 @@ OBJECTIVE_METRICS = {
     "cispo": "weight_mean", "ctpo": "weight_p50", "pnpo": "weight_p50", "ctpo_la": "weight_p50",
     "gmpo": "sequence_ratio_mean", "dppo_tv": "masked_frac", "dppo_kl": "masked_frac",
     "ce_gppo": "clip_frac_high", "gipo": "weight_mean",
-    "cppo": "budget_rate_mean", "topr": "positive_frac",
+    "cppo": "budget_rate_mean", "topr": "positive_frac", "sapo": "gradient_weight_mean",
 }
 
 
