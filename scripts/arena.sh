@@ -54,7 +54,20 @@ else
     MINIBATCH_RECORDS=()
 fi
 
-# 1. the probe, along one on-policy run's checkpoints (one per optimizer step)
+# 1. the probe, along one on-policy run's checkpoints (one per optimizer step); redone whole when
+#    the arena has gained an objective since (same seeds: the others' numbers come back the same)
+missing=$(.venv/bin/python - "$PROBE_JSON" "${OBJECTIVES[@]}" <<'PY'
+import json, sys
+from pathlib import Path
+path, wanted = Path(sys.argv[1]), set(sys.argv[2:][1::2])
+probed = {c["objective"] for c in json.loads(path.read_text())["results"]} if path.exists() else set()
+print(" ".join(sorted(wanted - probed)) if probed else "")
+PY
+)
+if [ -n "$missing" ]; then
+    echo "the probe lacks $missing: probing again"
+    rm -f "$PROBE_JSON" "$PROBE_RUN/probe.json"
+fi
 if [ ! -e "$PROBE_JSON" ]; then
     bash scripts/probe_along_run.sh "${QUICK[@]}" "$RECIPE" "$PROBE_RUN" "$STALENESS" "${OBJECTIVES[@]}"
     mkdir -p "$(dirname "$PROBE_JSON")"
