@@ -26,7 +26,14 @@ from minpro_cli.step import RolloutBatch, Trainee, update_step
 OBJECTIVES = ["minpro", "grpo", "gspo", "cispo"]
 LOSS_AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 BUDGETS = ["whole", "half", "one-row"]
-ROWS, STEPS, LR = 8, 3, 0.5
+ROWS, STEPS = 8, 3
+# SGD's learning rate per precision. These random-token rows are far from anything the model has
+# seen, and one small step can lift a token's log-prob by several nats; a negative-advantage token's
+# unclipped PPO branch then scales its gradient by that ratio (e^7 ≈ 1e3 after one step at 0.002),
+# and the trajectory turns chaotic. float64 stays finite at 0.5 (the invariance is measured at 4e-14
+# there); float32 overflowed to NaN on AMD EPYC CPUs (AVX2 and AVX-512 alike), so it takes steps
+# small enough that its gradient norm stays bounded (42 → 37 → 17).
+LR = {torch.float64: 0.5, torch.float32: 1e-3}
 CORRECTIONS = {
     "token": OffPolicy("sampling_weights", CorrectionConfig(level="token", high=1.2)),
     "sequence_mask": OffPolicy("sampling_weights", CorrectionConfig(level="sequence", action="mask", low=0.3, high=3)),
@@ -75,7 +82,7 @@ def train_case(
     trainee = Trainee(module, base.pad_token_id, world, torch.float32, budget)
     # plain SGD without clipping: the step is linear in the gradient, so a wrong constant in
     # the normaliser shows (AdamW and clipping would divide it out)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR[next(model.parameters()).dtype])
     for step in range(STEPS):
         update_step(trainee, optimizer, objective, batch, grad_clip=1e9, off_policy=off_policy, version=3 + step)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
