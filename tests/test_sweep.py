@@ -28,6 +28,7 @@ from minpro_cli.report import (
     compare,
     split_keys,
     t975,
+    settings_lines,
     write_report,
 )
 from minpro_cli.rundir import run_name, value_label
@@ -285,6 +286,13 @@ def test_lines_that_ran_the_same_seeds_are_compared_seed_by_seed():
     assert "+0.020, 95% interval [+0.011, +0.029]" in text and text.endswith(": separates")
     shuffled = cell("cispo", (0.28, 0.33, 0.29), seeds=(0, 1, 5))
     assert "unpaired" in compare(a, shuffled) and compare(a, shuffled).endswith(": does not separate")
+
+
+def test_settings_show_the_grids_values_where_it_sets_them():
+    config = {"train": {"iterations": 20, "epochs": 1, "minibatches": 1, "group_size": 8}, "optim": {"lr": 1e-4}}
+    swept = settings_lines({"grid": {"train.minibatches": [4, 8]}, "config": config})[2]
+    assert "1 epoch(s) × 4/8 minibatch(es)" in swept and "20 rounds" in swept
+    assert "× 1 minibatch(es)" in settings_lines({"grid": {"objective": ["grpo"]}, "config": config})[2]
 
 
 def test_t_quantiles_match_published_tables():

@@ -272,8 +272,12 @@ def optimizer_text(optim: dict[str, Any] | None) -> str:
 
 
 def settings_lines(manifest: dict[str, Any]) -> list[str]:
-    c = manifest.get("config", {})
-    get = lambda *keys: _dig(c, keys)
+    c, grid = manifest.get("config", {}), manifest["grid"]
+
+    def get(*keys: str) -> Any:  # a setting the grid varies shows the grid's values, not the recipe's
+        key = ".".join(keys)
+        return "/".join(value_label(x) for x in grid[key]) if key in grid else _dig(c, keys)
+
     return [
         (f"- recipe: `{manifest.get('recipe')}`{' with `--quick`' if manifest.get('quick') else ''}; "
         f"grid: {', '.join(f'`{k}` ∈ {[value_label(x) for x in v]}' for k, v in manifest['grid'].items())}; "
