@@ -184,15 +184,23 @@ class Band:
     high: list[float]
 
 
+def line_color(k: int, lines: int) -> Any:
+    """The k-th line's colour: matplotlib's ten-colour cycle while it suffices, else tab20 (the
+    arena compares 18 objectives, and a repeated colour makes two lines one)."""
+    return f"C{k}" if lines <= 10 else plt.get_cmap("tab20")(k % 20)
+
+
 def sweep_figure(panels: dict[str, list[Band]], ylabel: str, xlabel: str = "optimizer step") -> Figure:
     """One panel per grid point (e.g. staleness), one line per compared value (e.g. objective)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.2, 3.4), layout="constrained",
                              sharey=True, squeeze=False)
-    colors = {}
+    labels = list(dict.fromkeys(band.label for bands in panels.values() for band in bands))
+    colors = {label: line_color(k, len(labels)) for k, label in enumerate(labels)}
     for ax, (title, bands) in zip(axes[0], panels.items()):
         for band in bands:
-            color = colors.setdefault(band.label, f"C{len(colors)}")
-            ax.plot(band.x, band.mean, color=color, label=band.label, linewidth=1.4)
+            color = colors[band.label]
+            ax.plot(band.x, band.mean, color=color, label=band.label, linewidth=1.4,
+                    linestyle="--" if len(labels) > 10 and labels.index(band.label) % 2 else "-")  # tab20's light twin
             ax.fill_between(band.x, band.low, band.high, color=color, alpha=0.18, linewidth=0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
@@ -213,7 +221,9 @@ def probe_figure(cells: list[Any]) -> Figure:
     for ax, (quantity, floor, label) in zip(axes, [("cosine", "floor_cosine", "cos(g_obj, g★)"),
                                                     ("norm_ratio", "floor_norm_ratio", "‖g_obj‖ / ‖g★‖")]):  # fmt: skip
         switches = list(dict.fromkeys(c.switch_at for c in cells))  # one line style each: mixed-version samples
-        for k, objective in enumerate(dict.fromkeys(c.objective for c in cells)):
+        objectives = list(dict.fromkeys(c.objective for c in cells))
+        for k, objective in enumerate(objectives):
+            color = line_color(k, len(objectives))
             for j, at in enumerate(switches):
                 mine = sorted((c for c in cells if c.objective == objective and c.switch_at == at),
                               key=lambda c: position[c.behavior])  # fmt: skip
@@ -221,15 +231,19 @@ def probe_figure(cells: list[Any]) -> Figure:
                 mean = [c.summaries[quantity].mean for c in mine]
                 se = [0.0 if math.isnan(c.summaries[quantity].se) else c.summaries[quantity].se for c in mine]
                 line = objective if at is None else f"{objective}, switch at {at}"
-                ax.plot(x, mean, marker="os^vD"[j % 5], color=f"C{k}", label=line, linewidth=1.4,
+                ax.plot(x, mean, marker="os^vD"[j % 5], color=color, label=line, linewidth=1.4,
                         linestyle=["-", "-.", ":", (0, (5, 1))][j % 4])  # fmt: skip
                 ax.fill_between(x, [m - 2 * s for m, s in zip(mean, se)], [m + 2 * s for m, s in zip(mean, se)],
-                                color=f"C{k}", alpha=0.15, linewidth=0)  # fmt: skip
+                                color=color, alpha=0.15, linewidth=0)  # fmt: skip
                 if j == 0:
-                    ax.plot(x, [c.summaries[floor].mean for c in mine], linestyle="--", color=f"C{k}", alpha=0.6,
+                    ax.plot(x, [c.summaries[floor].mean for c in mine], linestyle="--", color=color, alpha=0.6,
                             linewidth=1)  # fmt: skip
         ax.set_xlabel("staleness (optimizer steps)" if any(c.staleness is not None for c in cells) else "behaviour")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, title="dashed: noise floor", title_fontsize=8)
+    legend = {"fontsize": 8, "title": "dashed: noise floor", "title_fontsize": 8}
+    if len(objectives) > 10:  # a legend this long would cover the lines
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", **legend)
+    else:
+        axes[0].legend(**legend)
     return fig
