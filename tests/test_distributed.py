@@ -99,15 +99,26 @@ def assert_same_training(one: Path, two: Path, slack: float = 1.0) -> None:
     assert [m["round"] for m in a] == [m["round"] for m in b]
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-6 * slack)
-        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5 * slack)
+        # rel 1e-4: after the first step, the few elements AdamW moved apart (below) move the norm
+        # by ~1e-5; a normaliser off by one rank's share moves it by percents
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4 * slack)
         assert y["entropy"] == pytest.approx(x["entropy"], rel=1e-5 * slack)  # a token mean: exact up to rounding
         assert y["responses_trained"] == x["responses_trained"]
     wa, wb = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
     assert sorted(wa) == sorted(wb)
     base = load_file(str(QUICKSTART.parents[1] / "src/minpro_cli/assets/default_model/model.safetensors"))
     assert any((wa[k] - base[k]).abs().max() > 1e-4 for k in wa)  # training moved the weights
+    # AdamW divides each update by √v: an element whose gradient is rounding noise can step either
+    # way by up to about lr, whatever the tolerance (seen once in 49k elements on an AVX-512 EPYC:
+    # 1.9e-5 against lr 1e-4). So a few elements in 10,000 may differ by up to 2·lr per step; the
+    # rest within the tolerance. A wrong normaliser moves every element, and the loss and the
+    # gradient norm above.
+    adam_bound = 2 * 1e-4 * max(m["step"] for m in a)  # SMALL's lr
     for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], atol=1e-5 * slack, rtol=0)
+        gap = (wb[name] - wa[name]).abs()
+        off = int((gap > 1e-5 * slack).sum())
+        assert off <= max(1, gap.numel() // 10_000), f"{name}: {off} of {gap.numel()} elements differ"
+        assert float(gap.max()) <= adam_bound, f"{name}: {float(gap.max()):.2e} > {adam_bound:.1e}"
 
 
 SHARED_MEANS = ["correction/weight_mean", "correction/truncated_frac", "correction/weight_before_bounds_max",
