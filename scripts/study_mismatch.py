@@ -123,8 +123,6 @@ def part_b(work: Path, seeds: int, iterations: int) -> tuple[dict[str, list[floa
     return results, {arm: statistics.fmean(v) for arm, v in damping.items() if v}
 
 
-
-
 def mean_se(values: list[float]) -> tuple[float, float]:
     se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
     return statistics.fmean(values), se
