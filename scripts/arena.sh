@@ -5,9 +5,13 @@
 #   2. staleness: every objective × staleness 4 (--full: 0, 4, 16) × 3 seeds;
 #   3. the CPPO paper's regime: every objective × 4 optimizer steps per rollout batch
 #      (train.minibatches; --full: 4 and 8) at staleness 0 × 3 seeds;
-#   4. the reports, each with its figures and the paired differences to MinPRO:
-#      docs/results/arena.md (staleness, with the probe) and docs/results/arena-minibatches.md.
-#   bash scripts/arena.sh            # the arena: about 140 minutes on 2 cores
+#   4. the correction layer: MinPRO at staleness 4 with the round_start anchor (verl's decoupled
+#      mode: the objective's ratio sees no staleness) and the staleness left uncorrected or
+#      corrected by token TIS, the prefix minimum or the prefix product (correction.level) × 3 seeds;
+#   5. the reports, each with its figures and the paired differences to MinPRO:
+#      docs/results/arena.md (staleness, with the probe), docs/results/arena-minibatches.md and
+#      docs/results/arena-anchors.md.
+#   bash scripts/arena.sh            # the arena: 90–150 minutes on 2 cores (AVX-512 / AVX2)
 #   bash scripts/arena.sh --full     # the whole grid of off-policyness: about 6 hours
 #   bash scripts/arena.sh --quick    # the smoke-sized version (minutes) → runs/arena-quick/
 # Interrupt it any time: rerunning finishes only what is missing. Each finished run leaves its
@@ -26,6 +30,12 @@ for name in grpo gspo cispo m2po prefix minpro minpro:clip_mode=ppo ctpo ctpo_la
 done
 STALENESS_GRID=()
 MINIBATCHES=(--grid train.staleness=0 --grid train.minibatches=4)
+# the round_start anchor takes the staleness out of the objective's ratio (1 at a round's one
+# step, so every objective reduces to the policy gradient: MinPRO alone stands for them) and the
+# correction's level decides how it comes back: not at all, token TIS, MinPRO's prefix minimum, or
+# the exact prefix product
+ANCHORS=(--grid "objective={name: minpro}" --grid train.staleness=4 --grid train.anchor=round_start
+         --grid correction.level=null,token,prefix_min,prefix)
 SUFFIX=
 QUICK=()
 STALENESS=0,4,16
@@ -48,10 +58,12 @@ if [ -z "$SUFFIX" ]; then  # the full arena keeps what it measured where git see
     PROBE_JSON=docs/results/arena/probe.json
     RECORDS=(--records docs/results/arena/records)
     MINIBATCH_RECORDS=(--records docs/results/arena-minibatches/records)
+    ANCHOR_RECORDS=(--records docs/results/arena-anchors/records)
 else
     PROBE_JSON=$PROBE_RUN/probe.json
     RECORDS=()
     MINIBATCH_RECORDS=()
+    ANCHOR_RECORDS=()
 fi
 
 # 1. the probe, along one on-policy run's checkpoints (one per optimizer step); redone whole when
@@ -74,13 +86,17 @@ if [ ! -e "$PROBE_JSON" ]; then
     cp "$PROBE_RUN/probe.json" "$PROBE_JSON"
 fi
 
-# 2. and 3. the sweeps; each skips its finished (or recorded) runs and resumes the others
+# 2., 3. and 4. the sweeps; each skips its finished (or recorded) runs and resumes the others
 $MINPRO sweep "$RECIPE" "${STALENESS_GRID[@]}" "${QUICK[@]}" "${RECORDS[@]}" --no-report
 $MINPRO sweep "$RECIPE" "${MINIBATCHES[@]}" "${QUICK[@]}" "${MINIBATCH_RECORDS[@]}" \
     --out "runs/arena-minibatches$SUFFIX" --no-report
+$MINPRO sweep "$RECIPE" "${ANCHORS[@]}" "${QUICK[@]}" "${ANCHOR_RECORDS[@]}" \
+    --out "runs/arena-anchors$SUFFIX" --no-report
 
-# 4. the reports, with their figures next to them (and the reading written by hand, once there is one)
+# 5. the reports, with their figures next to them (and the reading written by hand, once there is one)
 notes() { if [ -z "$SUFFIX" ] && [ -f "docs/results/$1.notes.md" ]; then echo "--notes=docs/results/$1.notes.md"; fi; }
 $MINPRO report "runs/arena$SUFFIX" --out "$REPORTS/arena.md" --probe "$PROBE_JSON" $(notes arena)
 $MINPRO report "runs/arena-minibatches$SUFFIX" --out "$REPORTS/arena-minibatches.md" $(notes arena-minibatches)
-echo "reports: $REPORTS/arena.md, $REPORTS/arena-minibatches.md"
+$MINPRO report "runs/arena-anchors$SUFFIX" --out "$REPORTS/arena-anchors.md" --line correction.level \
+    --reference prefix_min $(notes arena-anchors)
+echo "reports: $REPORTS/arena.md, $REPORTS/arena-minibatches.md, $REPORTS/arena-anchors.md"
