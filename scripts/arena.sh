@@ -83,7 +83,7 @@ fi
 if [ ! -e "$PROBE_JSON" ]; then
     bash scripts/probe_along_run.sh "${QUICK[@]}" "$RECIPE" "$PROBE_RUN" "$STALENESS" "${OBJECTIVES[@]}"
     mkdir -p "$(dirname "$PROBE_JSON")"
-    cp "$PROBE_RUN/probe.json" "$PROBE_JSON"
+    [ "$PROBE_RUN/probe.json" -ef "$PROBE_JSON" ] || cp "$PROBE_RUN/probe.json" "$PROBE_JSON"  # --quick keeps it in place
 fi
 
 # 2., 3. and 4. the sweeps; each skips its finished (or recorded) runs and resumes the others
