@@ -26,9 +26,9 @@ from minpro_cli.report import (
     cells_of,
     collapse_step,
     compare,
+    settings_lines,
     split_keys,
     t975,
-    settings_lines,
     write_report,
 )
 from minpro_cli.rundir import run_name, value_label
