@@ -29,10 +29,11 @@ from minpro_cli.rollouts import read_rollouts
 from minpro_cli.train import run_train
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+LR = 1e-4  # SMALL's learning rate: it also bounds how far AdamW can move one element
 SMALL = [
     "rollout.num_prompts=8", "rollout.group_size=4", "sampler.options.max_new_tokens=40",
     "train.prompts_per_iteration=3", "train.minibatches=2", "train.checkpoint_every=1",
-    "optim.lr=1e-4", "optim.warmup_steps=0",
+    f"optim.lr={LR}", "optim.warmup_steps=0",
 ]  # fmt: skip
 
 
@@ -113,7 +114,7 @@ def assert_same_training(one: Path, two: Path, slack: float = 1.0) -> None:
     # 1.9e-5 against lr 1e-4). So a few elements in 10,000 may differ by up to 2·lr per step; the
     # rest within the tolerance. A wrong normaliser moves every element, and the loss and the
     # gradient norm above.
-    adam_bound = 2 * 1e-4 * max(m["step"] for m in a)  # SMALL's lr
+    adam_bound = 2 * LR * max(m["step"] for m in a)
     for name in wa:
         gap = (wb[name] - wa[name]).abs()
         off = int((gap > 1e-5 * slack).sum())

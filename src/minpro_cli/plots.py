@@ -195,12 +195,13 @@ def sweep_figure(panels: dict[str, list[Band]], ylabel: str, xlabel: str = "opti
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.2, 3.4), layout="constrained",
                              sharey=True, squeeze=False)
     labels = list(dict.fromkeys(band.label for bands in panels.values() for band in bands))
-    colors = {label: line_color(k, len(labels)) for k, label in enumerate(labels)}
+    many = len(labels) > 10
+    looks = {label: (line_color(k, len(labels)), "--" if many and k % 2 else "-")  # dashed: tab20's light twin
+             for k, label in enumerate(labels)}
     for ax, (title, bands) in zip(axes[0], panels.items()):
         for band in bands:
-            color = colors[band.label]
-            ax.plot(band.x, band.mean, color=color, label=band.label, linewidth=1.4,
-                    linestyle="--" if len(labels) > 10 and labels.index(band.label) % 2 else "-")  # tab20's light twin
+            color, linestyle = looks[band.label]
+            ax.plot(band.x, band.mean, color=color, label=band.label, linewidth=1.4, linestyle=linestyle)
             ax.fill_between(band.x, band.low, band.high, color=color, alpha=0.18, linewidth=0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
