@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "minpro_cli"
 
 # the layer of each top-level module or package (a package's submodules share its layer)
 LAYERS: dict[str, list[str]] = {
-    "basics": ["errors", "console", "fileio", "schedule"],
+    "basics": ["errors", "console", "fileio", "schedule", "hardware"],
     "formats": ["rollouts", "rundir", "taskfiles", "tasks", "probe_results"],
     "plugins": ["objectives", "verifiers", "registry", "advantages", "ratiostats", "correction"],
     "recipe": ["sections", "config"],

@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from minpro_cli import hardware
 from minpro_cli.cli import app
 from minpro_cli.config import load_recipe
 from minpro_cli.doctor import PAGE_RESPONSES, diagnose, forward
@@ -27,7 +28,7 @@ from minpro_cli.verifiers import VerifierOptions, VerifyResult
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 KEYS = ["parity", "processed_logprobs", "invariance", "tokenizer_round_trip", "special_tokens",
-        "truncated_responses", "truncated_sampling", "reference_reward", "reward_signal", "reward_time"]  # fmt: skip
+        "truncated_responses", "truncated_sampling", "reference_reward", "reward_signal", "reward_time", "precision"]  # fmt: skip
 
 
 class RawLogprobs(HFSampler):
@@ -110,13 +111,19 @@ BROKEN = [  # (setup, what findings() gets, the check that must catch it, its ve
      "truncated_sampling", "fail"),
     ("most responses cut at max_new_tokens", {"overrides": ["sampler.options.max_new_tokens=2"]},
      "truncated_responses", "warn"),
+    ("bf16 sampler on a CPU that emulates bf16 (AVX2 only)", {"overrides": ["sampler.options.dtype=bfloat16"],
+     "cpuinfo": "flags\t\t: fpu sse2 avx2 fma\n"}, "precision", "warn"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("setup", "broken", "key", "verdict"), BROKEN, ids=[case[0] for case in BROKEN])
-def test_each_broken_setup_is_caught(setup, broken, key, verdict, healthy, monkeypatch):
+def test_each_broken_setup_is_caught(setup, broken, key, verdict, healthy, monkeypatch, tmp_path):
+    broken = dict(broken)  # the table's rows are shared by every run of the test
     if broken.pop("padding", False):
         monkeypatch.setattr(forward, "pack", attends_to_padding)
+    if cpuinfo := broken.pop("cpuinfo", None):
+        (tmp_path / "cpuinfo").write_text(cpuinfo)
+        monkeypatch.setattr(hardware, "CPUINFO", tmp_path / "cpuinfo")
     found = findings(*broken.pop("overrides", []), **broken)
     assert found[key].verdict == verdict, (setup, found[key])
     assert healthy[key].verdict == "ok"

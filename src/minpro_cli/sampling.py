@@ -21,6 +21,7 @@ from minpro_cli.advantages import group_indices, zero_variance_groups
 from minpro_cli.config import Recipe
 from minpro_cli.console import progress_bar, warn
 from minpro_cli.errors import ConfigError, PluginError
+from minpro_cli.hardware import emulated_bf16_advice
 from minpro_cli.modeling import Policy, load_policy, model_fingerprint, tokenizer_fingerprint
 from minpro_cli.objectives import Objective
 from minpro_cli.registry import load_plugin
@@ -312,6 +313,8 @@ def sampling_job(recipe: Recipe, policy: Policy, plugins: Plugins) -> SamplingJo
 
 def load_recipe_policy(recipe: Recipe, path: str | None = None) -> Policy:
     recipe.model.check_device()
+    if recipe.model.dtype == "bfloat16" and (advice := emulated_bf16_advice("model.dtype", recipe.model.device)):
+        warn(advice)
     return load_policy(
         path or recipe.model.path,
         dtype=recipe.model.dtype,

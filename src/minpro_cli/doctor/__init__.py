@@ -81,6 +81,7 @@ def diagnose(recipe: Recipe, job: SamplingJob, plugins: Plugins, n_prompts: int)
         checks.references(plugins.verifier, recipe.verifier.name, problems),
         checks.signal(main),
         checks.reward_time(plugins.verifier, main),
+        checks.precision(policy, getattr(job.sampler, "dtype", None)),
     ]
     settings = {"prompts": len(problems), "group_size": group, "responses": len(main.rows), "seed": recipe.seed,
                 "sampler": recipe.sampler.name, "sampler_dtype": getattr(job.sampler, "dtype", None),

@@ -14,6 +14,7 @@ from minpro_cli.advantages import group_indices, zero_variance_groups
 from minpro_cli.correction import FactorTally
 from minpro_cli.doctor.findings import Finding, graded
 from minpro_cli.doctor.forward import budget_groups, processed_logprobs, trainer_logprobs
+from minpro_cli.hardware import bf16_matmul_speedup, emulated_bf16_advice, native_bf16
 from minpro_cli.logprobs import pad_rows
 from minpro_cli.modeling import Policy
 from minpro_cli.objectives import Objective
@@ -36,6 +37,9 @@ ROUND_TRIP_WARN, ROUND_TRIP_FAIL = 0.98, 0.9  # responses whose ids survive deco
 TRUNCATED_WARN = 0.25  # responses that hit max_new_tokens
 NO_SIGNAL_WARN = 0.75  # groups whose rewards are all equal
 REWARD_SECONDS_WARN = 1.0  # verifier time per response
+# bf16 is suggested where its matmul is this much faster at a model this wide: at width 128 (the
+# embedded models) a bf16 run is slower than a float32 one however fast the matmul (docs/speed.md)
+BF16_PAYS, BF16_WIDTH = 1.5, 512
 
 
 def tolerance(table: dict[torch.dtype, float], dtype: torch.dtype) -> float:
@@ -319,3 +323,27 @@ def reward_time(verifier: Verifier, draw: Draw) -> Finding:
     verdict = graded(per, REWARD_SECONDS_WARN, float("inf"))
     return Finding("reward_time", "verifier time per response", verdict, per, f"≤ {REWARD_SECONDS_WARN:g} s",
                    "fast enough" if verdict == "ok" else "the verifier is slow: rounds will wait on it", {})
+
+
+def precision(policy: Policy, sampler_dtype: str | None) -> Finding:
+    """bf16 where this machine emulates it is several times slower than float32; float32 where it
+    runs bf16 natively leaves the sampler's speed lever unused."""
+    device, width = policy.model.device, policy.model.config.hidden_size
+    speedup, native = bf16_matmul_speedup(width, device), native_bf16(device)
+    chosen = [name for name, dtype in (("model.dtype", str(policy.compute_dtype).removeprefix("torch.")),
+                                       ("sampler.options.dtype", sampler_dtype)) if dtype == "bfloat16"]  # fmt: skip
+    advice = next((a for name in chosen if (a := emulated_bf16_advice(name, device))), None)
+    if advice is None and chosen:
+        advice = f"bf16 runs natively here: its matmul is {speedup:.1f}× float32's at width {width}"
+    elif advice is None and native and speedup >= BF16_PAYS and width >= BF16_WIDTH:
+        advice = (f"float32; this machine runs bf16 natively ({speedup:.1f}× float32's matmul at width {width}): "
+                  "sampler.options.dtype: bfloat16 with train.anchor: sampling_weights and token TIS is the speed "
+                  "lever (docs/speed.md)")  # fmt: skip
+    elif advice is None:
+        why = (f"under width {BF16_WIDTH} per-op costs outweigh its matmul's {speedup:.1f}×" if width < BF16_WIDTH
+               else f"its matmul is {speedup:.1f}× float32's here")  # fmt: skip
+        advice = f"float32: bf16 would not pay here ({why})"
+    emulated = bool(chosen) and native is False
+    return Finding("precision", "bf16 native or emulated on this machine", "warn" if emulated else "ok", speedup,
+                   "bf16 only where it runs natively", advice,
+                   {"native_bf16": native, "bf16_chosen": chosen, "width": width})  # fmt: skip

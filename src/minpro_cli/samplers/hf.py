@@ -17,7 +17,8 @@ import torch
 from pydantic import Field, PrivateAttr
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from minpro_cli.console import console
+from minpro_cli.console import console, warn
+from minpro_cli.hardware import emulated_bf16_advice
 from minpro_cli.logprobs import positions_from_mask
 from minpro_cli.modeling import Policy, eager, weights_written
 from minpro_cli.samplers import Generation, SamplingParams, WeightSwitch
@@ -81,6 +82,8 @@ class HFSampler(SamplingParams):
             self._copy = None  # release the old copy before making one of another shape
             copied = copy.deepcopy(policy.model).to(dtype)
             console.print(f"hf sampler: a {self.dtype} copy of the weights ({self.held_bytes(copied) / 2**20:.0f} MB)")
+            if dtype == torch.bfloat16 and (advice := emulated_bf16_advice("sampler.options.dtype", policy.model.device)):
+                warn(advice)
         self._copy = (policy.model, copied, written)
         return copied
 
