@@ -1,6 +1,6 @@
 """Write docs/results/precision.md: does bf16 sampling + bf16 training change what a run learns?
 
-    .venv/bin/python scripts/study_precision.py [--recipes quickstart,smollm2-rl] [--seeds 3]
+    .venv/bin/python scripts/study_precision.py [--recipes quickstart,smollm2-rl] [--seeds 3] [--no-train]
 
 Each recipe is trained as it ships (float32) and with bf16: the `hf` sampler's own bf16 copy of
 the weights (`sampler.options.dtype`), bf16 autocast training (`model.dtype`), and the
@@ -11,7 +11,8 @@ the paired difference bf16 − float32 with a t-interval over seeds, wall time p
 mismatch the bf16 runs logged per step. A finished run leaves a small record (pass@1, wall time,
 per-step curves) under docs/results/precision/records/, to commit: a rerun, even on a fresh machine,
 trains only the runs without one, and `minpro train` resumes an interrupted one under --work.
-smollm2-rl needs `bash scripts/setup_smollm2.sh`.
+`--no-train` writes the page from the records alone, with the seeds whose two runs both have one
+(a study cut short). smollm2-rl needs `bash scripts/setup_smollm2.sh`.
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=ROOT / "runs/study-precision")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results/precision.md")
+    parser.add_argument("--no-train", action="store_true", help="the page from the records alone: whole pairs only")
     args = parser.parse_args()
     text = ["# bf16 sampling and training against float32: held-out pass@1, paired by seed", "",
             ("Made by `scripts/study_precision.py` (2 CPU cores); the bf16 arm is `model.dtype: bfloat16`, "
@@ -146,9 +148,14 @@ def main() -> None:
     for recipe in args.recipes.split(","):
         runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
         for seed in range(args.seeds):  # seed by seed, so a study cut short still has whole pairs
-            for arm in ARMS:
-                record = args.out.with_suffix("") / "records" / recipe / f"{arm.split()[0]}_seed{seed}.json"
+            records = {arm: args.out.with_suffix("") / "records" / recipe / f"{arm.split()[0]}_seed{seed}.json"
+                       for arm in ARMS}  # fmt: skip
+            if args.no_train and not all(record.exists() for record in records.values()):
+                continue
+            for arm, record in records.items():
                 runs[arm].append(train(recipe, arm, seed, run_dir(args.work, recipe, arm, seed), record))
+        if not runs["float32"]:
+            continue
         picture = args.out.with_suffix("") / f"{recipe}.png"
         figure(recipe, runs, picture)
         text += section(recipe, runs) + [f"![{recipe}: reward and mismatch]({args.out.stem}/{picture.name})", ""]
