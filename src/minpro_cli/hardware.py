@@ -35,7 +35,7 @@ def native_bf16(device: str | torch.device, cpuinfo: Path | None = None) -> bool
     (a CPU whose flags cannot be read, an MPS device)."""
     kind = torch.device(device).type
     if kind == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if kind != "cpu":
         return None
     flags = cpu_flags(cpuinfo)

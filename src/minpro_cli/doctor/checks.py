@@ -334,7 +334,8 @@ def precision(policy: Policy, sampler_dtype: str | None) -> Finding:
                                        ("sampler.options.dtype", sampler_dtype)) if dtype == "bfloat16"]  # fmt: skip
     advice = next((a for name in chosen if (a := emulated_bf16_advice(name, device))), None)
     if advice is None and chosen:
-        advice = f"bf16 runs natively here: its matmul is {speedup:.1f}× float32's at width {width}"
+        runs = "runs natively here" if native else "is chosen; whether it is native here is not known"
+        advice = f"bf16 {runs}: its matmul is {speedup:.1f}× float32's at width {width}"
     elif advice is None and native and speedup >= BF16_PAYS and width >= BF16_WIDTH:
         advice = (f"float32; this machine runs bf16 natively ({speedup:.1f}× float32's matmul at width {width}): "
                   "sampler.options.dtype: bfloat16 with train.anchor: sampling_weights and token TIS is the speed "
