@@ -18,6 +18,7 @@ trains only the runs without one, and `minpro train` resumes an interrupted one 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import subprocess
@@ -28,6 +29,7 @@ from pathlib import Path
 from study_mismatch import T975, average_curves, mean_curve, mean_se
 
 from minpro_cli.fileio import write_json_atomic, write_text_atomic
+from minpro_cli.hardware import cpu_name, native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {
@@ -62,7 +64,8 @@ def train(recipe: str, arm: str, seed: int, run: Path, record: Path) -> dict:
         if not resumed:
             write_json_atomic(timing, {"seconds": time.perf_counter() - started})
     evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines() if line.strip()]
-    result = {"before": evals[0]["eval/pass@1"], "after": evals[-1]["eval/pass@1"],
+    result = {"before": evals[0]["eval/pass@1"], "after": evals[-1]["eval/pass@1"], "cpu": cpu_name(),
+              "native_bf16": native_bf16("cpu"),
               "seconds": json.loads(timing.read_text())["seconds"] if timing.exists() else None,
               "curves": {key: mean_curve([run], key) for key in CURVES}}  # fmt: skip
     record.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +95,8 @@ def section(recipe: str, runs: dict[str, list[dict]]) -> list[str]:
               "mean per-step mismatch/kl_k1 |")  # fmt: skip
     lines = [f"## {recipe}", "", header, "|---|---|---|---|---|---|---|"]
     lines += [arm_row(arm, results) for arm, results in runs.items()]
+    cpus = collections.Counter(r.get("cpu") or "not recorded" for results in runs.values() for r in results)
+    lines += ["", "Runs by CPU: " + ", ".join(f"{name} ({count})" for name, count in cpus.items()) + "."]
     fp32, bf16 = (runs[arm] for arm in ARMS)
     if len(fp32) == len(bf16) > 1:
         mean, se = mean_se([b["after"] - f["after"] for f, b in zip(fp32, bf16)])

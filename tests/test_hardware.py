@@ -37,6 +37,13 @@ def test_native_bf16_on_a_cpu_follows_its_flags(tmp_path, cpuinfo, native):
     assert (advice is not None) == (native is False)
 
 
+def test_cpu_name_is_the_first_processors_model_name(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t: avx2\n\nprocessor\t: 1\nmodel name\t: other\n")
+    assert hardware.cpu_name(path) == "AMD EPYC"
+    assert hardware.cpu_name(tmp_path / "absent") is None
+
+
 def test_an_emulated_bf16_choice_gets_one_warning_line_naming_the_setting(tmp_path, monkeypatch, capsys):
     emulated, native = tmp_path / "avx2", tmp_path / "amx"
     emulated.write_text(X86.format(extra=""))

@@ -17,17 +17,28 @@ BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16", "bf16"})  # x86 AMX, x86 
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def cpu_flags(cpuinfo: Path | None = None) -> frozenset[str] | None:
-    """The CPU's feature flags (x86 `flags`, Arm `Features`), or None where they cannot be read."""
+def cpuinfo_field(names: tuple[str, ...], cpuinfo: Path | None = None) -> str | None:
+    """The first processor's value of the first of `names` in /proc/cpuinfo; None where absent."""
     try:
         text = (cpuinfo or CPUINFO).read_text()
     except OSError:
         return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
+        if key.strip() in names:
+            return value.strip()
     return None
+
+
+def cpu_flags(cpuinfo: Path | None = None) -> frozenset[str] | None:
+    """The CPU's feature flags (x86 `flags`, Arm `Features`), or None where they cannot be read."""
+    flags = cpuinfo_field(("flags", "Features"), cpuinfo)
+    return None if flags is None else frozenset(flags.split())
+
+
+def cpu_name(cpuinfo: Path | None = None) -> str | None:
+    """The CPU's model name, e.g. 'AMD EPYC' (a record of where a measurement was taken)."""
+    return cpuinfo_field(("model name",), cpuinfo)
 
 
 def native_bf16(device: str | torch.device, cpuinfo: Path | None = None) -> bool | None:
