@@ -83,7 +83,7 @@ def arm_row(arm: str, results: list[dict]) -> str:
     after, se = mean_se([r["after"] for r in results])
     minutes = [r["seconds"] / 60 for r in results if r["seconds"]]
     kl = [value for r in results for value in r["curves"]["mismatch/kl_k1"]]
-    cells = [arm, str(len(results)), f"{statistics.fmean(r['before'] for r in results):.3f}", f"{after:.3f} ± {se:.3f}",
+    cells = [arm, str(len(results)), f"{statistics.fmean(r['before'] for r in results):.3f}", f"{after:.3f} ± {se:.3f}" if len(results) > 1 else f"{after:.3f}",
              ", ".join(f"{r['after']:.3f}" for r in results), f"{statistics.median(minutes):.1f}" if minutes else "–",
              f"{statistics.fmean(kl):.1e}" if kl else "–"]  # fmt: skip
     return "| " + " | ".join(cells) + " |"
