@@ -128,7 +128,7 @@ def figure(recipe: str, runs: dict[str, list[dict]], out: Path) -> None:
                 mismatch.plot(curve, label=f"{key} ({arm.split()[0]})")
     seeds = len(next(iter(runs.values())))
     reward.set(xlabel="round", ylabel=f"training reward (mean of {seeds} seeds)", title=recipe)
-    mismatch.set(xlabel="optimizer step", yscale="log", title="sampler–trainer mismatch logged per step")
+    mismatch.set(xlabel="round", yscale="log", title="sampler–trainer mismatch, mean per round")
     reward.legend(fontsize=8)
     mismatch.legend(fontsize=8)
     fig.tight_layout()
