@@ -8,8 +8,8 @@ correction layer's recommendation for a sampler that is not the trainer (`train.
 sampling_weights` + token TIS, verl's default). Seeds are paired: a seed's two runs share the
 starting weights, prompts and evaluation problems. Reported: held-out pass@1 before and after,
 the paired difference bf16 − float32 with a t-interval over seeds, wall time per run, and the
-mismatch the bf16 runs logged per step. A finished run leaves a small record (pass@1, wall time,
-per-step curves) under docs/results/precision/records/, to commit: a rerun, even on a fresh machine,
+mismatch the bf16 runs logged per round. A finished run leaves a small record (pass@1, wall time,
+per-round curves) under docs/results/precision/records/, to commit: a rerun, even on a fresh machine,
 trains only the runs without one, and `minpro train` resumes an interrupted one under --work.
 `--no-train` writes the page from the records alone, with the seeds whose two runs both have one
 (a study cut short). smollm2-rl needs `bash scripts/setup_smollm2.sh`.
@@ -48,7 +48,7 @@ def run_dir(work: Path, recipe: str, arm: str, seed: int) -> Path:
 
 
 def train(recipe: str, arm: str, seed: int, run: Path, record: Path) -> dict:
-    """One run's evaluations, per-step curves and wall time: from its committed record if there is one,
+    """One run's evaluations, per-round curves and wall time: from its committed record if there is one,
     else trained (resumed if interrupted) and recorded, so a later session on a fresh machine keeps it."""
     if record.exists():
         return json.loads(record.read_text())
@@ -92,7 +92,7 @@ def arm_row(arm: str, results: list[dict]) -> str:
 def section(recipe: str, runs: dict[str, list[dict]]) -> list[str]:
     """One recipe's table and reading: pass@1, the paired difference, time, mismatch."""
     header = ("| arm | seeds | pass@1 before | after (mean ± s.e.) | per seed | minutes per run (median) | "
-              "mean per-step mismatch/kl_k1 |")  # fmt: skip
+              "mean per-round mismatch/kl_k1 |")  # fmt: skip
     lines = [f"## {recipe}", "", header, "|---|---|---|---|---|---|---|"]
     lines += [arm_row(arm, results) for arm, results in runs.items()]
     cpus = collections.Counter(r.get("cpu") or "not recorded" for results in runs.values() for r in results)
@@ -114,7 +114,7 @@ def section(recipe: str, runs: dict[str, list[dict]]) -> list[str]:
 
 
 def figure(recipe: str, runs: dict[str, list[dict]], out: Path) -> None:
-    """Training reward by round for both arms, and the bf16 arm's mismatch per step (means over seeds)."""
+    """Training reward by round for both arms, and the bf16 arm's mismatch per round (means over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
