@@ -150,6 +150,8 @@ def main() -> None:
              "`sampler.options.dtype: bfloat16`, `train.anchor: sampling_weights`, `correction.level: token`. "
              "Minutes per run are wall time, left out for resumed runs; runs are not interleaved and may share "
              "the machine with other work, so `benchmarks/vs_trl.py` is where speed is measured."), ""]
+    notes = args.out.with_suffix(".notes.md")  # the reading, written by hand once the numbers are in
+    text += [notes.read_text().strip(), ""] if notes.exists() else []
     for recipe in args.recipes.split(","):
         runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
         for seed in range(args.seeds):  # seed by seed, so a study cut short still has whole pairs
