@@ -118,7 +118,7 @@ BROKEN = [  # (setup, what findings() gets, the check that must catch it, its ve
 
 @pytest.mark.parametrize(("setup", "broken", "key", "verdict"), BROKEN, ids=[case[0] for case in BROKEN])
 def test_each_broken_setup_is_caught(setup, broken, key, verdict, healthy, monkeypatch, tmp_path):
-    broken = dict(broken)  # the table's rows are shared by every run of the test
+    broken = dict(broken)  # pop from a copy: the table stays whole for a rerun in the same process
     if broken.pop("padding", False):
         monkeypatch.setattr(forward, "pack", attends_to_padding)
     if cpuinfo := broken.pop("cpuinfo", None):
