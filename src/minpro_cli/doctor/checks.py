@@ -341,9 +341,9 @@ def precision(policy: Policy, sampler_dtype: str | None) -> Finding:
                   "sampler.options.dtype: bfloat16 with train.anchor: sampling_weights and token TIS is the speed "
                   "lever (docs/speed.md)")  # fmt: skip
     elif advice is None:
-        why = (f"under width {BF16_WIDTH} per-op costs outweigh its matmul's {speedup:.1f}×" if width < BF16_WIDTH
-               else f"its matmul is {speedup:.1f}× float32's here")  # fmt: skip
-        advice = f"float32: bf16 would not pay here ({why})"
+        why = (f"below width {BF16_WIDTH} a whole bf16 step has not paid, whatever its matmul's {speedup:.1f}× here"
+               if width < BF16_WIDTH else f"its matmul is {speedup:.1f}× float32's here")  # fmt: skip
+        advice = f"float32: bf16 is not expected to pay ({why}; docs/speed.md)"
     emulated = bool(chosen) and native is False
     return Finding("precision", "bf16 native or emulated on this machine", "warn" if emulated else "ok", speedup,
                    "bf16 only where it runs natively", advice,
