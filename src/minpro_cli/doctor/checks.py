@@ -332,19 +332,20 @@ def precision(policy: Policy, sampler_dtype: str | None) -> Finding:
     speedup, native = bf16_matmul_speedup(width, device), native_bf16(device)
     chosen = [name for name, dtype in (("model.dtype", str(policy.compute_dtype).removeprefix("torch.")),
                                        ("sampler.options.dtype", sampler_dtype)) if dtype == "bfloat16"]  # fmt: skip
-    advice = next((a for name in chosen if (a := emulated_bf16_advice(name, device))), None)
-    if advice is None and chosen:
+    emulated = bool(chosen) and native is False
+    if emulated:  # every chosen setting runs on the same device: the first one names the fix
+        advice = emulated_bf16_advice(chosen[0], device) or ""
+    elif chosen:
         runs = "runs natively here" if native else "is chosen; whether it is native here is not known"
         advice = f"bf16 {runs}: its matmul is {speedup:.1f}× float32's at width {width}"
-    elif advice is None and native and speedup >= BF16_PAYS and width >= BF16_WIDTH:
+    elif native and speedup >= BF16_PAYS and width >= BF16_WIDTH:
         advice = (f"float32; this machine runs bf16 natively ({speedup:.1f}× float32's matmul at width {width}): "
                   "sampler.options.dtype: bfloat16 with train.anchor: sampling_weights and token TIS is the speed "
                   "lever (docs/speed.md)")  # fmt: skip
-    elif advice is None:
+    else:
         why = (f"below width {BF16_WIDTH} a whole bf16 step has not paid, whatever its matmul's {speedup:.1f}× here"
                if width < BF16_WIDTH else f"its matmul is {speedup:.1f}× float32's here")  # fmt: skip
         advice = f"float32: bf16 is not expected to pay ({why}; docs/speed.md)"
-    emulated = bool(chosen) and native is False
     return Finding("precision", "bf16 native or emulated on this machine", "warn" if emulated else "ok", speedup,
                    "bf16 only where it runs natively", advice,
                    {"native_bf16": native, "bf16_chosen": chosen, "width": width})  # fmt: skip
